@@ -1,0 +1,88 @@
+# cxrtrack: train CustomCXRNet on chest X-rays, tracked in MLflow and/or Weights & Biases.
+# `make` or `make help` lists the targets. Variables: DATA, EPOCHS, BATCH_SIZE, LR, TRACKER, CONFIG, PORT, ...
+
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PORT        ?= 5000
+MLFLOW_URI  ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+
+# Optional flags shared by the training and evaluation targets.
+DATA_ARG    = $(if $(DATA),--data "$(DATA)")
+TRAIN_ARGS  = $(DATA_ARG) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
+              $(if $(LR),--lr $(LR)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(RUN_NAME),--run-name "$(RUN_NAME)") $(ARGS)
+
+.PHONY: help install download mlflow-quick wandb-quick both-quick mlflow-train wandb-train train-custom \
+        mlflow-ui wandb-sync evaluate test test-fast lint clean clean-runs
+
+help: ## Show this help
+	@echo "Usage: make <target> [DATA=<folder>] [EPOCHS=n] ..."
+	@echo
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+	@echo
+	@echo "DATA defaults to the downloaded Kaggle data (make download), else a generated synthetic set."
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+install: $(PY) ## Create .venv and install the project with its dev tools (offline-safe, ~3-4 min)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@$(PY) -c "import torch, torchvision, mlflow, wandb; print(f'installed: torch {torch.__version__}, torchvision {torchvision.__version__}, mlflow {mlflow.__version__}, wandb {wandb.__version__}')"
+
+download: ## Download the Kaggle dataset into data/kaggle (needs network; finds existing data offline)
+	$(PY) scripts/download.py
+
+mlflow-quick: ## Quick run (~1 min on CPU) tracked in MLflow
+	$(PY) scripts/train.py --config configs/quick.yaml --tracker mlflow $(TRAIN_ARGS)
+
+wandb-quick: ## Quick run (~1 min on CPU) tracked in W&B (offline without an API key)
+	$(PY) scripts/train.py --config configs/quick.yaml --tracker wandb $(TRAIN_ARGS)
+
+both-quick: ## Quick run tracked in MLflow and W&B at once
+	$(PY) scripts/train.py --config configs/quick.yaml --tracker both $(TRAIN_ARGS)
+
+mlflow-train: ## Full training run (configs/train.yaml) tracked in MLflow
+	$(PY) scripts/train.py --config configs/train.yaml --tracker mlflow $(TRAIN_ARGS)
+
+wandb-train: ## Full training run (configs/train.yaml) tracked in W&B
+	$(PY) scripts/train.py --config configs/train.yaml --tracker wandb $(TRAIN_ARGS)
+
+CONFIG  ?= configs/train.yaml
+TRACKER ?= mlflow
+train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG=...]
+	$(PY) scripts/train.py --config $(CONFIG) --tracker $(TRACKER) $(TRAIN_ARGS)
+
+mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 (PORT=... to change; same store as the runs)
+	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(MLFLOW_URI); Ctrl-C to stop)"
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_URI)" --host 127.0.0.1 --port $(PORT) --workers 1
+
+wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
+	@runs=$$(ls -d wandb/offline-run-* 2>/dev/null); \
+	if [ -z "$$runs" ]; then echo "No offline W&B runs in ./wandb to sync."; exit 0; fi; \
+	$(VENV)/bin/wandb sync --yes
+
+evaluate: ## Evaluate on the test split: make evaluate CHECKPOINT=outputs/<run>/checkpoints/best.pt | RUN_ID=<mlflow run>
+	$(PY) scripts/evaluate.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(RUN_ID),--run-id $(RUN_ID)) \
+		$(DATA_ARG) $(if $(OUT),--out "$(OUT)")
+
+test: ## Run the test suite (no network; a few minutes)
+	$(PY) -m pytest
+
+test-fast: ## Run the tests not marked slow
+	$(PY) -m pytest -m "not slow"
+
+lint: ## Check the code with ruff
+	$(VENV)/bin/ruff check src scripts tests
+
+clean: ## Remove caches and build files (never runs, data or outputs)
+	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+clean-runs: ## Delete tracked runs and outputs (mlflow.db, mlartifacts/, wandb/, outputs/) after asking
+	@echo "This deletes every tracked run: mlflow.db mlartifacts/ wandb/ outputs/"
+	@read -r -p "Type 'yes' to delete them: " answer && [ "$$answer" = yes ] || { echo "Nothing deleted."; exit 1; }
+	rm -rf mlflow.db mlartifacts wandb outputs

@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Train CustomCXRNet and track the run: `python scripts/train.py --config configs/quick.yaml --tracker mlflow`."""
+
+from __future__ import annotations
+
+import argparse
+
+from cxrtrack.cli import EXIT_INTERRUPTED, add_common_arguments, run_main, setup_logging
+from cxrtrack.config import load_config
+from cxrtrack.tracking import KILLED
+from cxrtrack.training.run import run_experiment
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_common_arguments(parser, default_config="configs/default.yaml")
+    parser.add_argument("--tracker", help="mlflow | wandb | both | none (default: tracking.tracker in the config)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--run-name")
+    args = parser.parse_args()
+    setup_logging(args.verbose)
+
+    flags = {"data.path": args.data, "tracking.tracker": args.tracker, "training.epochs": args.epochs,
+             "data.batch_size": args.batch_size, "training.lr": args.lr, "data.image_size": args.image_size,
+             "run_name": args.run_name}
+    cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
+    result = run_experiment(cfg)
+    return EXIT_INTERRUPTED if result.status == KILLED else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

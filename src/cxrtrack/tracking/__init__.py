@@ -1,0 +1,58 @@
+"""Experiment tracking: pick backends by name and get one :class:`TrackerGroup` for the trainer.
+
+    tracker = build_tracker("both", cfg)      # or "mlflow", "wandb", "none", "mlflow,wandb"
+
+Tracker-specific code lives only in this package; the backends import their library lazily, so
+``--tracker none`` does not pay for importing MLflow or W&B.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# MLflow reads this once, when it is first imported: no usage telemetry unless the user opts in.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from cxrtrack.errors import ConfigError
+from cxrtrack.tracking.base import FAILED, FINISHED, KILLED, BaseTracker, Predictions, TrackerGroup
+
+
+def _mlflow(cfg: dict[str, Any]) -> BaseTracker:
+    from cxrtrack.tracking.mlflow_tracker import MLflowTracker
+
+    return MLflowTracker(cfg["experiment"], cfg["tracking"]["mlflow"])
+
+
+def _wandb(cfg: dict[str, Any]) -> BaseTracker:
+    from cxrtrack.tracking.wandb_tracker import WandbTracker
+
+    return WandbTracker(cfg["tracking"]["wandb"].get("project") or cfg["experiment"], cfg["tracking"]["wandb"])
+
+
+TRACKERS = {"mlflow": _mlflow, "wandb": _wandb}
+ALIASES = {"both": ["mlflow", "wandb"], "all": list(TRACKERS), "none": []}
+
+
+def tracker_names(spec: str) -> list[str]:
+    """``"both"`` -> ``["mlflow", "wandb"]``; ``"mlflow,wandb"`` likewise; ``"none"`` -> ``[]``."""
+    names: list[str] = []
+    for part in str(spec).lower().replace(" ", "").split(","):
+        for name in ALIASES.get(part, [part]):
+            if name not in TRACKERS:
+                raise ConfigError(
+                    f"Unknown tracker '{part}'. Choose mlflow, wandb, both or none "
+                    f"(--tracker on the command line, TRACKER= for make, tracking.tracker in the config)."
+                )
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def build_tracker(spec: str, cfg: dict[str, Any]) -> TrackerGroup:
+    return TrackerGroup([TRACKERS[name](cfg) for name in tracker_names(spec)])
+
+
+__all__ = [
+    "FAILED", "FINISHED", "KILLED", "BaseTracker", "Predictions", "TrackerGroup", "build_tracker", "tracker_names",
+]

@@ -1,0 +1,195 @@
+"""The tracker interface every backend implements, and the fan-out group the trainer talks to.
+
+The trainer only ever sees a :class:`TrackerGroup`. It forwards each call to every backend (none,
+one or several) and isolates them: once a run has started, an exception inside a backend is logged
+and counted, never raised, so a tracker problem cannot kill a long training run. Failing to *start* a
+run is raised (as :class:`~cxrtrack.errors.TrackerError`), because nothing has been trained yet.
+
+Used as a context manager, the group ends the run ``FAILED`` on an exception, ``KILLED`` on Ctrl-C
+(``KeyboardInterrupt``) and ``FINISHED`` otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrtrack.errors import TrackerError
+
+log = logging.getLogger(__name__)
+
+FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
+STATUSES = (FINISHED, FAILED, KILLED)
+
+
+@dataclass
+class Predictions:
+    """Test-set predictions, for tracker-native views (tables, charts, captioned images)."""
+
+    class_names: tuple[str, ...]
+    y_true: np.ndarray  # (N,) int
+    y_pred: np.ndarray  # (N,) int
+    probs: np.ndarray  # (N, C) float
+    paths: list[str]
+    images: np.ndarray  # (N, H, W) uint8, the model's input before normalisation
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def caption(self, i: int) -> str:
+        true, pred = self.class_names[self.y_true[i]], self.class_names[self.y_pred[i]]
+        mark = "correct" if true == pred else "WRONG"
+        return f"true: {true} | pred: {pred} ({self.probs[i, self.y_pred[i]]:.0%}) | {mark} | {Path(self.paths[i]).name}"
+
+
+class BaseTracker(ABC):
+    """One tracking backend. Implementations import their library lazily, in :meth:`start_run`."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def start_run(self, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> None:
+        """Open a run; ``config`` is the nested, secret-free run configuration."""
+
+    @abstractmethod
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Flat ``{"data.image_size": 128}`` parameters (config plus derived values)."""
+
+    @abstractmethod
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics of one epoch; ``step`` is the epoch number (1-based)."""
+
+    @abstractmethod
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        """Final numbers of the run (best validation, test), not tied to an epoch."""
+
+    @abstractmethod
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    @abstractmethod
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a local file under the folder ``artifact_path`` of the run."""
+
+    @abstractmethod
+    def log_figure(self, figure, name: str) -> None:
+        """A matplotlib figure, stored as ``name`` (e.g. ``plots/confusion_matrix.png``)."""
+
+    @abstractmethod
+    def log_image(self, image: np.ndarray, name: str, caption: str | None = None) -> None: ...
+
+    @abstractmethod
+    def log_predictions(self, predictions: Predictions) -> None:
+        """Test predictions in the backend's native form (table, confusion-matrix chart, images)."""
+
+    @abstractmethod
+    def log_model(self, model, checkpoint: Path, input_example: np.ndarray, metadata: dict[str, Any]) -> None:
+        """The trained model in the backend's model store (registry / versioned artifact)."""
+
+    @abstractmethod
+    def end_run(self, status: str = FINISHED) -> None:
+        """Close the run with one of :data:`STATUSES`."""
+
+    def describe(self) -> str:
+        """One line telling the user where to find the run."""
+        return self.name
+
+
+class TrackerGroup(BaseTracker):
+    """Fan-out to several backends, each isolated from the others and from training."""
+
+    name = "group"
+
+    def __init__(self, trackers: list[BaseTracker] | None = None, max_errors: int = 20):
+        self.trackers = list(trackers or [])
+        self.errors: Counter[str] = Counter()
+        self.max_errors = max_errors
+        self.status: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.trackers]
+
+    def _call(self, method: str, *args, **kwargs) -> None:
+        for tracker in self.trackers:
+            if self.errors[tracker.name] >= self.max_errors:
+                continue  # gave up on this backend; it already said why
+            try:
+                getattr(tracker, method)(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
+                self.errors[tracker.name] += 1
+                log.warning("%s tracker: %s failed (%s: %s); training continues.", tracker.name, method, type(exc).__name__, exc)
+                if self.errors[tracker.name] == self.max_errors:
+                    log.warning("%s tracker: %d errors, ignoring it for the rest of this run.", tracker.name, self.max_errors)
+
+    def start_run(self, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> None:
+        started = []
+        for tracker in self.trackers:
+            try:
+                tracker.start_run(run_name, config, tags)
+            except Exception as exc:
+                for other in started:  # do not leave half the trackers with an open run
+                    try:
+                        other.end_run(FAILED)
+                    except Exception:  # noqa: BLE001
+                        pass
+                if isinstance(exc, TrackerError):
+                    raise
+                raise TrackerError(
+                    f"Could not start the {tracker.name} run ({type(exc).__name__}: {exc}). Nothing was trained. "
+                    f"Check the tracker settings under tracking.{tracker.name} in the config, or run with "
+                    f"--tracker none to train without it."
+                ) from exc
+            started.append(tracker)
+
+    def log_params(self, params):
+        self._call("log_params", params)
+
+    def log_metrics(self, metrics, step):
+        self._call("log_metrics", metrics, step)
+
+    def log_summary(self, metrics):
+        self._call("log_summary", metrics)
+
+    def set_tags(self, tags):
+        self._call("set_tags", tags)
+
+    def log_artifact(self, path, artifact_path=None):
+        self._call("log_artifact", path, artifact_path)
+
+    def log_figure(self, figure, name):
+        self._call("log_figure", figure, name)
+
+    def log_image(self, image, name, caption=None):
+        self._call("log_image", image, name, caption)
+
+    def log_predictions(self, predictions):
+        self._call("log_predictions", predictions)
+
+    def log_model(self, model, checkpoint, input_example, metadata):
+        self._call("log_model", model, checkpoint, input_example, metadata)
+
+    def end_run(self, status: str = FINISHED) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, not {status!r}")
+        self.status = status
+        self._call("end_run", status)
+
+    def describe(self) -> str:
+        return "; ".join(t.describe() for t in self.trackers) or "no tracker"
+
+    def __enter__(self) -> TrackerGroup:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.status is None:  # not ended explicitly
+            if exc_type is None:
+                self.end_run(FINISHED)
+            elif issubclass(exc_type, KeyboardInterrupt):
+                self.end_run(KILLED)
+            else:
+                self.end_run(FAILED)
+        return False

@@ -1,0 +1,174 @@
+"""MLflow backend: SQLite store in the project, system metrics, artifacts, model registry.
+
+Store: ``tracking.mlflow.tracking_uri`` in the config, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<cwd>/mlflow.db`` (MLflow's own default, set explicitly: a stray ``./mlruns`` folder
+would otherwise switch MLflow back to the deprecated file store). Artifacts of a new experiment go
+to ``<cwd>/mlartifacts`` unless ``tracking.mlflow.artifact_location`` says otherwise. A tracking
+server works the same way: ``MLFLOW_TRACKING_URI=http://host:5000``.
+
+Usage telemetry is disabled (``MLFLOW_DISABLE_TELEMETRY``, set in ``cxrtrack.tracking`` before MLflow
+is first imported) unless the user has set it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrtrack.tracking.base import FINISHED, BaseTracker, Predictions
+
+log = logging.getLogger(__name__)
+
+_MAX_PARAM_VALUE = 6000  # MLflow's limit for one param value (characters)
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _param_value(value: Any) -> str:
+    text = "None" if value is None else str(value)
+    return text if len(text) <= _MAX_PARAM_VALUE else text[: _MAX_PARAM_VALUE - 3] + "..."
+
+
+class MLflowTracker(BaseTracker):
+    name = "mlflow"
+
+    def __init__(self, experiment: str, cfg: dict[str, Any]):
+        self.experiment = experiment
+        self.cfg = cfg
+        self.tracking_uri = resolve_tracking_uri(cfg.get("tracking_uri"))
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._mlflow = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start_run(self, run_name, config, tags):
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(self.tracking_uri)
+        experiment = mlflow.get_experiment_by_name(self.experiment)
+        if experiment is None:
+            location = self.cfg.get("artifact_location")
+            if location is None and self.tracking_uri.startswith("sqlite:"):
+                location = (Path.cwd() / "mlartifacts").as_uri()
+            elif location is not None and "://" not in str(location):
+                location = Path(location).expanduser().resolve().as_uri()
+            self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        if self.cfg.get("system_metrics"):
+            mlflow.set_system_metrics_sampling_interval(self.cfg.get("system_metrics_interval") or 10)
+        run = mlflow.start_run(
+            experiment_id=self.experiment_id,
+            run_name=run_name,
+            tags=tags,
+            log_system_metrics=bool(self.cfg.get("system_metrics")),
+        )
+        self.run_id = run.info.run_id
+
+    def end_run(self, status=FINISHED):
+        if self._mlflow is not None and self._mlflow.active_run() is not None:
+            self._mlflow.end_run(status=status)
+
+    # -- logging ----------------------------------------------------------------------------------
+    def log_params(self, params):
+        self._mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+
+    def log_metrics(self, metrics, step):
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_summary(self, metrics):
+        # MLflow has no separate summary: final values are metrics; NaN (undefined AUC) is skipped.
+        finite = {k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}
+        self._mlflow.log_metrics(finite)
+
+    def set_tags(self, tags):
+        self._mlflow.set_tags(tags)
+
+    def log_artifact(self, path, artifact_path=None):
+        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_figure(self, figure, name):
+        self._mlflow.log_figure(figure, name)
+
+    def log_image(self, image, name, caption=None):
+        self._mlflow.log_image(np.asarray(image), name)
+
+    def log_predictions(self, predictions: Predictions):
+        """The predictions as an MLflow table artifact (viewable and comparable in the MLflow UI)."""
+        import pandas as pd
+
+        p = predictions
+        table = pd.DataFrame({
+            "file": [Path(x).name for x in p.paths],
+            "true": [p.class_names[i] for i in p.y_true],
+            "pred": [p.class_names[i] for i in p.y_pred],
+            "correct": p.y_true == p.y_pred,
+            **{f"p_{name}": p.probs[:, i] for i, name in enumerate(p.class_names)},
+        })
+        self._mlflow.log_table(table, artifact_file="predictions/test_predictions.json")
+
+    def log_model(self, model, checkpoint, input_example, metadata):
+        """Log with the MLflow PyTorch flavor (signature + input example) and register it."""
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        # The pt2 format (torch.export) specialises a batch dimension of 1: the example needs >= 2 rows
+        # for the logged model to accept any batch size.
+        if input_example.shape[0] < 2:
+            input_example = np.concatenate([input_example, input_example])
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        registered = self.cfg.get("registered_model_name") or None
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=input_example,
+            signature=infer_signature(input_example, output),
+            registered_model_name=registered,
+            # Stated, not inferred: inference runs a subprocess that costs ~9 s per run.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
+            metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
+        )
+        self.model_uri = info.model_uri
+        if registered:
+            log.info("MLflow: registered model '%s' version %s", registered, info.registered_model_version)
+
+    def describe(self):
+        where = f"MLflow run {self.run_id} in experiment '{self.experiment}' at {self.tracking_uri}"
+        if self.tracking_uri.startswith("sqlite:"):
+            where += " (browse with `make mlflow-ui`)"
+        return where
+
+
+def download_checkpoint(run_id: str, tracking_uri: str | None = None, dest: str | Path | None = None) -> Path:
+    """Fetch ``checkpoints/best.pt`` of an MLflow run (for ``make evaluate RUN_ID=...``)."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from cxrtrack.errors import CXRError
+
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="checkpoints/best.pt", tracking_uri=uri,
+            dst_path=str(dest or tempfile.mkdtemp(prefix="cxrtrack-")),
+        )
+    except (MlflowException, OSError) as exc:
+        raise CXRError(
+            f"Could not fetch checkpoints/best.pt of MLflow run {run_id} from {uri} ({exc}). Check the run id in "
+            f"`make mlflow-ui` (a run killed before its first epoch has no checkpoint), and that the store is right "
+            f"(MLFLOW_TRACKING_URI or --tracking-uri)."
+        ) from None
+    return Path(path)

@@ -1,0 +1,74 @@
+"""Helpers shared by the tracking backends: secret scrubbing and run-environment tags."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+REDACTED = "***REDACTED***"
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
+_SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+
+
+def _secret_values() -> set[str]:
+    """Values of secret-looking environment variables (WANDB_API_KEY, KAGGLE_KEY, *_TOKEN, ...)."""
+    return {v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8}
+
+
+def scrub_secrets(obj: Any, _secrets: set[str] | None = None) -> Any:
+    """Copy of a nested config with secrets replaced by ``***REDACTED***``.
+
+    A value is a secret when its key looks like one (``api_key``, ``token``, ``password``, ...) or
+    when it contains the value of a secret-looking environment variable.
+    """
+    secrets = _secret_values() if _secrets is None else _secrets
+    if isinstance(obj, Mapping):
+        return {
+            k: (REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else scrub_secrets(v, secrets))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(scrub_secrets(v, secrets) for v in obj)
+    if isinstance(obj, str) and any(s in obj for s in secrets):
+        return REDACTED
+    return obj
+
+
+def git_info(cwd: Path | None = None) -> dict[str, str]:
+    """``git_commit`` and ``git_dirty`` of the working tree (``unknown`` outside a git checkout)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    """Versions and device: what a reader needs to reproduce or compare a run."""
+    import torch
+
+    tags = {
+        "python_version": platform.python_version(),
+        "torch_version": torch.__version__,
+        "device": device,
+        "platform": platform.platform(terse=True),
+    }
+    for package in ("mlflow", "wandb", "torchvision"):
+        try:  # read the installed version without importing the (slow to import) package
+            tags[f"{package}_version"] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return tags

@@ -1,0 +1,182 @@
+"""Weights & Biases backend: online with an API key, offline automatically without one.
+
+Mode (``tracking.wandb.mode``): ``auto`` (the default) goes online when an API key is configured
+(``WANDB_API_KEY`` or ``wandb login``) and offline otherwise: no prompt, no crash, one line saying
+how to upload later (``make wandb-sync``). ``WANDB_MODE`` in the environment wins over the config.
+
+What a run holds: the config; per-epoch metrics with ``epoch`` as the x-axis; a summary of best and
+test metrics; the training curves, confusion-matrix and ROC figures; captioned test-prediction
+images; a ``wandb.Table`` of test predictions; a native confusion-matrix chart; the model as a
+versioned ``model`` artifact with aliases; and W&B's built-in system metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrtrack.config import unflatten
+from cxrtrack.tracking.base import FINISHED, KILLED, BaseTracker, Predictions
+
+log = logging.getLogger(__name__)
+
+_EXIT_CODES = {FINISHED: 0, "FAILED": 1, KILLED: 130}  # 130: the shell's code for Ctrl-C
+
+
+def api_key_configured() -> bool:
+    """True when W&B has an API key: ``WANDB_API_KEY``, ``~/.netrc`` (``wandb login``) or W&B's settings file.
+
+    Checked without prompting, without network and without starting W&B's service process.
+    """
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+
+        settings = wandb_setup.singleton().settings
+        try:
+            key = wbauth.read_netrc_auth(host=settings.base_url)
+        except Exception:  # noqa: BLE001 - a malformed netrc entry is no usable key
+            key = None
+        return bool(key or settings.api_key)
+    except Exception:  # noqa: BLE001 - W&B internals moved: treat as "no key" (offline is always safe)
+        return False
+
+
+def resolve_mode(configured: str) -> str:
+    env = os.environ.get("WANDB_MODE")
+    if env:
+        return env
+    if configured != "auto":
+        return configured
+    return "online" if api_key_configured() else "offline"
+
+
+class WandbTracker(BaseTracker):
+    name = "wandb"
+
+    def __init__(self, project: str, cfg: dict[str, Any]):
+        self.project = project
+        self.cfg = cfg
+        self.mode: str | None = None
+        self.run = None
+        self._wandb = None
+        self._files: list[tuple[Path, str]] = []
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start_run(self, run_name, config, tags):
+        import wandb
+
+        self._wandb = wandb
+        self.mode = resolve_mode(self.cfg.get("mode", "auto"))
+        root = Path(self.cfg.get("dir") or ".").expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.cfg.get("entity") or None,
+            name=run_name,
+            config=config,
+            tags=[f"{k}:{v}"[:64] for k, v in tags.items() if k in ("dataset_source", "config", "device")],
+            notes=f"git {tags.get('git_commit', 'unknown')[:12]} dirty={tags.get('git_dirty')}",
+            dir=str(root),
+            mode=self.mode,
+            job_type="train",
+            settings=wandb.Settings(
+                silent=True,  # we print one line of our own instead of W&B's banner
+                x_stats_sampling_interval=float(self.cfg.get("system_metrics_interval") or 15),
+                x_transaction_log_flush_interval=5.0,  # a hard kill loses at most ~5 s of an offline run
+            ),
+        )
+        self._run_dir = Path(self.run.settings.sync_dir)
+        self._url = self.run.url if self.mode == "online" else None
+        self.run.config.update({"run_tags": tags}, allow_val_change=True)
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")
+        if self.mode == "offline":
+            log.info("W&B: no API key configured, so logging offline to %s; upload it later with `make wandb-sync`.",
+                     self._run_dir)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The local run folder (``wandb/offline-run-*``), readable with ``wandb leet inspect``."""
+        return getattr(self, "_run_dir", None)
+
+    def end_run(self, status=FINISHED):
+        if self.run is not None:
+            if self._files:
+                files = self._wandb.Artifact(f"run-files-{self.run.id}", type="run-files",
+                                             description="checkpoint, history, config and reports of this run")
+                for path, name in self._files:
+                    files.add_file(str(path), name=name)
+                self.run.log_artifact(files)
+                self._files = []
+            self.run.summary["status"] = status
+            self.run.finish(exit_code=_EXIT_CODES.get(status, 1))
+            self.run = None
+
+    # -- logging ----------------------------------------------------------------------------------
+    def log_params(self, params):
+        # The same flat parameters MLflow gets, nested again (W&B shows nested config as groups):
+        # the config given at init plus the derived values (dataset.*, model.num_parameters, device).
+        self.run.config.update(unflatten(params), allow_val_change=True)
+
+    def log_metrics(self, metrics, step):
+        self.run.log({**metrics, "epoch": step})
+
+    def log_summary(self, metrics):
+        for key, value in metrics.items():
+            if not (isinstance(value, float) and math.isnan(value)):
+                self.run.summary[key] = value
+
+    def set_tags(self, tags):
+        self.run.config.update({"run_tags": tags}, allow_val_change=True)
+
+    def log_artifact(self, path, artifact_path=None):
+        # Collected into one versioned artifact at the end of the run (W&B copies the files, so the
+        # run keeps them even if outputs/ is deleted before `wandb sync`).
+        name = Path(path).name if artifact_path is None else f"{artifact_path}/{Path(path).name}"
+        self._files.append((Path(path), name))
+
+    def log_figure(self, figure, name):
+        self.run.log({name.removesuffix(".png"): self._wandb.Image(figure)})
+
+    def log_image(self, image, name, caption=None):
+        self.run.log({name.removesuffix(".png"): self._wandb.Image(np.asarray(image), caption=caption)})
+
+    def log_predictions(self, predictions: Predictions):
+        wandb, p = self._wandb, predictions
+        n = len(p.y_true)
+        columns = ["image", "file", "true", "pred", "correct", *[f"p_{c}" for c in p.class_names]]
+        table = wandb.Table(columns=columns)
+        for i in range(n):
+            table.add_data(
+                wandb.Image(p.images[i]), Path(p.paths[i]).name, p.class_names[p.y_true[i]],
+                p.class_names[p.y_pred[i]], bool(p.y_true[i] == p.y_pred[i]), *map(float, p.probs[i]),
+            )
+        k = min(n, p.extra.get("n_grid", 16))
+        self.run.log({
+            "test/predictions": table,
+            "test/prediction_images": [wandb.Image(p.images[i], caption=p.caption(i)) for i in range(k)],
+            "test/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=p.y_true.tolist(), preds=p.y_pred.tolist(), class_names=list(p.class_names)
+            ),
+        })
+
+    def log_model(self, model, checkpoint, input_example, metadata):
+        wandb = self._wandb
+        name = self.cfg.get("model_artifact_name") or "customcxrnet"
+        artifact = wandb.Artifact(name, type="model", metadata=metadata,
+                                  description="CustomCXRNet best checkpoint (state_dict + hyperparameters)")
+        artifact.add_file(str(checkpoint), name="best.pt")
+        self.run.log_artifact(artifact, aliases=["latest", "best", f"epoch-{metadata.get('best_epoch')}"])
+
+    def describe(self):
+        if self.mode == "offline":
+            return f"W&B offline run in {self.run_dir} (inspect: wandb leet {self.run_dir}; upload: make wandb-sync)"
+        return f"W&B {self.mode} run in project '{self.project}'" + (f" at {self._url}" if getattr(self, "_url", None) else "")

@@ -1,0 +1,144 @@
+"""Final evaluation on the test split: metrics, report, figures and predictions.
+
+Used at the end of training (on the best checkpoint) and by ``scripts/evaluate.py`` for any saved
+checkpoint or tracked run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from cxrtrack.data.dataset import CXRData, slug
+from cxrtrack.errors import CXRError
+from cxrtrack.models import CustomCXRNet
+from cxrtrack.tracking import Predictions
+from cxrtrack.training import plots
+from cxrtrack.training.metrics import classification_metrics, confusion, report_text
+from cxrtrack.training.trainer import EvalOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TestReport:
+    metrics: dict[str, float]  # keys without the "test/" prefix
+    confusion: np.ndarray
+    report: str
+    predictions: Predictions
+    loss: float
+
+    def tracked_metrics(self) -> dict[str, float]:
+        return {"test/loss": self.loss, **{f"test/{k}": v for k, v in self.metrics.items()}}
+
+    def figures(self) -> dict[str, Any]:
+        """name -> matplotlib Figure (close them after use)."""
+        p = self.predictions
+        n = min(len(p.y_true), p.extra.get("n_grid", 16))
+        aucs = {name: self.metrics[f"roc_auc_{slug(name)}"] for name in p.class_names}
+        captions = [(p.class_names[t], p.class_names[q], p.probs[i, q]) for i, (t, q) in enumerate(zip(p.y_true, p.y_pred, strict=True))]
+        return {
+            "confusion_matrix.png": plots.confusion_matrix_figure(self.confusion, p.class_names),
+            "roc_curves.png": plots.roc_figure(p.y_true, p.probs, p.class_names, aucs),
+            "test_predictions.png": plots.prediction_grid(p.images[:n], captions[:n]),
+        }
+
+
+def build_report(output: EvalOutput, data: CXRData, n_grid: int = 16) -> TestReport:
+    split = data.test.split
+    images = split.images[:, 0].numpy()  # the cached uint8 model input, before normalisation
+    predictions = Predictions(
+        class_names=data.class_names,
+        y_true=output.y_true,
+        y_pred=output.y_pred,
+        probs=output.probs,
+        paths=[str(p) for p in split.paths],
+        images=images,
+        extra={"n_grid": n_grid},
+    )
+    return TestReport(
+        metrics=classification_metrics(output.y_true, output.y_pred, output.probs, data.class_names),
+        confusion=confusion(output.y_true, output.y_pred, len(data.class_names)),
+        report=report_text(output.y_true, output.y_pred, data.class_names),
+        predictions=predictions,
+        loss=output.loss,
+    )
+
+
+def write_report(report: TestReport, out_dir: Path, figures: dict[str, Any]) -> dict[str, Path]:
+    """Write test_metrics.json, classification_report.txt, test_predictions.csv and ``figures``; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "metrics": out_dir / "test_metrics.json",
+        "report": out_dir / "classification_report.txt",
+        "predictions": out_dir / "test_predictions.csv",
+    }
+    paths["metrics"].write_text(json.dumps(report.tracked_metrics(), indent=2, allow_nan=True))
+    cm = "\n".join("  ".join(f"{v:4d}" for v in row) for row in report.confusion)
+    paths["report"].write_text(f"{report.report}\nConfusion matrix (rows: true, columns: predicted)\n{cm}\n")
+    p = report.predictions
+    lines = ["path,true,pred," + ",".join(f"p_{slug(c)}" for c in p.class_names)]
+    for i in range(len(p.y_true)):
+        probs = ",".join(f"{v:.6f}" for v in p.probs[i])
+        lines.append(f"\"{p.paths[i]}\",{p.class_names[p.y_true[i]]},{p.class_names[p.y_pred[i]]},{probs}")
+    paths["predictions"].write_text("\n".join(lines) + "\n")
+    for name, fig in figures.items():
+        paths[name] = out_dir / "plots" / name
+        paths[name].parent.mkdir(exist_ok=True)
+        fig.savefig(paths[name], dpi=110)
+    return paths
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[CustomCXRNet, dict[str, Any]]:
+    """Rebuild CustomCXRNet from a checkpoint written by the trainer."""
+    path = Path(path)
+    if not path.is_file():
+        raise CXRError(
+            f"Checkpoint {path} does not exist. Train first (`make mlflow-quick`), then pass the run's "
+            f"outputs/<run>/checkpoints/best.pt, or pass RUN_ID=<mlflow run id>."
+        )
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)  # plain types only: safe to load
+        model = CustomCXRNet(**ckpt["model_hparams"])
+        model.load_state_dict(ckpt["model_state"])
+    except (KeyError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CXRError(f"{path} is not a CustomCXRNet checkpoint written by this project ({type(exc).__name__}: {exc}).") from None
+    return model.to(device).eval(), ckpt
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, out_dir: str | Path | None = None,
+                        device: str = "auto") -> tuple[TestReport, Path]:
+    """Evaluate a saved checkpoint on the test split of ``data_path`` (default: the data it was trained on)."""
+    import copy
+
+    from cxrtrack.data.dataset import build_data
+    from cxrtrack.training.trainer import Trainer
+    from cxrtrack.utils import select_device
+
+    dev = select_device(device)
+    model, ckpt = load_checkpoint(checkpoint, dev)
+    cfg = copy.deepcopy(ckpt["config"])
+    if data_path:
+        cfg["data"]["path"] = data_path
+    data = build_data(cfg["data"], cfg["seed"])
+    trained_on = ckpt.get("dataset", {}).get("fingerprint")
+    if trained_on and trained_on != data.fingerprint:
+        log.warning("The checkpoint was trained on data with fingerprint %s; this data has %s.", trained_on, data.fingerprint)
+    loaders = data.loaders(cfg["data"]["batch_size"])
+    from cxrtrack.tracking import TrackerGroup
+
+    trainer = Trainer(model, loaders, cfg["training"], TrackerGroup(), dev, Path(checkpoint))
+    report = build_report(trainer.evaluate(loaders["test"]), data, cfg["evaluation"]["n_prediction_images"])
+    out = Path(out_dir) if out_dir else Path(cfg["output_dir"]) / f"eval-{ckpt.get('run_name', Path(checkpoint).stem)}"
+    figures = report.figures()
+    write_report(report, out, figures)
+    for fig in figures.values():
+        plt.close(fig)
+    return report, out

@@ -1,0 +1,214 @@
+"""The training loop: one explicit loop for every tracker (the tracker is injected).
+
+Per epoch: train (progress bar with live loss/accuracy), validate, log train/val loss, accuracy,
+macro F1, learning rate, epoch time and images per second, step the LR scheduler, keep the best
+checkpoint by the monitored validation metric, and stop early when it stops improving.
+Ctrl-C stops after the current batch: the run is marked KILLED and the best checkpoint is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup
+from cxrtrack.training.metrics import epoch_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOutput:
+    loss: float
+    y_true: np.ndarray
+    y_pred: np.ndarray
+    probs: np.ndarray
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int | None
+    best_score: float | None
+    status: str  # FINISHED or KILLED
+    stopped_early: bool
+    checkpoint: Path
+    best_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    name, lr, wd = cfg["optimizer"], cfg["lr"], cfg["weight_decay"]
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg["momentum"], weight_decay=wd)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]):
+    name = cfg["scheduler"]
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=cfg["monitor_mode"], factor=cfg["scheduler_factor"], patience=cfg["scheduler_patience"]
+        )
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["scheduler_step_size"], gamma=cfg["scheduler_factor"])
+    return None
+
+
+def balanced_class_weights(labels: list[int], n_classes: int = 3) -> torch.Tensor:
+    """Inverse class frequency, scaled so that a balanced set gets weight 1 per class (sklearn's 'balanced')."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        loaders: dict[str, DataLoader],
+        cfg: dict[str, Any],
+        tracker: TrackerGroup,
+        device: torch.device,
+        checkpoint_path: Path,
+        checkpoint_extra: dict[str, Any] | None = None,
+        class_weights: torch.Tensor | None = None,
+    ):
+        self.model = model.to(device)
+        self.loaders = loaders
+        self.cfg = cfg  # the `training` section
+        self.tracker = tracker
+        self.device = device
+        self.checkpoint_path = Path(checkpoint_path)
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.criterion = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device))
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.monitor, self.mode = cfg["monitor"], cfg["monitor_mode"]
+
+    # -- one pass ---------------------------------------------------------------------------------
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        total_loss, seen, correct, y_true, y_pred = 0.0, 0, 0, [], []
+        start = time.perf_counter()
+        bar = tqdm(self.loaders["train"], desc=f"epoch {epoch}/{self.cfg['epochs']}", unit="batch", leave=False)
+        for images, labels in bar:
+            images, labels = images.to(self.device), labels.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self.model(images)
+            loss = self.criterion(logits, labels)
+            loss.backward()
+            if self.cfg["grad_clip_norm"]:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip_norm"])
+            self.optimizer.step()
+            preds = logits.argmax(1)
+            total_loss += loss.item() * len(labels)
+            seen += len(labels)
+            correct += int((preds == labels).sum())
+            y_true.append(labels.cpu())
+            y_pred.append(preds.cpu())
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        elapsed = time.perf_counter() - start
+        metrics = epoch_metrics(torch.cat(y_true).numpy(), torch.cat(y_pred).numpy())
+        return {"loss": total_loss / seen, **metrics, "images_per_s": seen / elapsed}
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> EvalOutput:
+        self.model.eval()
+        total_loss, seen, y_true, probs = 0.0, 0, [], []
+        for images, labels in loader:
+            images, labels = images.to(self.device), labels.to(self.device)
+            logits = self.model(images)
+            total_loss += self.criterion(logits, labels).item() * len(labels)
+            seen += len(labels)
+            y_true.append(labels.cpu())
+            probs.append(torch.softmax(logits, 1).cpu())
+        p = torch.cat(probs).numpy()
+        return EvalOutput(total_loss / max(seen, 1), torch.cat(y_true).numpy(), p.argmax(1), p)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _improved(self, score: float, best: float | None) -> bool:
+        if best is None:
+            return not math.isnan(score)
+        delta = self.cfg["min_delta"]
+        return score < best - delta if self.mode == "min" else score > best + delta
+
+    def save_checkpoint(self, epoch: int, score: float, metrics: dict[str, float]) -> None:
+        state = {
+            "model_state": self.model.state_dict(),
+            "model_hparams": getattr(self.model, "hparams", {}),
+            "epoch": epoch,
+            "monitor": self.monitor,
+            "score": score,
+            "metrics": metrics,
+            **self.checkpoint_extra,
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        tmp.replace(self.checkpoint_path)  # never leave a half-written checkpoint
+
+    def fit(self) -> FitResult:
+        history: list[dict[str, float]] = []
+        best, best_epoch, best_metrics, stale = None, None, {}, 0
+        status, stopped_early = FINISHED, False
+        patience = self.cfg["early_stopping_patience"]
+        try:
+            for epoch in range(1, self.cfg["epochs"] + 1):
+                lr = self.optimizer.param_groups[0]["lr"]
+                start = time.perf_counter()
+                train = self.train_one_epoch(epoch)
+                val = self.evaluate(self.loaders["val"])
+                val_metrics = {"loss": val.loss, **epoch_metrics(val.y_true, val.y_pred)}
+                row = {
+                    "epoch": epoch,
+                    **{f"train/{k}": v for k, v in train.items() if k != "images_per_s"},
+                    **{f"val/{k}": v for k, v in val_metrics.items()},
+                    "lr": lr,
+                    "epoch_time_s": time.perf_counter() - start,
+                    "train/images_per_s": train["images_per_s"],
+                }
+                history.append(row)
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+
+                score = row[self.monitor]
+                mark = ""
+                if self._improved(score, best):
+                    best, best_epoch, stale, mark = score, epoch, 0, " *best*"
+                    best_metrics = {k: v for k, v in row.items() if k.startswith("val/")}
+                    self.save_checkpoint(epoch, score, row)
+                else:
+                    stale += 1
+                log.info(
+                    "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e | %.1fs %.0f img/s%s",
+                    epoch, self.cfg["epochs"], row["train/loss"], row["train/acc"], row["val/loss"], row["val/acc"],
+                    row["val/f1_macro"], lr, row["epoch_time_s"], row["train/images_per_s"], mark,
+                )
+                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    self.scheduler.step(score)
+                elif self.scheduler is not None:
+                    self.scheduler.step()
+                if patience and stale >= patience:
+                    log.info("Early stopping: %s has not improved for %d epochs (best %.4f at epoch %d).",
+                             self.monitor, patience, best, best_epoch)
+                    stopped_early = True
+                    break
+        except KeyboardInterrupt:
+            status = KILLED
+            log.warning(
+                "Interrupted (Ctrl-C) after %d complete epoch(s); the best checkpoint %s is kept.",
+                len(history), self.checkpoint_path if best_epoch else "(none yet)",
+            )
+        return FitResult(history, best_epoch, best, status, stopped_early, self.checkpoint_path, best_metrics)

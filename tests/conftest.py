@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny generated data, tiny fast settings, and trackers isolated in tmp folders.
+
+Nothing here touches the network, the user's home folder, or the project's own mlflow.db / wandb/.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# Tiny, but every class in every split, and the Covid special formats (L, RGBA, 16-bit PNG) present.
+TINY_COUNTS = {"train": {"Covid": 9, "Normal": 8, "Viral Pneumonia": 8}, "test": {"Covid": 5, "Normal": 4, "Viral Pneumonia": 4}}
+
+
+def pytest_configure(config):
+    # Never reach a real tracker or a user's credentials from the tests.
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "MLFLOW_TRACKING_URI", "NETRC"):
+        os.environ.pop(var, None)
+    base = Path(tempfile.mkdtemp(prefix="cxrtrack-tests-"))
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ["WANDB_SILENT"] = "true"
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        os.environ[var] = str(base / var.lower())
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory) -> Path:
+    """A small synthetic dataset in the Kaggle layout (generated once per test session)."""
+    from cxrtrack.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    generate_synthetic_dataset(root, seed=3, counts=TINY_COUNTS, size_range=(72, 140), n_large=0)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, tiny_data_root):
+    """configs/quick.yaml forced to tiny, fast settings and private tracker stores under tmp_path."""
+    from cxrtrack.config import load_config
+
+    return load_config(
+        CONFIGS / "quick.yaml",
+        values={
+            "data.path": str(tiny_data_root),
+            "data.image_size": 64,
+            "data.batch_size": 16,
+            "training.epochs": 3,
+            "training.early_stopping_patience": 0,
+            "evaluation.n_prediction_images": 6,
+            "output_dir": str(tmp_path / "outputs"),
+            "tracking.mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.mlflow.artifact_location": str(tmp_path / "mlartifacts"),
+            "tracking.mlflow.system_metrics_interval": 1,
+            "tracking.wandb.system_metrics_interval": 1,
+            "tracking.wandb.dir": str(tmp_path),
+            "tracking.wandb.mode": "auto",
+            "tracking.tracker": "none",
+        },
+    )
