@@ -1,0 +1,123 @@
+"""Train end to end through the W&B tracker (offline: no API key), then read the run back with
+``wandb leet inspect --json`` and compare it with what the trainer computed."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cxrtrack.config import flatten
+from cxrtrack.training.run import run_experiment
+
+pytestmark = pytest.mark.slow
+
+WANDB = str(Path(sys.executable).with_name("wandb"))
+
+
+def leet(run_dir: Path, *flags: str):
+    out = subprocess.run([WANDB, "leet", "inspect", *flags, "--json", str(run_dir)],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory, tiny_data_root):
+    from cxrtrack.config import load_config
+    from tests.conftest import CONFIGS
+
+    tmp = tmp_path_factory.mktemp("wandb-run")
+    cfg = load_config(CONFIGS / "quick.yaml", values={
+        "data.path": str(tiny_data_root), "data.image_size": 64, "data.batch_size": 16,
+        "training.epochs": 3, "evaluation.n_prediction_images": 6, "output_dir": str(tmp / "outputs"),
+        "tracking.tracker": "wandb", "tracking.wandb.dir": str(tmp), "tracking.wandb.system_metrics_interval": 1,
+    })
+    result = run_experiment(cfg)
+    tracker = result.tracker.trackers[0]
+    records = [json.loads(line) for line in leet(tracker.run_dir).splitlines() if line.strip()]
+    summary = json.loads(leet(tracker.run_dir, "--summary"))
+    return result, tracker, records, summary
+
+
+def test_offline_automatically_without_an_api_key(wandb_run):
+    _, tracker, _, summary = wandb_run
+    assert tracker.mode == "offline"
+    assert tracker.run_dir.name.startswith("offline-run-")
+    assert summary["state"] == "finished" and summary["exit_code"] == 0
+
+
+def test_config_holds_every_param(wandb_run):
+    result, _, _, summary = wandb_run
+    stored = flatten(summary["config"])
+    for key, value in result.params.items():
+        if value == {}:
+            assert key not in stored  # W&B drops empty sections (tracking.tags: {})
+            continue
+        assert key in stored, key
+        assert stored[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    assert summary["name"] == result.run_name
+
+
+def test_every_epoch_is_a_history_row_with_epoch_as_step(wandb_run):
+    result, _, records, _ = wandb_run
+    metric_defs = [r["metric"] for r in records if r["type"] == "metric"]
+    assert {"glob_name": "*", "options": {"defined": True, "step_sync": True}, "step_metric": "epoch"} in metric_defs
+    rows = [r["history"]["item"] for r in records if r["type"] == "history" and "train/loss" in r["history"]["item"]]
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    for stored, computed in zip(rows, result.fit.history, strict=True):
+        for key, value in computed.items():
+            assert stored[key] == pytest.approx(value, rel=1e-6), key
+
+
+def test_summary_has_best_and_test_metrics(wandb_run):
+    result, _, _, summary = wandb_run
+    flat = flatten(summary["summary"], sep="/")  # leet nests the summary by "/"
+    assert flat["best_epoch"] == result.fit.best_epoch
+    for key, value in result.test.tracked_metrics().items():
+        if not math.isnan(value):
+            assert flat[key] == pytest.approx(value, rel=1e-6), key
+    assert flat["status"] == "FINISHED"
+
+
+def test_predictions_table_images_and_confusion_chart(wandb_run):
+    result, _, records, _ = wandb_run
+    history = {}
+    for r in records:
+        if r["type"] == "history":
+            history.update(r["history"]["item"])
+    n_test = len(result.test.predictions.y_true)
+    assert history["test/predictions._type"] == "table-file"
+    assert history["test/predictions.nrows"] == n_test
+    assert history["test/prediction_images._type"] == "images/separated"
+    captions = history["test/prediction_images.captions"]
+    assert len(captions) == 6 and captions[0] == result.test.predictions.caption(0)
+    assert history["test/confusion_matrix_table._type"] == "table-file"
+    for name in ("training_curves", "confusion_matrix", "roc_curves", "test_predictions"):
+        assert history[f"plots/{name}._type"] == "image-file"
+
+
+def test_model_and_run_files_are_versioned_artifacts(wandb_run):
+    result, _, records, _ = wandb_run
+    artifacts = {r["artifact"]["name"]: r["artifact"] for r in records if r["type"] == "artifact"}
+    model = artifacts["customcxrnet"]
+    assert model["type"] == "model"
+    assert {"best", "latest", f"epoch-{result.fit.best_epoch}"} <= set(model["aliases"])
+    assert [c["path"] for c in model["manifest"]["contents"]] == ["best.pt"]
+    assert json.loads(model["metadata"])["dataset_fingerprint"] == result.params["dataset.fingerprint"]
+    files = next(a for name, a in artifacts.items() if name.startswith("run-files-"))
+    assert {c["path"] for c in files["manifest"]["contents"]} == {
+        "checkpoints/best.pt", "config.yaml", "history.json", "reports/classification_report.txt",
+        "reports/test_metrics.json", "reports/test_predictions.csv",
+    }
+
+
+def test_system_metrics_are_recorded(wandb_run):
+    _, _, records, _ = wandb_run
+    stats = [r["stats"]["item"] for r in records if r["type"] == "stats"]
+    assert stats, "no system-metric samples in the run"
+    assert all("memory_percent" in sample for sample in stats)
+    assert any("cpu" in sample for sample in stats)  # CPU % needs two readings: absent from the first sample
