@@ -77,7 +77,7 @@ def _check_against(schema: Mapping[str, Any], cfg: Mapping[str, Any], prefix: st
             _check_against(default, value, dotted + ".", source)
         elif not _type_ok(default, value):
             raise ConfigError(
-                f"Setting '{dotted}' in {source} is {value!r} ({type(value).__name__}); it must be a "
+                f"Setting '{dotted}' in {source} is {value!r} ({type(value).__name__}); it must be of type "
                 f"{_type_name(default)} like the default {default!r}."
             )
 

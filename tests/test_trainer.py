@@ -1,0 +1,77 @@
+"""The training loop: checkpoint selection, early stopping, determinism, optimisers, class weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.utils.class_weight import compute_class_weight
+
+from cxrtrack.models import CustomCXRNet
+from cxrtrack.tracking import TrackerGroup
+from cxrtrack.training.run import run_experiment
+from cxrtrack.training.trainer import Trainer, balanced_class_weights, build_optimizer, build_scheduler
+
+
+def test_best_checkpoint_is_the_best_validation_epoch(tiny_cfg):
+    tiny_cfg["training"]["epochs"] = 4
+    result = run_experiment(tiny_cfg)
+    losses = [row["val/loss"] for row in result.fit.history]
+    best = int(np.argmin(losses)) + 1
+    assert result.fit.best_epoch == best
+    ckpt = torch.load(result.fit.checkpoint, weights_only=True)
+    assert ckpt["epoch"] == best and ckpt["score"] == pytest.approx(min(losses))
+    assert ckpt["class_names"] == ["COVID-19", "Normal", "Viral Pneumonia"]
+    # The test metrics are those of the best checkpoint, not of the last epoch.
+    model = CustomCXRNet(**ckpt["model_hparams"])
+    model.load_state_dict(ckpt["model_state"])
+    trainer = Trainer(model, {"test": None}, tiny_cfg["training"], TrackerGroup(), torch.device("cpu"), result.fit.checkpoint)
+    from cxrtrack.data.dataset import build_data
+
+    loaders = build_data(tiny_cfg["data"], tiny_cfg["seed"]).loaders(16)
+    assert trainer.evaluate(loaders["test"]).loss == pytest.approx(result.test.loss, rel=1e-5)
+
+
+def test_early_stopping(tiny_cfg):
+    tiny_cfg["training"].update(epochs=10, early_stopping_patience=2, min_delta=10.0)  # nothing beats epoch 1 by 10
+    result = run_experiment(tiny_cfg)
+    assert result.fit.stopped_early
+    assert len(result.fit.history) == 3 and result.fit.best_epoch == 1
+
+
+def test_monitor_max_on_f1(tiny_cfg):
+    tiny_cfg["training"].update(monitor="val/f1_macro", monitor_mode="max", epochs=3)
+    result = run_experiment(tiny_cfg)
+    f1 = [row["val/f1_macro"] for row in result.fit.history]
+    assert result.fit.best_score == max(f1) and result.fit.best_epoch == f1.index(max(f1)) + 1
+
+
+def test_same_seed_same_run(tiny_cfg):
+    tiny_cfg["training"]["epochs"] = 2
+    timing = {"epoch_time_s", "train/images_per_s"}
+    a = [{k: v for k, v in row.items() if k not in timing} for row in run_experiment(tiny_cfg).fit.history]
+    tiny_cfg["run_name"] = "second"
+    b = [{k: v for k, v in row.items() if k not in timing} for row in run_experiment(tiny_cfg).fit.history]
+    assert a == b
+
+
+def test_balanced_class_weights_match_sklearn():
+    labels = [0] * 111 + [1] * 70 + [2] * 70
+    expected = compute_class_weight("balanced", classes=np.arange(3), y=np.array(labels))
+    np.testing.assert_allclose(balanced_class_weights(labels).numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_optimizers(tiny_cfg, name, cls):
+    tiny_cfg["training"]["optimizer"] = name
+    assert isinstance(build_optimizer(CustomCXRNet(image_size=64), tiny_cfg["training"]), cls)
+
+
+@pytest.mark.parametrize("name", ["none", "plateau", "cosine", "step"])
+def test_schedulers_and_logged_lr(tiny_cfg, name):
+    tiny_cfg["training"].update(scheduler=name, scheduler_step_size=1, scheduler_factor=0.5, epochs=3)
+    opt = build_optimizer(CustomCXRNet(image_size=64), tiny_cfg["training"])
+    assert (build_scheduler(opt, tiny_cfg["training"]) is None) == (name == "none")
+    if name == "step":
+        lrs = [row["lr"] for row in run_experiment(tiny_cfg).fit.history]
+        assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4])  # the lr used in each epoch is what is logged
