@@ -7,6 +7,7 @@ checkpoint or tracked run.
 from __future__ import annotations
 
 import json
+import pickle
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         ckpt = torch.load(path, map_location=device, weights_only=True)  # plain types only: safe to load
         model = CustomCXRNet(**ckpt["model_hparams"])
         model.load_state_dict(ckpt["model_state"])
-    except (KeyError, RuntimeError, OSError, EOFError, ValueError) as exc:
+    except (KeyError, TypeError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise CXRError(f"{path} is not a CustomCXRNet checkpoint written by this project ({type(exc).__name__}: {exc}).") from None
     return model.to(device).eval(), ckpt
 

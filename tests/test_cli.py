@@ -1,0 +1,169 @@
+"""The entry points as a user runs them: clean errors with exit status 2, and working runs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import runpy
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cxrtrack.data import download
+from cxrtrack.errors import DataError
+from tests.conftest import CONFIGS, ROOT
+
+
+def run_script(name: str, *args: str, subprocess_: bool = False, timeout=300) -> subprocess.CompletedProcess:
+    """Run scripts/<name> as `python scripts/<name> args...`.
+
+    By default in this process (runpy, same code path, no 6 s of interpreter and torch start-up);
+    ``subprocess_=True`` runs a real child process.
+    """
+    script = str(ROOT / "scripts" / name)
+    if subprocess_:
+        return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    out, err = io.StringIO(), io.StringIO()
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv = [script, *args]
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    text = " ".join(proc.stderr.split())  # the message is wrapped to the terminal width
+    for fragment in fragments:
+        assert fragment in text, (fragment, proc.stderr)
+
+
+def test_missing_data_folder(tmp_path):
+    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--data", str(tmp_path / "nowhere"),
+                      "--tracker", "none")
+    assert_clean_error(proc, "does not exist", "make download", "synthetic")
+
+
+def test_folder_without_a_dataset(tmp_path):
+    (tmp_path / "holiday-photos").mkdir()
+    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--data", str(tmp_path), "--tracker", "none")
+    assert_clean_error(proc, "No chest X-ray dataset found", "train/ and test/")
+
+
+def test_unknown_tracker():
+    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--tracker", "tensorboard")
+    assert_clean_error(proc, "Unknown tracker 'tensorboard'", "mlflow, wandb, both or none")
+
+
+def test_typo_in_a_setting():
+    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--set", "training.optimiser=sgd")
+    assert_clean_error(proc, "Unknown setting 'training.optimiser'", "Did you mean 'training.optimizer'")
+
+
+def test_bad_epochs_value():
+    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--epochs", "ten")
+    assert proc.returncode == 2 and "invalid int value: 'ten'" in proc.stderr
+
+
+def test_missing_config():
+    proc = run_script("train.py", "--config", "configs/nope.yaml")
+    assert_clean_error(proc, "nope.yaml does not exist")
+
+
+def test_evaluate_needs_a_target_and_a_real_checkpoint(tmp_path):
+    assert_clean_error(run_script("evaluate.py"), "CHECKPOINT=", "RUN_ID=")
+    assert_clean_error(run_script("evaluate.py", "--checkpoint", str(tmp_path / "best.pt")), "does not exist")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert_clean_error(run_script("evaluate.py", "--checkpoint", str(junk)), "not a CustomCXRNet checkpoint")
+
+
+def test_download_offline_fails_fast_with_one_clear_paragraph(tmp_path, monkeypatch):
+    def kagglehub_must_not_hang(*args, **kwargs):
+        raise AssertionError("kagglehub was called although the network is known to be down")
+
+    import kagglehub
+
+    monkeypatch.setattr(kagglehub, "dataset_download", kagglehub_must_not_hang)
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        download.download_dataset("pranavraikokte/covid19-image-dataset", tmp_path / "kaggle", check_network=lambda: False)
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    assert "\n" not in message
+    for fragment in ("no network", "make download", "DATA=", "synthetic"):
+        assert fragment in message
+
+
+def test_download_versioned_handle_offline_uses_kagglehub_cache(tmp_path, monkeypatch, tiny_data_root):
+    import kagglehub
+
+    monkeypatch.setattr(kagglehub, "dataset_download", lambda handle, **kw: str(tiny_data_root))
+    location = download.download_dataset("owner/data/versions/2", tmp_path / "kaggle", check_network=lambda: False)
+    assert location.root == tiny_data_root / "Covid19-dataset"
+
+
+def test_download_finds_existing_data_without_network(tmp_path, monkeypatch, tiny_data_root):
+    import shutil
+
+    import kagglehub
+
+    monkeypatch.setattr(kagglehub, "dataset_download", lambda *a, **k: pytest.fail("network used"))
+    target = tmp_path / "kaggle"
+    shutil.copytree(tiny_data_root / "Covid19-dataset", target / "Covid19-dataset")
+    location = download.download_dataset("any/handle", target, check_network=lambda: pytest.fail("network checked"))
+    assert location.test_dir == target / "Covid19-dataset" / "test"
+
+
+def test_download_script_offline_exit_code(tmp_path):
+    proc = run_script("download.py", "--dest", str(tmp_path / "kaggle"), "--handle", "pranavraikokte/covid19-image-dataset",
+                      subprocess_=True, timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("this machine has network access to Kaggle")
+    assert_clean_error(proc, "Could not download the Kaggle dataset", "make download")
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_from_the_command_line(tmp_path, tiny_data_root):
+    out = tmp_path / "outputs"
+    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--data", str(tiny_data_root),
+                      "--tracker", "none", "--epochs", "2", "--run-name", "cli-run", "--set", f"output_dir={out}",
+                      "--set", "data.batch_size=16", subprocess_=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "SYNTHETIC DATA" in proc.stderr
+    run_dir = out / "cli-run"
+    for name in ("checkpoints/best.pt", "history.json", "config.yaml", "test_metrics.json",
+                 "classification_report.txt", "plots/training_curves.png", "plots/confusion_matrix.png",
+                 "plots/roc_curves.png", "plots/test_predictions.png"):
+        assert (run_dir / name).is_file(), name
+    proc = run_script("evaluate.py", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--out", str(tmp_path / "eval"))
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    trained = json.loads((run_dir / "test_metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
+    assert evaluated["test/acc"] == pytest.approx(trained["test/acc"])
+    assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-5)
+    assert "macro avg" in proc.stdout
+
+
+def test_make_help_lists_the_targets():
+    proc = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0
+    listed = {line.split()[0] for line in re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout).splitlines() if line.startswith("  ")}
+    for target in ("install", "download", "mlflow-quick", "wandb-quick", "mlflow-train", "wandb-train", "train-custom",
+                   "mlflow-ui", "wandb-sync", "evaluate", "test", "lint", "clean"):
+        assert target in listed, target
