@@ -11,7 +11,6 @@ import logging
 import pathlib
 import shutil
 import threading
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +117,9 @@ def assert_stratified(counts: dict[str, int], fraction: float) -> None:
 def test_val_split_is_stratified_and_seeded(tiny_cfg):
     # 4 of 25 images: a plain random split misses a class about half the time, so 8 seeds catch it
     for seed in range(8):
-        assert_stratified(build_data(tiny_cfg["data"], seed=seed).val.class_counts(), tiny_cfg["data"]["val_fraction"])
+        assert_stratified(
+            build_data(tiny_cfg["data"], seed=seed).val.class_counts(), tiny_cfg["data"]["val_fraction"]
+        )
 
     a = build_data(tiny_cfg["data"], seed=1)
     b = build_data(tiny_cfg["data"], seed=1)
@@ -138,7 +139,11 @@ def test_summary_counts_add_up(tiny_data):
     assert s["n_train"] + s["n_val"] + s["n_test"] == N_TRAIN_FILES + N_TEST_FILES
     assert s["n_test"] == N_TEST_FILES
     for split in ("train", "val", "test"):
-        assert sum(s[f"n_{split}_{slug(c)}"] for c in CLASS_NAMES) == s[f"n_{split}"] == len(getattr(tiny_data, split))
+        assert (
+            sum(s[f"n_{split}_{slug(c)}"] for c in CLASS_NAMES)
+            == s[f"n_{split}"]
+            == len(getattr(tiny_data, split))
+        )
     for c in CLASS_NAMES:
         assert s[f"n_train_{slug(c)}"] + s[f"n_val_{slug(c)}"] == TINY_COUNTS["train"][CLASS_DIR[c]]
         assert s[f"n_test_{slug(c)}"] == TINY_COUNTS["test"][CLASS_DIR[c]]
@@ -183,7 +188,9 @@ def test_fingerprint_stable_and_content_sensitive(tiny_cfg, tiny_data_root, tmp_
     first = build_data(cfg, seed=0).fingerprint
     assert build_data(cfg, seed=0).fingerprint == first  # stable
     assert build_data(cfg, seed=5).fingerprint == first  # the seed is not content
-    assert build_data(tiny_cfg["data"], seed=0).fingerprint == first  # location-independent: same files elsewhere
+    assert (
+        build_data(tiny_cfg["data"], seed=0).fingerprint == first
+    )  # location-independent: same files elsewhere
 
     victim = sorted((root / DATASET_DIRNAME / "test" / "Normal").iterdir())[0]
     original = victim.read_bytes()
@@ -306,7 +313,10 @@ def test_corrupt_files_are_skipped_and_reported_by_path(tiny_cfg, tiny_data_root
     assert not bad & (set(paths["train"]) | set(paths["val"]) | set(paths["test"]))
     assert len(data.train) + len(data.val) == N_TRAIN_FILES
     assert len(data.test) == N_TEST_FILES
-    assert data.train.class_counts()["Normal"] + data.val.class_counts()["Normal"] == TINY_COUNTS["train"]["Normal"]
+    assert (
+        data.train.class_counts()["Normal"] + data.val.class_counts()["Normal"]
+        == TINY_COUNTS["train"]["Normal"]
+    )
 
     # and no blank stand-in image in the cache
     for name in ("train", "val", "test"):
@@ -401,7 +411,12 @@ def test_eval_transform_is_exact_and_deterministic(tiny_data, tiny_cfg):
     assert torch.equal(first, second)
     expected = (raw.float() / 255 - cfg["normalize_mean"]) / cfg["normalize_std"]
     assert torch.allclose(first, expected, atol=1e-5)
-    assert tiny_data.val[0][0].shape == (1, SIZE, SIZE)
+    val_raw = tiny_data.val.split.images[0]
+    val_first, _ = tiny_data.val[0]
+    assert torch.equal(val_first, tiny_data.val[0][0])  # validation is not augmented either
+    assert torch.allclose(
+        val_first, (val_raw.float() / 255 - cfg["normalize_mean"]) / cfg["normalize_std"], atol=1e-5
+    )
 
 
 def test_three_channels_are_identical_copies(tiny_cfg, tiny_data):
@@ -442,14 +457,20 @@ def fake_generator(monkeypatch):
 
 def test_no_path_and_no_download_generates_the_synthetic_set(tiny_cfg, tmp_path, fake_generator):
     cfg = data_cfg(
-        tiny_cfg, path=None, download_dir=tmp_path / "kaggle", synthetic_dir=tmp_path / "synthetic", synthetic_seed=7
+        tiny_cfg,
+        path=None,
+        download_dir=tmp_path / "kaggle",
+        synthetic_dir=tmp_path / "synthetic",
+        synthetic_seed=7,
     )
     assert resolve_data_path(cfg) == tmp_path / "synthetic"
     assert fake_generator == [{"root": tmp_path / "synthetic", "seed": 7}]
 
 
 def test_valid_download_dir_is_used_without_generating(tiny_cfg, tiny_data_root, tmp_path, fake_generator):
-    download = Path(shutil.copytree(tiny_data_root / DATASET_DIRNAME, tmp_path / "kaggle" / DATASET_DIRNAME)).parent
+    download = Path(
+        shutil.copytree(tiny_data_root / DATASET_DIRNAME, tmp_path / "kaggle" / DATASET_DIRNAME)
+    ).parent
     cfg = data_cfg(tiny_cfg, path=None, download_dir=download, synthetic_dir=tmp_path / "synthetic")
     assert resolve_data_path(cfg) == download
     assert fake_generator == []
@@ -462,7 +483,9 @@ def test_valid_download_dir_is_used_without_generating(tiny_cfg, tiny_data_root,
 
 def test_incomplete_download_dir_falls_back_to_synthetic(tiny_cfg, tmp_path, fake_generator):
     (tmp_path / "kaggle" / "partial").mkdir(parents=True)
-    cfg = data_cfg(tiny_cfg, path=None, download_dir=tmp_path / "kaggle", synthetic_dir=tmp_path / "synthetic")
+    cfg = data_cfg(
+        tiny_cfg, path=None, download_dir=tmp_path / "kaggle", synthetic_dir=tmp_path / "synthetic"
+    )
     assert resolve_data_path(cfg) == tmp_path / "synthetic"
     assert [c["root"] for c in fake_generator] == [tmp_path / "synthetic"]
 
@@ -482,7 +505,9 @@ def test_build_data_without_path_uses_generated_set(tiny_cfg, tiny_data_root, tm
         return Path(root) / DATASET_DIRNAME
 
     monkeypatch.setattr(dataset_mod, "ensure_synthetic_dataset", fake)
-    cfg = data_cfg(tiny_cfg, path=None, download_dir=tmp_path / "kaggle", synthetic_dir=tmp_path / "synthetic")
+    cfg = data_cfg(
+        tiny_cfg, path=None, download_dir=tmp_path / "kaggle", synthetic_dir=tmp_path / "synthetic"
+    )
     data = build_data(cfg, seed=0)
     assert calls == [tmp_path / "synthetic"]
     assert data.source == "synthetic"

@@ -12,13 +12,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
-from PIL import JpegImagePlugin
+from PIL import Image, ImageOps, JpegImagePlugin
 from torchvision.transforms.v2 import functional as F
 
 from cxrtrack.data.images import UnreadableImageError, decode_image, to_grayscale
 from cxrtrack.data.synthetic import write_png16
-
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -47,7 +45,9 @@ def grey_picture(height: int = 96, width: int = 112) -> np.ndarray:
 
 def reference(gray_u8: np.ndarray, size: int) -> torch.Tensor:
     """What decode_image should produce for an 8-bit grayscale array: antialiased resize to size x size."""
-    return F.resize(torch.from_numpy(np.array(gray_u8, dtype=np.uint8, copy=True))[None], [size, size], antialias=True)
+    return F.resize(
+        torch.from_numpy(np.array(gray_u8, dtype=np.uint8, copy=True))[None], [size, size], antialias=True
+    )
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -74,9 +74,13 @@ def _all_kinds(tmp_path) -> dict[str, bytes]:
         "l_png": encode(Image.fromarray(g), "PNG"),
         "rgba_png": encode(Image.fromarray(np.dstack([g, g, g, alpha]), "RGBA"), "PNG"),
         "la_png": encode(Image.fromarray(np.dstack([g, alpha]), "LA"), "PNG"),
-        "palette_png": encode(Image.fromarray(g).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        "palette_png": encode(
+            Image.fromarray(g).convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE), "PNG"
+        ),
         "gray16_png": png16_bytes(tmp_path, g16, "g16.png"),
-        "rgba16_png": png16_bytes(tmp_path, np.dstack([g16, g16, g16, np.full_like(g16, 65535)]), "rgba16.png"),
+        "rgba16_png": png16_bytes(
+            tmp_path, np.dstack([g16, g16, g16, np.full_like(g16, 65535)]), "rgba16.png"
+        ),
     }
 
 
@@ -331,7 +335,9 @@ def _jpeg() -> bytes:
 
 
 def _png() -> bytes:
-    noise = np.random.default_rng(0).integers(0, 256, (96, 112), dtype=np.uint8)  # incompressible: a long IDAT
+    noise = np.random.default_rng(0).integers(
+        0, 256, (96, 112), dtype=np.uint8
+    )  # incompressible: a long IDAT
     return encode(Image.fromarray(noise), "PNG")
 
 
@@ -351,3 +357,13 @@ def test_unreadable_bytes_raise_unreadable_image_error(kind):
     with pytest.raises(UnreadableImageError) as info:
         decode_image(data, 64)
     assert str(info.value)  # a reason to report next to the path
+
+
+def test_16bit_scaling_has_no_jump_at_powers_of_two(tmp_path):
+    """Two 16-bit images whose peaks differ by one level decode to the same brightness."""
+    decoded = []
+    for peak in (32767, 32768):
+        arr = np.full((40, 40), peak, dtype=np.uint16)
+        write_png16(tmp_path / f"p{peak}.png", arr)
+        decoded.append(int(decode_image((tmp_path / f"p{peak}.png").read_bytes(), 32).float().mean()))
+    assert decoded == [127, 128]

@@ -61,7 +61,9 @@ def test_canonical_class_maps_spellings(folder_name, expected):
     assert expected in CLASS_NAMES
 
 
-@pytest.mark.parametrize("folder_name", ["Pneumonia", "Bacterial Pneumonia", "Lung_Opacity", "train", "test", "other", ""])
+@pytest.mark.parametrize(
+    "folder_name", ["Pneumonia", "Bacterial Pneumonia", "Lung_Opacity", "train", "test", "other", ""]
+)
 def test_canonical_class_unknown_is_none(folder_name):
     assert canonical_class(folder_name) is None
 
@@ -80,7 +82,9 @@ def test_kagglehub_download_folder(tmp_path):
 
 def test_covid19_dataset_folder_itself(tmp_path):
     dataset = make_train_test(tmp_path / "Covid19-dataset")
-    assert locate_dataset(dataset) == DatasetLocation(dataset, dataset / "train", dataset / "test", "train-test")
+    assert locate_dataset(dataset) == DatasetLocation(
+        dataset, dataset / "train", dataset / "test", "train-test"
+    )
 
 
 def test_locate_accepts_str_path(tmp_path):
@@ -138,10 +142,11 @@ def test_hidden_and_macos_folders_are_ignored(tmp_path):
         }
 
 
-def test_shallowest_match_wins(tmp_path):
-    outer = make_train_test(tmp_path / "outer")
-    make_train_test(outer / "nested" / "Covid19-dataset")
-    assert locate_dataset(tmp_path).root == outer
+@pytest.mark.parametrize(("shallow", "deep"), [("a", "b/x"), ("b", "a/x")])
+def test_shallowest_match_wins(tmp_path, shallow, deep):
+    make_train_test(tmp_path / deep)
+    make_train_test(tmp_path / shallow)
+    assert locate_dataset(tmp_path).root == tmp_path / shallow
 
 
 # ---------------------------------------------------------------------------------------------

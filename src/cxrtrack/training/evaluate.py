@@ -7,8 +7,8 @@ checkpoint or tracked run.
 from __future__ import annotations
 
 import json
-import pickle
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
