@@ -165,3 +165,25 @@ def test_model_is_registered_and_predicts_like_the_trained_model(mlflow_run):
     with torch.no_grad():
         expected = model(torch.from_numpy(batch)).numpy()
     np.testing.assert_allclose(np.asarray(loaded.predict(batch)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_a_tracked_run_by_its_id(mlflow_run, tmp_path):
+    """`make evaluate RUN_ID=...`: fetch the run's checkpoint from the store and re-evaluate it."""
+    from cxrtrack.tracking.mlflow_tracker import download_checkpoint
+    from cxrtrack.training.evaluate import evaluate_checkpoint
+
+    result, client, run, tracker = mlflow_run
+    checkpoint = download_checkpoint(run.info.run_id, tracker.tracking_uri, tmp_path / "dl")
+    report, out = evaluate_checkpoint(checkpoint, out_dir=tmp_path / "eval")
+    assert report.metrics["acc"] == pytest.approx(run.data.metrics["test/acc"])
+    assert report.loss == pytest.approx(run.data.metrics["test/loss"], rel=1e-5)
+    assert (out / "classification_report.txt").is_file()
+
+
+def test_unknown_run_id_is_a_clear_error(mlflow_run):
+    from cxrtrack.errors import CXRError
+    from cxrtrack.tracking.mlflow_tracker import download_checkpoint
+
+    _, _, _, tracker = mlflow_run
+    with pytest.raises(CXRError, match="Could not fetch checkpoints/best.pt of MLflow run 0123abc"):
+        download_checkpoint("0123abc", tracker.tracking_uri)
