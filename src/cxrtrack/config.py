@@ -158,6 +158,7 @@ def load_config(
 
 _CHOICES = {
     ("device",): ("auto", "cpu", "cuda", "mps"),
+    ("model", "name"): ("CustomCXRNet",),
     ("training", "optimizer"): ("adam", "adamw", "sgd"),
     ("training", "scheduler"): ("none", "plateau", "cosine", "step"),
     ("training", "class_weights"): ("none", "balanced"),

@@ -83,8 +83,7 @@ class CustomCXRNet(nn.Module):
 
 
 def build_model(model_cfg: dict, data_cfg: dict, num_classes: int = 3) -> CustomCXRNet:
-    if model_cfg["name"] != "CustomCXRNet":
-        raise ValueError(f"Unknown model '{model_cfg['name']}'; the only model is CustomCXRNet.")
+    """CustomCXRNet for the ``model`` and ``data`` config sections (the config validates model.name)."""
     return CustomCXRNet(
         num_classes=num_classes,
         in_channels=data_cfg["channels"],

@@ -6,6 +6,7 @@ checkpoint or tracked run.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pickle
@@ -17,13 +18,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from cxrtrack.data.dataset import CXRData, slug
+from cxrtrack.data.dataset import CXRData, build_data, slug
 from cxrtrack.errors import CXRError
 from cxrtrack.models import CustomCXRNet
-from cxrtrack.tracking import Predictions
+from cxrtrack.tracking import Predictions, TrackerGroup
 from cxrtrack.training import plots
 from cxrtrack.training.metrics import classification_metrics, confusion, report_text
-from cxrtrack.training.trainer import EvalOutput
+from cxrtrack.training.trainer import EvalOutput, Trainer
+from cxrtrack.utils import select_device
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +119,6 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, out_dir: str | Path | None = None,
                         device: str = "auto") -> tuple[TestReport, Path]:
     """Evaluate a saved checkpoint on the test split of ``data_path`` (default: the data it was trained on)."""
-    import copy
-
-    from cxrtrack.data.dataset import build_data
-    from cxrtrack.training.trainer import Trainer
-    from cxrtrack.utils import select_device
-
     dev = select_device(device)
     model, ckpt = load_checkpoint(checkpoint, dev)
     cfg = copy.deepcopy(ckpt["config"])
@@ -133,8 +129,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ou
     if trained_on and trained_on != data.fingerprint:
         log.warning("The checkpoint was trained on data with fingerprint %s; this data has %s.", trained_on, data.fingerprint)
     loaders = data.loaders(cfg["data"]["batch_size"])
-    from cxrtrack.tracking import TrackerGroup
-
     trainer = Trainer(model, loaders, cfg["training"], TrackerGroup(), dev, Path(checkpoint))
     report = build_report(trainer.evaluate(loaders["test"]), data, cfg["evaluation"]["n_prediction_images"])
     out = Path(out_dir) if out_dir else Path(cfg["output_dir"]) / f"eval-{ckpt.get('run_name', Path(checkpoint).stem)}"

@@ -24,6 +24,7 @@ import yaml
 
 from cxrtrack.config import flatten
 from cxrtrack.data.dataset import build_data
+from cxrtrack.data.transforms import denormalize
 from cxrtrack.models import build_model
 from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker
 from cxrtrack.tracking.utils import environment_tags, git_info, scrub_secrets
@@ -111,7 +112,7 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
         tracker.start_run(run_name, scrub_secrets(cfg), tags)
         timings["tracker_start_s"] = time.perf_counter() - t_start
         tracker.log_params(params)
-        _log_inputs(tracker, data, run_dir, artifacts)
+        _log_inputs(tracker, data, cfg["data"], run_dir, artifacts)
 
         t_fit = time.perf_counter()
         fit = trainer.fit()
@@ -159,7 +160,7 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
     return RunResult(run_name, run_dir, status, fit, test_report, params, tags, artifacts, tracker, timings)
 
 
-def _log_inputs(tracker: TrackerGroup, data, run_dir: Path, artifacts: dict[str, Path]) -> None:
+def _log_inputs(tracker: TrackerGroup, data, data_cfg: dict[str, Any], run_dir: Path, artifacts: dict[str, Path]) -> None:
     """Record what went in: skipped files (by path) and one augmented training batch."""
     if data.skipped:
         path = run_dir / "skipped_files.txt"
@@ -167,8 +168,7 @@ def _log_inputs(tracker: TrackerGroup, data, run_dir: Path, artifacts: dict[str,
         artifacts["data/skipped_files.txt"] = path
     n = min(16, len(data.train))
     batch = torch.stack([data.train[i][0] for i in range(n)])  # through the train transform (augmented)
-    mean, std = data.train.transform.transforms[-1].mean[0], data.train.transform.transforms[-1].std[0]
-    images = ((batch[:, 0] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    images = (denormalize(batch[:, 0], data_cfg) * 255).round().to(torch.uint8).numpy()
     tracker.log_image(plots.image_montage(images), "samples/train_batch_augmented.png",
                       caption=f"{n} augmented training images as the model sees them")
 
