@@ -1,0 +1,1 @@
+"""Data: finding the dataset (layout), decoding images, the cached dataset, transforms, synthetic set, download."""

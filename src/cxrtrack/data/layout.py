@@ -1,0 +1,120 @@
+"""Finding the dataset on disk, whatever the user points at, and naming its classes.
+
+Accepted layouts (class folder names are matched case-insensitively, see :func:`canonical_class`):
+
+- the kagglehub download folder (``.../versions/2`` holding ``Covid19-dataset/``),
+- ``Covid19-dataset/`` itself, or any folder holding ``train/`` and ``test/`` class folders,
+- a flat folder of class folders (no official test split: one is carved out, and the run says so).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cxrtrack import CLASS_NAMES
+from cxrtrack.errors import DataError
+
+# Normalised folder name (lower case, letters and digits only) -> canonical class name.
+_ALIASES = {
+    "covid": "COVID-19",
+    "covid19": "COVID-19",
+    "covid2019": "COVID-19",
+    "normal": "Normal",
+    "viralpneumonia": "Viral Pneumonia",
+    "pneumoniaviral": "Viral Pneumonia",
+}
+_MAX_SEARCH_DEPTH = 4
+
+
+def canonical_class(folder_name: str) -> str | None:
+    """``"Viral_Pneumonia"`` -> ``"Viral Pneumonia"``, ``"covid19"`` -> ``"COVID-19"``; None if unknown."""
+    key = re.sub(r"[^a-z0-9]", "", folder_name.lower())
+    return _ALIASES.get(key)
+
+
+def _visible_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+
+
+def _child(path: Path, name: str) -> Path | None:
+    """The sub-folder of ``path`` called ``name``, ignoring case."""
+    for sub in _visible_dirs(path):
+        if sub.name.lower() == name:
+            return sub
+    return None
+
+
+def class_folders(split_dir: Path) -> dict[str, Path]:
+    """Map canonical class name -> folder inside one split; a clear error for anything unexpected."""
+    found: dict[str, Path] = {}
+    unknown = []
+    for sub in _visible_dirs(split_dir):
+        name = canonical_class(sub.name)
+        if name is None:
+            unknown.append(sub.name)
+        elif name in found:
+            raise DataError(
+                f"Both '{found[name].name}' and '{sub.name}' in {split_dir} name the class {name!r}. "
+                f"Merge them into one folder."
+            )
+        else:
+            found[name] = sub
+    if unknown:
+        raise DataError(
+            f"Folder {split_dir} holds class folders we do not recognise: {', '.join(map(repr, unknown))}. "
+            f"Expected one folder per class: {', '.join(CLASS_NAMES)} (names are matched ignoring case, "
+            f"spaces, '-' and '_', e.g. 'Covid', 'Viral_Pneumonia'). Rename or remove the others."
+        )
+    missing = [c for c in CLASS_NAMES if c not in found]
+    if missing:
+        raise DataError(
+            f"Folder {split_dir} has no folder for class(es) {', '.join(map(repr, missing))}. "
+            f"Every split needs one folder per class: {', '.join(CLASS_NAMES)}."
+        )
+    return found
+
+
+def _has_class_folders(path: Path) -> bool:
+    return any(canonical_class(p.name) for p in _visible_dirs(path))
+
+
+@dataclass(frozen=True)
+class DatasetLocation:
+    root: Path  # the folder the splits were found in
+    train_dir: Path
+    test_dir: Path | None  # None: flat layout, no official test split
+    layout: str  # "train-test" or "flat"
+
+
+def locate_dataset(path: str | Path) -> DatasetLocation:
+    """Find ``train/`` + ``test/`` (or a flat set of class folders) at or below ``path``."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"Data path {path} does not exist. Point DATA= (or --data) at the dataset folder, run "
+            f"`make download` to fetch the Kaggle dataset, or leave DATA unset to use the synthetic set."
+        )
+    if not path.is_dir():
+        raise DataError(f"Data path {path} is a file; DATA= (or --data) must be a folder of images.")
+
+    # Breadth-first, so the shallowest match wins (kagglehub path -> Covid19-dataset/ -> train/).
+    queue = [(path, 0)]
+    while queue:
+        folder, depth = queue.pop(0)
+        train = _child(folder, "train")
+        if train is not None and _has_class_folders(train):
+            test = _child(folder, "test")
+            if test is None:
+                return DatasetLocation(folder, train, None, "flat")
+            return DatasetLocation(folder, train, test, "train-test")
+        if _has_class_folders(folder):
+            return DatasetLocation(folder, folder, None, "flat")
+        if depth < _MAX_SEARCH_DEPTH:
+            queue.extend((sub, depth + 1) for sub in _visible_dirs(folder))
+    raise DataError(
+        f"No chest X-ray dataset found in {path}. Expected train/ and test/ folders each holding "
+        f"{', '.join(CLASS_NAMES)} class folders (the Kaggle 'Covid19-dataset' layout), or a folder of class "
+        f"folders. Run `make download`, or leave DATA unset to use the synthetic set."
+    )
