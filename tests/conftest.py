@@ -63,3 +63,18 @@ def tiny_cfg(tmp_path, tiny_data_root):
             "tracking.tracker": "none",
         },
     )
+
+
+def _project_state() -> dict[str, float | None]:
+    """mtime (or None) of every place in the project a run could write to."""
+    names = ("data", "outputs", "mlflow.db", "mlartifacts", "mlruns", "wandb")
+    return {name: (ROOT / name).stat().st_mtime if (ROOT / name).exists() else None for name in names}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_leave_the_project_alone():
+    """Fail the session if any test created or changed the project's own data, outputs or tracker stores."""
+    before = _project_state()
+    yield
+    after = _project_state()
+    assert after == before, f"tests wrote into the project: {[k for k in before if before[k] != after[k]]}"

@@ -63,9 +63,11 @@ def test_folder_without_a_dataset(tmp_path):
     assert_clean_error(proc, "No chest X-ray dataset found", "train/ and test/")
 
 
-def test_unknown_tracker():
-    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--tracker", "tensorboard")
+def test_unknown_tracker(tmp_path):
+    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--tracker", "tensorboard",
+                      "--data", str(tmp_path / "unused"), "--set", f"output_dir={tmp_path}/outputs")
     assert_clean_error(proc, "Unknown tracker 'tensorboard'", "mlflow, wandb, both or none")
+    assert not (tmp_path / "outputs").exists()  # failed before any work
 
 
 def test_typo_in_a_setting():

@@ -71,6 +71,8 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
     t0 = time.perf_counter()
     seed_everything(cfg["seed"], cfg["training"]["deterministic"])
     device = select_device(cfg["device"])
+    # Before the data: a bad tracker name fails at once (backends import their library lazily, so this is cheap).
+    tracker = tracker if tracker is not None else build_tracker(cfg["tracking"]["tracker"], cfg)
     data = build_data(cfg["data"], cfg["seed"])
     timings["data_s"] = time.perf_counter() - t0
 
@@ -78,7 +80,6 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
     run_name = make_run_name(cfg)
     run_dir = Path(cfg["output_dir"]) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = tracker if tracker is not None else build_tracker(cfg["tracking"]["tracker"], cfg)
 
     summary = data.summary()
     params = run_params(cfg, summary, model.num_parameters(), device.type)
