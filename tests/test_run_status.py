@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 def wandb_exit(run_dir: Path) -> dict:
     wandb = str(Path(sys.executable).with_name("wandb"))
-    out = subprocess.run([wandb, "leet", "inspect", "--summary", "--json", str(run_dir)],
+    # cwd: the wandb CLI writes wandb/debug-cli.*.log into its working directory
+    out = subprocess.run([wandb, "leet", "inspect", "--summary", "--json", str(run_dir)], cwd=run_dir.parent,
                          capture_output=True, text=True, timeout=120, check=True).stdout
     return json.loads(out)
 

@@ -20,7 +20,8 @@ WANDB = str(Path(sys.executable).with_name("wandb"))
 
 
 def leet(run_dir: Path, *flags: str):
-    out = subprocess.run([WANDB, "leet", "inspect", *flags, "--json", str(run_dir)],
+    # cwd: the wandb CLI writes wandb/debug-cli.*.log into its working directory
+    out = subprocess.run([WANDB, "leet", "inspect", *flags, "--json", str(run_dir)], cwd=run_dir.parent,
                          capture_output=True, text=True, timeout=120, check=True).stdout
     return out
 
