@@ -57,7 +57,9 @@ train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0
 	$(PY) scripts/train.py --config $(CONFIG) --tracker $(TRACKER) $(TRAIN_ARGS)
 
 mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 (PORT=... to change; same store as the runs)
-	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(MLFLOW_URI); Ctrl-C to stop)"
+	@case "$(MLFLOW_URI)" in http://*|https://*) \
+	  echo "Runs go to the tracking server $(MLFLOW_URI): open it in your browser."; exit 0;; esac; \
+	echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(MLFLOW_URI); Ctrl-C to stop)"; \
 	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_URI)" --host 127.0.0.1 --port $(PORT) --workers 1
 
 wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)

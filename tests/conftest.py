@@ -20,9 +20,12 @@ TINY_COUNTS = {"train": {"Covid": 9, "Normal": 8, "Viral Pneumonia": 8}, "test":
 
 def pytest_configure(config):
     # Never reach a real tracker or a user's credentials from the tests.
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "MLFLOW_TRACKING_URI", "NETRC"):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI"):
         os.environ.pop(var, None)
     base = Path(tempfile.mkdtemp(prefix="cxrtrack-tests-"))
+    # A developer's `wandb login` (~/.netrc) must not make the offline tests go online.
+    (base / "netrc").write_text("")
+    os.environ["NETRC"] = str(base / "netrc")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ["WANDB_SILENT"] = "true"
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
@@ -63,6 +66,17 @@ def tiny_cfg(tmp_path, tiny_data_root):
             "tracking.tracker": "none",
         },
     )
+
+
+def wandb_leet(run_dir: Path, *flags: str) -> str:
+    """`wandb leet inspect --json` of an offline run: how the tests read W&B runs back."""
+    import subprocess
+    import sys
+
+    wandb = str(Path(sys.executable).with_name("wandb"))
+    # cwd: the wandb CLI writes wandb/debug-cli.*.log into its working directory
+    return subprocess.run([wandb, "leet", "inspect", *flags, "--json", str(run_dir)], cwd=run_dir.parent,
+                          capture_output=True, text=True, timeout=120, check=True).stdout
 
 
 def _project_state() -> dict[str, float | None]:

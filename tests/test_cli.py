@@ -115,7 +115,9 @@ def test_download_versioned_handle_offline_uses_kagglehub_cache(tmp_path, monkey
 
     monkeypatch.setattr(kagglehub, "dataset_download", lambda handle, **kw: str(tiny_data_root))
     location = download.download_dataset("owner/data/versions/2", tmp_path / "kaggle", check_network=lambda: False)
-    assert location.root == tiny_data_root / "Covid19-dataset"
+    # copied into the project's data folder, where the training targets look
+    assert location.root == tmp_path / "kaggle" / "Covid19-dataset"
+    assert location.test_dir is not None and any(location.test_dir.rglob("*.jp*g"))
 
 
 def test_download_finds_existing_data_without_network(tmp_path, monkeypatch, tiny_data_root):
@@ -131,35 +133,51 @@ def test_download_finds_existing_data_without_network(tmp_path, monkeypatch, tin
 
 
 def test_download_script_offline_exit_code(tmp_path):
-    proc = run_script("download.py", "--dest", str(tmp_path / "kaggle"), "--handle", "pranavraikokte/covid19-image-dataset",
-                      subprocess_=True, timeout=60)
-    if proc.returncode == 0:
-        pytest.skip("this machine has network access to Kaggle")
-    assert_clean_error(proc, "Could not download the Kaggle dataset", "make download")
+    # A dead proxy guarantees "no network" even on a machine that has it.
+    env = {**os.environ, "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+           "KAGGLEHUB_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "download.py"), "--dest", str(tmp_path / "kaggle")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert_clean_error(proc, "Could not download the Kaggle dataset 'pranavraikokte/covid19-image-dataset/versions/2'",
+                       "make download")
+    assert not (tmp_path / "kaggle").exists() or not any((tmp_path / "kaggle").iterdir())
 
 
 @pytest.mark.slow
 def test_train_then_evaluate_from_the_command_line(tmp_path, tiny_data_root):
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_root, data)
     out = tmp_path / "outputs"
-    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--data", str(tiny_data_root),
+    proc = run_script("train.py", "--config", str(CONFIGS / "quick.yaml"), "--data", str(data),
                       "--tracker", "none", "--epochs", "2", "--run-name", "cli-run", "--set", f"output_dir={out}",
-                      "--set", "data.batch_size=16", subprocess_=True)
+                      "--set", "data.batch_size=16", "--set", "training.class_weights=balanced", subprocess_=True)
     assert proc.returncode == 0, proc.stderr
     assert "SYNTHETIC DATA" in proc.stderr
     run_dir = out / "cli-run"
     for name in ("checkpoints/best.pt", "history.json", "config.yaml", "test_metrics.json",
-                 "classification_report.txt", "plots/training_curves.png", "plots/confusion_matrix.png",
+                 "classification_report.txt", "timings.json", "plots/training_curves.png", "plots/confusion_matrix.png",
                  "plots/roc_curves.png", "plots/test_predictions.png"):
         assert (run_dir / name).is_file(), name
-    proc = run_script("evaluate.py", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--out", str(tmp_path / "eval"))
-    assert proc.returncode == 0, proc.stderr
-    import json
 
+    # Without --data: the data recorded in the checkpoint; the loss is weighted as in training.
+    checkpoint = str(run_dir / "checkpoints" / "best.pt")
+    proc = run_script("evaluate.py", "--checkpoint", checkpoint, "--out", str(tmp_path / "eval"))
+    assert proc.returncode == 0, proc.stderr
     trained = json.loads((run_dir / "test_metrics.json").read_text())
     evaluated = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"])
     assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-5)
     assert "macro avg" in proc.stdout
+
+    # The training data changed since: refuse to report numbers for other data unless asked to.
+    victim = next((data / "Covid19-dataset" / "test" / "Normal").iterdir())
+    victim.write_bytes(victim.read_bytes() + b"changed")
+    assert_clean_error(run_script("evaluate.py", "--checkpoint", checkpoint), "training data has changed", "DATA=")
+    proc = run_script("evaluate.py", "--checkpoint", checkpoint, "--data", str(data), "--out", str(tmp_path / "eval2"))
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_make_help_lists_the_targets():

@@ -28,6 +28,12 @@ def test_overrides_strings_and_typed_values():
     ("data.val_fraction=1.5", "between 0 and 1"),
     ("training.epochs=0", "positive integer"),
     ("tracking.wandb.mode=cloud", "auto, online, offline, disabled"),
+    ("training.monitor=val/f1", "choose a validation metric: val/loss, val/acc, val/f1_macro"),
+    ("training.monitor=train/loss", "choose a validation metric"),
+    ("training.monitor=val/acc", "set training.monitor_mode=max"),
+    ("data.image_size=16", "at least 32 px"),
+    ("model.dropout_conv=[0.1,0.2]", "list of 3 rates"),
+    ("model.dropout_dense=1.0", "Dropout rates must be in"),
 ])
 def test_bad_settings_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -50,3 +56,20 @@ def test_flatten_roundtrip():
     nested = {"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}
     assert flatten(nested) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
     assert unflatten(flatten(nested)) == nested
+
+
+def test_a_config_outside_configs_extending_default(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"extends: {CONFIGS / 'train.yaml'}\ntraining:\n  epochs: 3\n")
+    cfg = load_config(mine)
+    assert cfg["training"]["epochs"] == 3 and cfg["training"]["class_weights"] == "balanced"
+    with pytest.raises(ConfigError, match="Unknown setting 'training.epoch'"):
+        mine.write_text(f"extends: {CONFIGS / 'train.yaml'}\ntraining:\n  epoch: 3\n")
+        load_config(mine)
+
+
+def test_a_config_that_does_not_extend_default(tmp_path):
+    lone = tmp_path / "lone.yaml"
+    lone.write_text("training:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match="must extend the project's configs/default.yaml"):
+        load_config(lone)

@@ -513,3 +513,14 @@ def test_build_data_without_path_uses_generated_set(tiny_cfg, tiny_data_root, tm
     assert data.source == "synthetic"
     assert data.location.root == tmp_path / "synthetic" / DATASET_DIRNAME
     assert len(data.train) + len(data.val) + len(data.test) == N_TRAIN_FILES + N_TEST_FILES
+
+
+def test_a_file_that_cannot_be_read_is_skipped_and_reported(tiny_cfg, tiny_data_root, tmp_path):
+    """A broken symlink (or any OSError on read) is skipped and named, like a corrupt image."""
+    root = copy_root(tiny_data_root, tmp_path)
+    link = root / "Covid19-dataset" / "train" / "Normal" / "dangling.jpeg"
+    link.symlink_to(tmp_path / "gone.jpeg")
+    data = build_data(data_cfg(tiny_cfg, path=str(root)), seed=0)
+    assert [s.path for s in data.skipped] == [link]
+    assert "cannot read the file" in data.skipped[0].reason
+    assert data.summary()["n_skipped"] == 1

@@ -4,8 +4,6 @@ tracker never stops training. These runs use both trackers at once (the fan-out)
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -16,16 +14,13 @@ from cxrtrack.errors import TrackerError
 from cxrtrack.tracking import BaseTracker, TrackerGroup, build_tracker
 from cxrtrack.training.run import run_experiment
 from cxrtrack.training.trainer import Trainer
+from tests.conftest import wandb_leet
 
 pytestmark = pytest.mark.slow
 
 
 def wandb_exit(run_dir: Path) -> dict:
-    wandb = str(Path(sys.executable).with_name("wandb"))
-    # cwd: the wandb CLI writes wandb/debug-cli.*.log into its working directory
-    out = subprocess.run([wandb, "leet", "inspect", "--summary", "--json", str(run_dir)], cwd=run_dir.parent,
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    return json.loads(out)
+    return json.loads(wandb_leet(run_dir, "--summary"))
 
 
 def mlflow_run(cfg, tracker):
@@ -58,19 +53,26 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_the_checkpoint(tiny_cfg, monkeypat
     assert summary["exit_code"] == 130 and summary["summary"]["status"] == "KILLED"
 
 
-def test_a_crash_ends_the_run_failed(tiny_cfg, monkeypatch):
+def test_a_crash_ends_the_run_failed_and_keeps_what_was_learnt(tiny_cfg, monkeypatch, tmp_path):
     tiny_cfg["tracking"]["tracker"] = "both"
+    real_epoch = Trainer.train_one_epoch
 
-    def broken(self, epoch):
-        raise RuntimeError("simulated crash in the training loop")
+    def crash_in_epoch_2(self, epoch):
+        if epoch == 2:
+            raise RuntimeError("simulated crash in the training loop")
+        return real_epoch(self, epoch)
 
-    monkeypatch.setattr(Trainer, "train_one_epoch", broken)
+    monkeypatch.setattr(Trainer, "train_one_epoch", crash_in_epoch_2)
     group = build_tracker("both", tiny_cfg)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_experiment(tiny_cfg, tracker=group)
     assert group.status == "FAILED"
-    _, run = mlflow_run(tiny_cfg, group.trackers[0])
+    client, run = mlflow_run(tiny_cfg, group.trackers[0])
     assert run.info.status == "FAILED"
+    # epoch 1's history and best checkpoint reached the tracker before the run was closed
+    history = json.loads(open(client.download_artifacts(run.info.run_id, "history.json", str(tmp_path))).read())
+    assert [row["epoch"] for row in history["epochs"]] == [1] and history["status"] == "FAILED"
+    assert "checkpoints/best.pt" in {f.path for f in client.list_artifacts(run.info.run_id, "checkpoints")}
     summary = wandb_exit(group.trackers[1].run_dir)
     assert summary["state"] == "failed" and summary["exit_code"] == 1
 
@@ -138,3 +140,23 @@ def test_group_context_manager_statuses():
         except (KeyboardInterrupt, ValueError):
             pass
         assert recorder.ended == [status]
+
+
+def test_a_tracker_past_its_error_limit_still_gets_its_run_ended():
+    class FailsThenRecords(ExplodingTracker):
+        name = "flaky"
+
+        def __init__(self):
+            super().__init__()
+            self.ended = []
+
+        def end_run(self, status="FINISHED"):
+            self.ended.append(status)
+
+    flaky = FailsThenRecords()
+    group = TrackerGroup([flaky], max_errors=3)
+    for step in range(10):
+        group.log_metrics({"x": 1.0}, step)
+    assert flaky.calls == 3  # ignored after the limit...
+    group.end_run("FINISHED")
+    assert flaky.ended == ["FINISHED"]  # ...but its run is still closed

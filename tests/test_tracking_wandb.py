@@ -5,39 +5,41 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
 
 from cxrtrack.config import flatten
+from cxrtrack.tracking.wandb_tracker import resolve_mode
 from cxrtrack.training.run import run_experiment
+from tests.conftest import CONFIGS, wandb_leet
 
 pytestmark = pytest.mark.slow
 
-WANDB = str(Path(sys.executable).with_name("wandb"))
+SECRET = "s3cr3t-kaggle-key-9876543210"
 
 
-def leet(run_dir: Path, *flags: str):
-    # cwd: the wandb CLI writes wandb/debug-cli.*.log into its working directory
-    out = subprocess.run([WANDB, "leet", "inspect", *flags, "--json", str(run_dir)], cwd=run_dir.parent,
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    return out
+def leet(run_dir: Path, *flags: str) -> str:
+    return wandb_leet(run_dir, *flags)
 
 
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory, tiny_data_root):
     from cxrtrack.config import load_config
-    from tests.conftest import CONFIGS
 
     tmp = tmp_path_factory.mktemp("wandb-run")
     cfg = load_config(CONFIGS / "quick.yaml", values={
         "data.path": str(tiny_data_root), "data.image_size": 64, "data.batch_size": 16,
         "training.epochs": 3, "evaluation.n_prediction_images": 6, "output_dir": str(tmp / "outputs"),
         "tracking.tracker": "wandb", "tracking.wandb.dir": str(tmp), "tracking.wandb.system_metrics_interval": 1,
+        "tracking.tags": {"note": f"key={SECRET}"},
     })
-    result = run_experiment(cfg)
+    os.environ["KAGGLE_KEY"] = SECRET  # a secret in the environment must never reach the tracker
+    try:
+        result = run_experiment(cfg)
+    finally:
+        del os.environ["KAGGLE_KEY"]
     tracker = result.tracker.trackers[0]
     records = [json.loads(line) for line in leet(tracker.run_dir).splitlines() if line.strip()]
     summary = json.loads(leet(tracker.run_dir, "--summary"))
@@ -122,3 +124,50 @@ def test_system_metrics_are_recorded(wandb_run):
     assert stats, "no system-metric samples in the run"
     assert all("memory_percent" in sample for sample in stats)
     assert any("cpu" in sample for sample in stats)  # CPU % needs two readings: absent from the first sample
+
+
+def test_no_secret_reaches_the_tracker(wandb_run):
+    _, tracker, _, summary = wandb_run
+    everything = leet(tracker.run_dir)  # every record of the run: config, history, summary, artifacts
+    assert SECRET not in everything
+    assert summary["config"]["run_tags"]["note"] == "***REDACTED***"
+
+
+@pytest.fixture
+def fresh_wandb():
+    """W&B caches its settings (key, server URL) in a process-wide singleton: reset it after tests that
+    change the environment, or later runs in this process would still see a fake key and server."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
+def test_mode_resolution(monkeypatch, tmp_path, fresh_wandb):
+    assert resolve_mode("auto") == "offline"  # conftest: no key, empty netrc
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert resolve_mode("auto") == "online"
+    assert resolve_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == "disabled"  # the environment wins
+
+
+def test_a_wandb_login_netrc_means_online(monkeypatch, tmp_path, fresh_wandb):
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'p' * 40}\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert resolve_mode("auto") == "online"
+
+
+def test_auto_mode_falls_back_to_offline_when_the_server_is_unreachable(tiny_cfg, monkeypatch, caplog, fresh_wandb):
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # a key, so auto mode tries online...
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # ...against a server that refuses connections
+    tiny_cfg["tracking"]["tracker"] = "wandb"
+    tiny_cfg["tracking"]["wandb"]["init_timeout"] = 3
+    tiny_cfg["training"]["epochs"] = 1
+    result = run_experiment(tiny_cfg)
+    tracker = result.tracker.trackers[0]
+    assert result.status == "FINISHED" and tracker.mode == "offline"
+    assert "could not reach the server" in caplog.text
+    assert json.loads(leet(tracker.run_dir, "--summary"))["state"] == "finished"

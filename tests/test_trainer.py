@@ -75,3 +75,10 @@ def test_schedulers_and_logged_lr(tiny_cfg, name):
     if name == "step":
         lrs = [row["lr"] for row in run_experiment(tiny_cfg).fit.history]
         assert lrs == pytest.approx([1e-3, 5e-4, 2.5e-4])  # the lr used in each epoch is what is logged
+
+
+def test_plateau_scheduler_steps_on_the_monitored_validation_metric(tiny_cfg):
+    # min_delta makes every epoch after the first "no improvement": patience 0 halves the lr each epoch.
+    tiny_cfg["training"].update(scheduler="plateau", scheduler_patience=0, scheduler_factor=0.5, min_delta=10.0, epochs=3)
+    lrs = [row["lr"] for row in run_experiment(tiny_cfg).fit.history]
+    assert lrs == pytest.approx([1e-3, 1e-3, 5e-4])

@@ -48,15 +48,17 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
-def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _load_with_extends(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Path]:
+    """The merged config and the root of its ``extends`` chain (which must be default.yaml)."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"Config {path} extends itself through {' -> '.join(map(str, seen))}; remove the cycle.")
     data = _read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
-        return data
-    return deep_merge(_load_with_extends(path.parent / parent, (*seen, path)), data)
+        return data, path
+    base, root = _load_with_extends((path.parent / Path(parent).expanduser()), (*seen, path))
+    return deep_merge(base, data), root
 
 
 def _check_against(schema: Mapping[str, Any], cfg: Mapping[str, Any], prefix: str, source: str) -> None:
@@ -134,8 +136,14 @@ def load_config(
     ``overrides`` are ``"key.sub=value"`` strings (value parsed as YAML, as typed on a command line);
     ``values`` maps dotted keys to already-typed values (e.g. from argparse flags) and wins over both.
     """
-    path = Path(path)
-    cfg = _load_with_extends(path)
+    path = Path(path).expanduser()
+    cfg, root = _load_with_extends(path)
+    if root.name != DEFAULT_CONFIG_NAME:
+        raise ConfigError(
+            f"Config {path} must extend the project's configs/{DEFAULT_CONFIG_NAME} (directly or through another "
+            f"config), which gives every setting its default: add a first line `extends: <path to>/configs/"
+            f"{DEFAULT_CONFIG_NAME}` (a path relative to your file, or absolute)."
+        )
     override_cfg: dict[str, Any] = {}
     for item in overrides:
         keys, value = parse_override(item)
@@ -143,11 +151,7 @@ def load_config(
     for dotted, value in (values or {}).items():
         set_dotted(override_cfg, dotted.split("."), value)
 
-    schema = _read_yaml(path.resolve().parent / DEFAULT_CONFIG_NAME) if path.name != DEFAULT_CONFIG_NAME else None
-    if schema is None:
-        schema = copy.deepcopy(cfg)
-    else:
-        schema.pop("extends", None)
+    schema = _read_yaml(root)
     _check_against(schema, cfg, "", str(path))
     _check_against(schema, override_cfg, "", "the command-line overrides")
     cfg = deep_merge(schema, deep_merge(cfg, override_cfg))
@@ -168,6 +172,9 @@ _CHOICES = {
 }
 
 
+_MONITOR_MODES = {"val/loss": "min", "val/acc": "max", "val/f1_macro": "max"}
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """Value checks that a type check cannot make (choices and ranges)."""
     for keys, choices in _CHOICES.items():
@@ -180,6 +187,28 @@ def validate(cfg: Mapping[str, Any]) -> None:
         value = get_dotted(cfg, keys)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"Setting '{'.'.join(keys)}' must be a positive integer, not {value!r}.")
+    monitor, mode = cfg["training"]["monitor"], cfg["training"]["monitor_mode"]
+    if monitor not in _MONITOR_MODES:
+        raise ConfigError(
+            f"Setting 'training.monitor' is {monitor!r}; choose a validation metric: {', '.join(_MONITOR_MODES)} "
+            f"(checkpoints are selected on validation data, never on train or test)."
+        )
+    if mode != _MONITOR_MODES[monitor]:
+        raise ConfigError(
+            f"training.monitor {monitor!r} improves when it goes {'down' if _MONITOR_MODES[monitor] == 'min' else 'up'}: "
+            f"set training.monitor_mode={_MONITOR_MODES[monitor]} (it is {mode!r}, which would keep the worst checkpoint)."
+        )
+    if cfg["data"]["image_size"] < 32:
+        raise ConfigError(
+            f"Setting 'data.image_size' is {cfg['data']['image_size']}; CustomCXRNet needs at least 32 px "
+            f"(supported: 64, 128, 224, 256)."
+        )
+    rates = cfg["model"]["dropout_conv"]
+    if not (isinstance(rates, list) and len(rates) == 3 and all(isinstance(r, (int, float)) for r in rates)):
+        raise ConfigError(f"Setting 'model.dropout_conv' must be a list of 3 rates (conv blocks 2-4), not {rates!r}.")
+    for rate in [*rates, cfg["model"]["dropout_dense"]]:
+        if not 0 <= rate < 1:
+            raise ConfigError(f"Dropout rates must be in [0, 1); got {rate!r} in model.dropout_conv / model.dropout_dense.")
     if not 0 < cfg["training"]["lr"] < 10:
         raise ConfigError(f"Setting 'training.lr' must be a positive learning rate such as 0.001, not {cfg['training']['lr']!r}.")
     for keys in (("data", "val_fraction"), ("data", "test_fraction")):

@@ -136,7 +136,8 @@ def list_files(split_dir: Path) -> list[tuple[Path, int]]:
     files = []
     for name, folder in class_folders(split_dir).items():
         label = CLASS_NAMES.index(name)
-        files += [(p, label) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        # Everything but folders and hidden files: a broken symlink is listed too, so it is reported as unreadable.
+        files += [(p, label) for p in sorted(folder.iterdir()) if not p.is_dir() and not p.name.startswith(".")]
     return files
 
 
@@ -145,7 +146,10 @@ def decode_files(files: list[tuple[Path, int]], size: int, relative_to: Path, wo
 
     def work(item: tuple[Path, int]):
         path, _ = item
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:  # permission denied, broken symlink, I/O error: skipped and reported like a corrupt file
+            return f"unreadable:{type(exc).__name__}", None, f"cannot read the file ({type(exc).__name__}: {exc.strerror or exc})"
         digest = hashlib.sha256(data).hexdigest()
         try:
             return digest, decode_image(data, size), None

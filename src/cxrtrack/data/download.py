@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -71,8 +72,9 @@ def download_dataset(handle: str, target: str | Path, force: bool = False, check
             cached = Path(kagglehub.dataset_download(handle))
         except Exception as exc:  # noqa: BLE001 - any kagglehub failure offline means "not cached"
             raise _offline_error(handle, target, reason) from exc
-        log.info("No network, but kagglehub's cache holds %s at %s.", handle, cached)
-        return locate_dataset(cached)
+        log.info("No network, but kagglehub's cache holds %s at %s; copying it into %s.", handle, cached, target)
+        shutil.copytree(cached, target, dirs_exist_ok=True)  # where the training targets look for it
+        return locate_dataset(target)
 
     target.mkdir(parents=True, exist_ok=True)
     try:

@@ -115,8 +115,8 @@ class TrackerGroup(BaseTracker):
 
     def _call(self, method: str, *args, **kwargs) -> None:
         for tracker in self.trackers:
-            if self.errors[tracker.name] >= self.max_errors:
-                continue  # gave up on this backend; it already said why
+            if self.errors[tracker.name] >= self.max_errors and method != "end_run":
+                continue  # gave up on this backend (it already said why), but always try to close its run
             try:
                 getattr(tracker, method)(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - a tracker must never stop training

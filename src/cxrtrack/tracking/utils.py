@@ -13,6 +13,7 @@ from typing import Any
 
 REDACTED = "***REDACTED***"
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
 _SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 
 
@@ -25,7 +26,8 @@ def scrub_secrets(obj: Any, _secrets: set[str] | None = None) -> Any:
     """Copy of a nested config with secrets replaced by ``***REDACTED***``.
 
     A value is a secret when its key looks like one (``api_key``, ``token``, ``password``, ...) or
-    when it contains the value of a secret-looking environment variable.
+    when it contains the value of a secret-looking environment variable; credentials inside a URL
+    (``https://user:pass@host``) are masked.
     """
     secrets = _secret_values() if _secrets is None else _secrets
     if isinstance(obj, Mapping):
@@ -37,6 +39,8 @@ def scrub_secrets(obj: Any, _secrets: set[str] | None = None) -> Any:
         return type(obj)(scrub_secrets(v, secrets) for v in obj)
     if isinstance(obj, str) and any(s in obj for s in secrets):
         return REDACTED
+    if isinstance(obj, str) and _URL_CREDENTIALS.search(obj):  # https://user:password@host -> https://***@host
+        return _URL_CREDENTIALS.sub(r"\1***@", obj)
     return obj
 
 

@@ -2,7 +2,9 @@
 
 Mode (``tracking.wandb.mode``): ``auto`` (the default) goes online when an API key is configured
 (``WANDB_API_KEY`` or ``wandb login``) and offline otherwise: no prompt, no crash, one line saying
-how to upload later (``make wandb-sync``). ``WANDB_MODE`` in the environment wins over the config.
+how to upload later (``make wandb-sync``). If ``auto`` chose online but the server cannot be reached
+within ``init_timeout`` seconds, the run falls back to offline. ``WANDB_MODE`` in the environment wins
+over the config (and is never overridden).
 
 What a run holds: the config; per-epoch metrics with ``epoch`` as the x-axis; a summary of best and
 test metrics; the training curves, confusion-matrix and ROC figures; captioned test-prediction
@@ -74,33 +76,50 @@ class WandbTracker(BaseTracker):
         import wandb
 
         self._wandb = wandb
-        self.mode = resolve_mode(self.cfg.get("mode", "auto"))
-        root = Path(self.cfg.get("dir") or ".").expanduser().resolve()
-        root.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
+        configured = self.cfg.get("mode", "auto")
+        self.mode = resolve_mode(configured)
+        # "auto" chose online because a key exists; if the server cannot be reached, fall back to offline.
+        fallback = self.mode == "online" and configured == "auto" and not os.environ.get("WANDB_MODE")
+        init = dict(
             project=self.project,
             entity=self.cfg.get("entity") or None,
             name=run_name,
             config=config,
             tags=[f"{k}:{v}"[:64] for k, v in tags.items() if k in ("dataset_source", "config", "device")],
             notes=f"git {tags.get('git_commit', 'unknown')[:12]} dirty={tags.get('git_dirty')}",
-            dir=str(root),
-            mode=self.mode,
+            dir=str(self._root()),
             job_type="train",
-            settings=wandb.Settings(
-                silent=True,  # we print one line of our own instead of W&B's banner
-                x_stats_sampling_interval=float(self.cfg.get("system_metrics_interval") or 15),
-                x_transaction_log_flush_interval=5.0,  # a hard kill loses at most ~5 s of an offline run
-            ),
         )
+        try:
+            self.run = wandb.init(mode=self.mode, settings=self._settings(), **init)
+        except Exception as exc:
+            if not fallback:
+                raise
+            log.warning("W&B: could not reach the server (%s: %s); logging this run offline instead.",
+                        type(exc).__name__, str(exc).splitlines()[0][:200])
+            self.mode = "offline"
+            self.run = wandb.init(mode="offline", settings=self._settings(), **init)
         self._run_dir = Path(self.run.settings.sync_dir)
         self._url = self.run.url if self.mode == "online" else None
         self.run.config.update({"run_tags": tags}, allow_val_change=True)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         if self.mode == "offline":
-            log.info("W&B: no API key configured, so logging offline to %s; upload it later with `make wandb-sync`.",
-                     self._run_dir)
+            reason = "no API key is configured, so " if configured == "auto" and not os.environ.get("WANDB_MODE") else ""
+            log.info("W&B: %slogging offline to %s; upload it later with `make wandb-sync`.", reason, self._run_dir)
+
+    def _root(self) -> Path:
+        root = Path(self.cfg.get("dir") or ".").expanduser().resolve()
+        root.mkdir(parents=True, exist_ok=True)  # W&B warns about a missing git root otherwise
+        return root
+
+    def _settings(self):
+        return self._wandb.Settings(
+            silent=True,  # we print one line of our own instead of W&B's banner
+            init_timeout=float(self.cfg.get("init_timeout") or 30),
+            x_stats_sampling_interval=float(self.cfg.get("system_metrics_interval") or 15),
+            x_transaction_log_flush_interval=5.0,  # a hard kill loses at most ~5 s of an offline run
+        )
 
     @property
     def run_dir(self) -> Path | None:

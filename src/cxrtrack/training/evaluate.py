@@ -21,10 +21,10 @@ import torch
 from cxrtrack.data.dataset import CXRData, build_data, slug
 from cxrtrack.errors import CXRError
 from cxrtrack.models import CustomCXRNet
-from cxrtrack.tracking import Predictions, TrackerGroup
+from cxrtrack.tracking import Predictions
 from cxrtrack.training import plots
 from cxrtrack.training.metrics import classification_metrics, confusion, report_text
-from cxrtrack.training.trainer import EvalOutput, Trainer
+from cxrtrack.training.trainer import EvalOutput, build_criterion, evaluate_model
 from cxrtrack.utils import select_device
 
 log = logging.getLogger(__name__)
@@ -118,19 +118,27 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
 
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, out_dir: str | Path | None = None,
                         device: str = "auto") -> tuple[TestReport, Path]:
-    """Evaluate a saved checkpoint on the test split of ``data_path`` (default: the data it was trained on)."""
+    """Evaluate a saved checkpoint on the test split of ``data_path``.
+
+    Without ``data_path`` the data the model was trained on is used (the folder recorded in the
+    checkpoint), and it must still have the same content fingerprint.
+    """
     dev = select_device(device)
     model, ckpt = load_checkpoint(checkpoint, dev)
     cfg = copy.deepcopy(ckpt["config"])
-    if data_path:
-        cfg["data"]["path"] = data_path
+    trained_on = ckpt.get("dataset", {})
+    cfg["data"]["path"] = data_path or trained_on.get("root") or cfg["data"]["path"]
     data = build_data(cfg["data"], cfg["seed"])
-    trained_on = ckpt.get("dataset", {}).get("fingerprint")
-    if trained_on and trained_on != data.fingerprint:
-        log.warning("The checkpoint was trained on data with fingerprint %s; this data has %s.", trained_on, data.fingerprint)
+    if trained_on.get("fingerprint") and trained_on["fingerprint"] != data.fingerprint:
+        message = (f"the checkpoint was trained on data with fingerprint {trained_on['fingerprint']} "
+                   f"({trained_on.get('root')}); {data.location.root} has fingerprint {data.fingerprint}")
+        if not data_path:
+            raise CXRError(f"The training data has changed since this model was trained: {message}. Pass DATA=<folder> "
+                           f"(--data) to evaluate on other data on purpose.")
+        log.warning("Evaluating on other data than the model was trained on: %s.", message)
     loaders = data.loaders(cfg["data"]["batch_size"])
-    trainer = Trainer(model, loaders, cfg["training"], TrackerGroup(), dev, Path(checkpoint))
-    report = build_report(trainer.evaluate(loaders["test"]), data, cfg["evaluation"]["n_prediction_images"])
+    criterion = build_criterion(cfg["training"], data.train.labels, dev)  # the loss as training reported it
+    report = build_report(evaluate_model(model, loaders["test"], dev, criterion), data, cfg["evaluation"]["n_prediction_images"])
     out = Path(out_dir) if out_dir else Path(cfg["output_dir"]) / f"eval-{ckpt.get('run_name', Path(checkpoint).stem)}"
     figures = report.figures()
     write_report(report, out, figures)

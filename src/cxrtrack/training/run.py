@@ -26,11 +26,11 @@ from cxrtrack.config import flatten
 from cxrtrack.data.dataset import build_data
 from cxrtrack.data.transforms import denormalize
 from cxrtrack.models import build_model
-from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker
+from cxrtrack.tracking import FINISHED, TrackerGroup, build_tracker
 from cxrtrack.tracking.utils import environment_tags, git_info, scrub_secrets
 from cxrtrack.training import plots
 from cxrtrack.training.evaluate import TestReport, build_report, write_report
-from cxrtrack.training.trainer import FitResult, Trainer, balanced_class_weights
+from cxrtrack.training.trainer import FitResult, Trainer, build_criterion
 from cxrtrack.utils import seed_everything, select_device
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,6 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
     log.info("Run %s: CustomCXRNet with %s parameters on %s; tracking: %s",
              run_name, f"{model.num_parameters():,}", device, ", ".join(tracker.names) or "none")
 
-    class_weights = balanced_class_weights(data.train.labels) if cfg["training"]["class_weights"] == "balanced" else None
     loaders = data.loaders(cfg["data"]["batch_size"], cfg["data"]["num_workers"], cfg["seed"])
     checkpoint_extra = {
         "class_names": list(data.class_names),
@@ -104,7 +103,7 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
         "run_name": run_name,
     }
     trainer = Trainer(model, loaders, cfg["training"], tracker, device, run_dir / "checkpoints" / "best.pt",
-                      checkpoint_extra, class_weights)
+                      checkpoint_extra, build_criterion(cfg["training"], data.train.labels, device))
 
     artifacts: dict[str, Path] = {}
     test_report = None
@@ -140,8 +139,7 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
                 tracker.log_artifact(path, str(Path(name).parent) if "/" in name else None)
         if test_report is not None:
             tracker.log_predictions(test_report.predictions)
-            if cfg["tracking"]["log_model"]:
-                trainer.model.load_state_dict(torch.load(fit.checkpoint, weights_only=True)["model_state"])
+            if cfg["tracking"]["log_model"]:  # the model holds the best checkpoint (_final_evaluation loaded it)
                 example = next(iter(loaders["test"]))[0][:2].numpy().astype(np.float32)
                 tracker.log_model(trainer.model.cpu().eval(), fit.checkpoint, example, {
                     "best_epoch": fit.best_epoch, "dataset_source": data.source,
@@ -149,12 +147,17 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
                     **{k: v for k, v in test_report.tracked_metrics().items() if "/" in k},
                 })
         timings["finalize_s"] = time.perf_counter() - t_final
-        status = KILLED if fit.status == KILLED else FINISHED
+        if fit.error is not None:
+            raise fit.error  # after the history and checkpoint reached the trackers; the run ends FAILED
+        status = fit.status
         t_end = time.perf_counter()
         tracker.end_run(status)
         timings["tracker_end_s"] = time.perf_counter() - t_end
 
     timings["total_s"] = time.perf_counter() - t0
+    (run_dir / "timings.json").write_text(json.dumps({"trackers": tracker.names, **timings}, indent=2))
+    log.info("Time: data %.1fs, training %.1fs, tracker start %.1fs, evaluation + final logging %.1fs, tracker end %.1fs",
+             timings["data_s"], timings["fit_s"], timings["tracker_start_s"], timings["finalize_s"], timings["tracker_end_s"])
     if tracker.errors:
         log.warning("Tracker errors during this run: %s (see the warnings above).", dict(tracker.errors))
     log.info("Run %s %s in %.1fs. Local files: %s. %s", run_name, status, timings["total_s"], run_dir, tracker.describe())

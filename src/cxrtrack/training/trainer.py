@@ -3,7 +3,9 @@
 Per epoch: train (progress bar with live loss/accuracy), validate, log train/val loss, accuracy,
 macro F1, learning rate, epoch time and images per second, step the LR scheduler, keep the best
 checkpoint by the monitored validation metric, and stop early when it stops improving.
-Ctrl-C stops after the current batch: the run is marked KILLED and the best checkpoint is kept.
+Ctrl-C stops after the current batch: the run is marked KILLED and the best checkpoint is kept. Any other
+exception ends the loop as FAILED with the history and best checkpoint kept, so the caller can hand them
+to the trackers before re-raising it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup
+from cxrtrack.tracking import FAILED, FINISHED, KILLED, TrackerGroup
 from cxrtrack.training.metrics import epoch_metrics
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,11 @@ class FitResult:
     history: list[dict[str, float]]
     best_epoch: int | None
     best_score: float | None
-    status: str  # FINISHED or KILLED
+    status: str  # FINISHED, KILLED (Ctrl-C) or FAILED (an exception; see ``error``)
     stopped_early: bool
     checkpoint: Path
     best_metrics: dict[str, float] = field(default_factory=dict)
+    error: BaseException | None = None
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -58,8 +61,10 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]):
     name = cfg["scheduler"]
     if name == "plateau":
+        # Same notion of "improved" as checkpointing and early stopping: an absolute min_delta.
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=cfg["monitor_mode"], factor=cfg["scheduler_factor"], patience=cfg["scheduler_patience"]
+            optimizer, mode=cfg["monitor_mode"], factor=cfg["scheduler_factor"], patience=cfg["scheduler_patience"],
+            threshold=cfg["min_delta"], threshold_mode="abs",
         )
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
@@ -74,6 +79,28 @@ def balanced_class_weights(labels: list[int], n_classes: int = 3) -> torch.Tenso
     return torch.tensor(len(labels) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32)
 
 
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, criterion: nn.Module) -> EvalOutput:
+    """Loss (the training criterion, so class weights count the same way), labels and probabilities."""
+    model.eval()
+    total_loss, seen, y_true, probs = 0.0, 0, [], []
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        total_loss += criterion(logits, labels).item() * len(labels)
+        seen += len(labels)
+        y_true.append(labels.cpu())
+        probs.append(torch.softmax(logits, 1).cpu())
+    p = torch.cat(probs).numpy()
+    return EvalOutput(total_loss / max(seen, 1), torch.cat(y_true).numpy(), p.argmax(1), p)
+
+
+def build_criterion(train_cfg: dict[str, Any], train_labels: list[int], device: torch.device) -> nn.Module:
+    """Cross-entropy, with balanced class weights from the train split when ``class_weights: balanced``."""
+    weights = balanced_class_weights(train_labels) if train_cfg["class_weights"] == "balanced" else None
+    return nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+
+
 class Trainer:
     def __init__(
         self,
@@ -84,7 +111,7 @@ class Trainer:
         device: torch.device,
         checkpoint_path: Path,
         checkpoint_extra: dict[str, Any] | None = None,
-        class_weights: torch.Tensor | None = None,
+        criterion: nn.Module | None = None,
     ):
         self.model = model.to(device)
         self.loaders = loaders
@@ -93,7 +120,7 @@ class Trainer:
         self.device = device
         self.checkpoint_path = Path(checkpoint_path)
         self.checkpoint_extra = checkpoint_extra or {}
-        self.criterion = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.to(device))
+        self.criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.monitor, self.mode = cfg["monitor"], cfg["monitor_mode"]
@@ -124,19 +151,8 @@ class Trainer:
         metrics = epoch_metrics(torch.cat(y_true).numpy(), torch.cat(y_pred).numpy())
         return {"loss": total_loss / seen, **metrics, "images_per_s": seen / elapsed}
 
-    @torch.no_grad()
     def evaluate(self, loader: DataLoader) -> EvalOutput:
-        self.model.eval()
-        total_loss, seen, y_true, probs = 0.0, 0, [], []
-        for images, labels in loader:
-            images, labels = images.to(self.device), labels.to(self.device)
-            logits = self.model(images)
-            total_loss += self.criterion(logits, labels).item() * len(labels)
-            seen += len(labels)
-            y_true.append(labels.cpu())
-            probs.append(torch.softmax(logits, 1).cpu())
-        p = torch.cat(probs).numpy()
-        return EvalOutput(total_loss / max(seen, 1), torch.cat(y_true).numpy(), p.argmax(1), p)
+        return evaluate_model(self.model, loader, self.device, self.criterion)
 
     # -- the loop ---------------------------------------------------------------------------------
     def _improved(self, score: float, best: float | None) -> bool:
@@ -163,7 +179,7 @@ class Trainer:
     def fit(self) -> FitResult:
         history: list[dict[str, float]] = []
         best, best_epoch, best_metrics, stale = None, None, {}, 0
-        status, stopped_early = FINISHED, False
+        status, stopped_early, error = FINISHED, False, None
         patience = self.cfg["early_stopping_patience"]
         try:
             for epoch in range(1, self.cfg["epochs"] + 1):
@@ -211,4 +227,8 @@ class Trainer:
                 "Interrupted (Ctrl-C) after %d complete epoch(s); the best checkpoint %s is kept.",
                 len(history), self.checkpoint_path if best_epoch else "(none yet)",
             )
-        return FitResult(history, best_epoch, best, status, stopped_early, self.checkpoint_path, best_metrics)
+        except Exception as exc:  # a crash (out of memory, disk full, ...): keep what was learnt so far
+            status, error = FAILED, exc
+            log.error("Training failed in epoch %d (%s: %s); the best checkpoint so far is kept.",
+                      len(history) + 1, type(exc).__name__, exc)
+        return FitResult(history, best_epoch, best, status, stopped_early, self.checkpoint_path, best_metrics, error)
