@@ -79,10 +79,14 @@ def wandb_leet(run_dir: Path, *flags: str) -> str:
                           capture_output=True, text=True, timeout=120, check=True).stdout
 
 
-def _project_state() -> dict[str, float | None]:
-    """mtime (or None) of every place in the project a run could write to."""
-    names = ("data", "outputs", "mlflow.db", "mlartifacts", "mlruns", "wandb")
-    return {name: (ROOT / name).stat().st_mtime if (ROOT / name).exists() else None for name in names}
+def _project_state() -> dict[str, float]:
+    """Path -> mtime of everything under the places in the project a run could write to."""
+    state = {}
+    for name in ("data", "outputs", "mlflow.db", "mlartifacts", "mlruns", "wandb"):
+        top = ROOT / name
+        for path in [top, *top.rglob("*")] if top.is_dir() else [top] if top.exists() else []:
+            state[str(path.relative_to(ROOT))] = path.lstat().st_mtime
+    return state
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -91,4 +95,5 @@ def tests_leave_the_project_alone():
     before = _project_state()
     yield
     after = _project_state()
-    assert after == before, f"tests wrote into the project: {[k for k in before if before[k] != after[k]]}"
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"tests wrote into the project: {changed[:10]}"
