@@ -65,7 +65,10 @@ mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 (PORT=... to change; s
 wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	@runs=$$(ls -d wandb/offline-run-* 2>/dev/null); \
 	if [ -z "$$runs" ]; then echo "No offline W&B runs in ./wandb to sync."; exit 0; fi; \
-	$(VENV)/bin/wandb sync --yes
+	$(VENV)/bin/wandb sync --yes || { echo; \
+	  echo "error: the upload failed. make wandb-sync needs network access to W&B and an API key: run"; \
+	  echo "       .venv/bin/wandb login (or set WANDB_API_KEY), then make wandb-sync again. Nothing was lost:"; \
+	  echo "       the offline runs stay in ./wandb until they are uploaded."; exit 1; }
 
 evaluate: ## Evaluate on the test split: make evaluate CHECKPOINT=outputs/<run>/checkpoints/best.pt | RUN_ID=<mlflow run>
 	$(PY) scripts/evaluate.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(RUN_ID),--run-id $(RUN_ID)) \
