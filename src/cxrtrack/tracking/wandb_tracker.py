@@ -70,16 +70,19 @@ class WandbTracker(BaseTracker):
         self.run = None
         self._wandb = None
         self._files: list[tuple[Path, str]] = []
+        self._run_dir: Path | None = None
+        self._url: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start_run(self, run_name, config, tags):
         import wandb
 
         self._wandb = wandb
-        configured = self.cfg.get("mode", "auto")
-        self.mode = resolve_mode(configured)
-        # "auto" chose online because a key exists; if the server cannot be reached, fall back to offline.
-        fallback = self.mode == "online" and configured == "auto" and not os.environ.get("WANDB_MODE")
+        # "auto" decided the mode (the config asked for it and WANDB_MODE did not force one)
+        auto = self.cfg.get("mode", "auto") == "auto" and not os.environ.get("WANDB_MODE")
+        self.mode = resolve_mode(self.cfg.get("mode", "auto"))
+        # auto chose online because a key exists; if the server cannot be reached, fall back to offline.
+        fallback = auto and self.mode == "online"
         init = dict(
             project=self.project,
             entity=self.cfg.get("entity") or None,
@@ -105,7 +108,7 @@ class WandbTracker(BaseTracker):
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         if self.mode == "offline":
-            reason = "no API key is configured, so " if configured == "auto" and not os.environ.get("WANDB_MODE") else ""
+            reason = "no API key is configured, so " if auto else ""
             log.info("W&B: %slogging offline to %s; upload it later with `make wandb-sync`.", reason, self._run_dir)
 
     def _root(self) -> Path:
@@ -124,7 +127,7 @@ class WandbTracker(BaseTracker):
     @property
     def run_dir(self) -> Path | None:
         """The local run folder (``wandb/offline-run-*``), readable with ``wandb leet inspect``."""
-        return getattr(self, "_run_dir", None)
+        return self._run_dir
 
     def end_run(self, status=FINISHED):
         if self.run is not None:
@@ -198,4 +201,4 @@ class WandbTracker(BaseTracker):
     def describe(self):
         if self.mode == "offline":
             return f"W&B offline run in {self.run_dir} (inspect: wandb leet {self.run_dir}; upload: make wandb-sync)"
-        return f"W&B {self.mode} run in project '{self.project}'" + (f" at {self._url}" if getattr(self, "_url", None) else "")
+        return f"W&B {self.mode} run in project '{self.project}'" + (f" at {self._url}" if self._url else "")

@@ -57,9 +57,9 @@ def make_run_name(cfg: dict[str, Any]) -> str:
     return f"{cfg.get('config_name', 'run')}-{cfg['data']['image_size']}px-{cfg['training']['epochs']}ep-{stamp}"
 
 
-def run_params(cfg: dict[str, Any], data_summary: dict[str, Any], n_params: int, device: str) -> dict[str, Any]:
-    """Flat parameters: the whole (secret-free) config, plus what was derived from it at run time."""
-    params = flatten(scrub_secrets(cfg))
+def run_params(safe_cfg: dict[str, Any], data_summary: dict[str, Any], n_params: int, device: str) -> dict[str, Any]:
+    """Flat parameters: the whole secret-free config, plus what was derived from it at run time."""
+    params = flatten(safe_cfg)
     params.update({f"dataset.{k}": v for k, v in data_summary.items()})
     params["model.num_parameters"] = n_params
     params["device"] = device
@@ -82,7 +82,8 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
 
     summary = data.summary()
-    params = run_params(cfg, summary, model.num_parameters(), device.type)
+    safe_cfg = scrub_secrets(cfg)  # the only form of the config that leaves this process (trackers, files)
+    params = run_params(safe_cfg, summary, model.num_parameters(), device.type)
     tags = {
         **git_info(),
         **environment_tags(device.type),
@@ -90,7 +91,7 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
         "dataset_fingerprint": data.fingerprint,
         "config": cfg.get("config_name", ""),
         "model": "CustomCXRNet",
-        **{str(k): str(v) for k, v in scrub_secrets(cfg["tracking"]["tags"]).items()},
+        **{str(k): str(v) for k, v in safe_cfg["tracking"]["tags"].items()},
     }
     log.info("Run %s: CustomCXRNet with %s parameters on %s; tracking: %s",
              run_name, f"{model.num_parameters():,}", device, ", ".join(tracker.names) or "none")
@@ -98,7 +99,7 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
     loaders = data.loaders(cfg["data"]["batch_size"], cfg["data"]["num_workers"], cfg["seed"])
     checkpoint_extra = {
         "class_names": list(data.class_names),
-        "config": scrub_secrets(cfg),
+        "config": safe_cfg,
         "dataset": {k: v for k, v in summary.items() if k in ("source", "fingerprint", "root", "layout")},
         "run_name": run_name,
     }
@@ -109,7 +110,7 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
     test_report = None
     with tracker:
         t_start = time.perf_counter()
-        tracker.start_run(run_name, scrub_secrets(cfg), tags)
+        tracker.start_run(run_name, safe_cfg, tags)
         timings["tracker_start_s"] = time.perf_counter() - t_start
         tracker.log_params(params)
         _log_inputs(tracker, data, cfg["data"], run_dir, artifacts)
@@ -119,7 +120,7 @@ def run_experiment(cfg: dict[str, Any], tracker: TrackerGroup | None = None) -> 
         timings["fit_s"] = time.perf_counter() - t_fit
 
         t_final = time.perf_counter()
-        artifacts.update(_write_run_files(cfg, fit, run_dir))
+        artifacts.update(_write_run_files(safe_cfg, fit, run_dir))
         if fit.best_epoch is not None:
             artifacts["checkpoints/best.pt"] = fit.checkpoint
             summary_metrics = {"best_epoch": fit.best_epoch, **{f"best_{k}": v for k, v in fit.best_metrics.items()},
@@ -177,14 +178,14 @@ def _log_inputs(tracker: TrackerGroup, data, data_cfg: dict[str, Any], run_dir: 
                       caption=f"{n} augmented training images as the model sees them")
 
 
-def _write_run_files(cfg: dict[str, Any], fit: FitResult, run_dir: Path) -> dict[str, Path]:
+def _write_run_files(safe_cfg: dict[str, Any], fit: FitResult, run_dir: Path) -> dict[str, Path]:
     (run_dir / "plots").mkdir(parents=True, exist_ok=True)
     history = run_dir / "history.json"
-    history.write_text(json.dumps({"best_epoch": fit.best_epoch, "monitor": cfg["training"]["monitor"],
+    history.write_text(json.dumps({"best_epoch": fit.best_epoch, "monitor": safe_cfg["training"]["monitor"],
                                    "best_score": fit.best_score, "status": fit.status,
                                    "stopped_early": fit.stopped_early, "epochs": fit.history}, indent=2))
     config = run_dir / "config.yaml"
-    config.write_text(yaml.safe_dump(scrub_secrets(cfg), sort_keys=False))
+    config.write_text(yaml.safe_dump(safe_cfg, sort_keys=False))
     return {"history.json": history, "config.yaml": config}
 
 
