@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cxrtrack.tracking.readback import wandb_leet  # noqa: F401 - re-exported for the tests
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
@@ -66,17 +68,6 @@ def tiny_cfg(tmp_path, tiny_data_root):
             "tracking.tracker": "none",
         },
     )
-
-
-def wandb_leet(run_dir: Path, *flags: str) -> str:
-    """`wandb leet inspect --json` of an offline run: how the tests read W&B runs back."""
-    import subprocess
-    import sys
-
-    wandb = str(Path(sys.executable).with_name("wandb"))
-    # cwd: the wandb CLI writes wandb/debug-cli.*.log into its working directory
-    return subprocess.run([wandb, "leet", "inspect", *flags, "--json", str(run_dir)], cwd=run_dir.parent,
-                          capture_output=True, text=True, timeout=120, check=True).stdout
 
 
 def _project_state() -> dict[str, float]:

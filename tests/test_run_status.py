@@ -85,14 +85,14 @@ class ExplodingTracker(BaseTracker):
     def __init__(self):
         self.calls = 0
 
-    def start_run(self, run_name, config, tags):
+    def start_run(self, run):
         pass
 
     def _boom(self, *args, **kwargs):
         self.calls += 1
         raise ConnectionError("tracking server went away")
 
-    log_params = log_metrics = log_summary = set_tags = log_artifact = log_figure = _boom
+    log_params = log_metrics = log_summary = set_tags = log_artifact = _boom
     log_image = log_predictions = log_model = end_run = _boom
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrtrack.tracking.utils import REDACTED
+from cxrtrack.provenance import REDACTED
 from cxrtrack.training.run import run_experiment
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ EXPECTED_ARTIFACTS = {
     "plots/roc_curves.png",
     "plots/test_predictions.png",
     "samples/train_batch_augmented.png",
-    "predictions/test_predictions.json",
+    "test/predictions.json",
 }
 
 

@@ -8,7 +8,6 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 
 from cxrtrack.models import CustomCXRNet
-from cxrtrack.tracking import TrackerGroup
 from cxrtrack.training.run import run_experiment
 from cxrtrack.training.trainer import Trainer, balanced_class_weights, build_optimizer, build_scheduler
 
@@ -25,7 +24,7 @@ def test_best_checkpoint_is_the_best_validation_epoch(tiny_cfg):
     # The test metrics are those of the best checkpoint, not of the last epoch.
     model = CustomCXRNet(**ckpt["model_hparams"])
     model.load_state_dict(ckpt["model_state"])
-    trainer = Trainer(model, {"test": None}, tiny_cfg["training"], TrackerGroup(), torch.device("cpu"), result.fit.checkpoint)
+    trainer = Trainer(model, {"test": None}, tiny_cfg["training"], torch.device("cpu"), result.fit.checkpoint)
     from cxrtrack.data.dataset import build_data
 
     loaders = build_data(tiny_cfg["data"], tiny_cfg["seed"]).loaders(16)
@@ -82,3 +81,46 @@ def test_plateau_scheduler_steps_on_the_monitored_validation_metric(tiny_cfg):
     tiny_cfg["training"].update(scheduler="plateau", scheduler_patience=0, scheduler_factor=0.5, min_delta=10.0, epochs=3)
     lrs = [row["lr"] for row in run_experiment(tiny_cfg).fit.history]
     assert lrs == pytest.approx([1e-3, 1e-3, 5e-4])
+
+
+def test_epoch_callbacks_see_every_row_and_can_stop_training(tiny_cfg):
+    from cxrtrack.training.trainer import StopTraining
+
+    seen = []
+
+    def stop_after_two(epoch, row):
+        seen.append((epoch, row["val/loss"]))
+        if epoch == 2:
+            raise StopTraining("pruned by the test")
+
+    tiny_cfg["training"]["epochs"] = 5
+    result = run_experiment(tiny_cfg, callbacks=(stop_after_two,))
+    assert result.status == "FINISHED" and result.fit.stopped_early
+    assert result.fit.stop_reason == "pruned by the test"
+    assert seen == [(row["epoch"], row["val/loss"]) for row in result.fit.history] and len(seen) == 2
+    assert result.test is not None  # an early stop is a normal end: the best checkpoint is still evaluated
+
+
+def test_test_split_is_untouched_when_run_test_is_off(tiny_cfg, monkeypatch):
+    from cxrtrack.training import run as run_module
+
+    tiny_cfg["evaluation"]["run_test"] = False
+    monkeypatch.setattr(run_module, "report_on_test", lambda *a, **k: pytest.fail("the test split was evaluated"))
+    result = run_experiment(tiny_cfg)
+    assert result.test is None and "test/acc" not in result.record.summary
+    assert result.record.summary["best_epoch"] == result.fit.best_epoch
+
+
+def test_a_data_cache_decodes_once_and_applies_each_configs_transforms(tiny_cfg, monkeypatch):
+    from cxrtrack.data import dataset
+
+    cache = dataset.DataCache()
+    first = cache.get(tiny_cfg["data"], tiny_cfg["seed"])
+    monkeypatch.setattr(dataset, "decode_files", lambda *a, **k: pytest.fail("decoded again"))
+    other = {**tiny_cfg["data"], "batch_size": 4, "augment": {**tiny_cfg["data"]["augment"], "enabled": False}}
+    second = cache.get(other, tiny_cfg["seed"])
+    assert cache.builds == 1 and second.train.split is first.train.split
+    assert torch.equal(second.train[0][0], second.val.transform(first.train.split.images[0]))  # no augmentation now
+    monkeypatch.undo()
+    assert cache.get({**tiny_cfg["data"], "image_size": 32}, tiny_cfg["seed"]).image_size == 32
+    assert cache.builds == 2

@@ -1,10 +1,13 @@
-"""Seeding and device selection."""
+"""Seeding, device selection and a timer."""
 
 from __future__ import annotations
 
 import logging
 import os
 import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -37,3 +40,13 @@ def select_device(requested: str = "auto") -> torch.device:
 
         raise ConfigError(f"Device '{requested}' is not available on this machine; use device=auto or device=cpu.")
     return torch.device(requested)
+
+
+@contextmanager
+def timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``timings[key]`` (seconds), also when it raises."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

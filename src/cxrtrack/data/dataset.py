@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import Counter
@@ -97,6 +98,14 @@ class CXRData:
     @property
     def cache_bytes(self) -> int:
         return sum(d.split.images.numel() * d.split.images.element_size() for d in (self.train, self.val, self.test))
+
+    def with_transforms(self, data_cfg: dict[str, Any]) -> CXRData:
+        """The same decoded images behind the transforms of ``data_cfg`` (augmentation, normalisation)."""
+        train_tf, eval_tf = build_transforms(data_cfg)
+        return dataclasses.replace(
+            self, train=CXRDataset(self.train.split, train_tf), val=CXRDataset(self.val.split, eval_tf),
+            test=CXRDataset(self.test.split, eval_tf),
+        )
 
     def loaders(self, batch_size: int, num_workers: int = 0, seed: int = 0) -> dict[str, DataLoader]:
         generator = torch.Generator().manual_seed(seed)  # the shuffling order is part of the seed
@@ -284,3 +293,26 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> CXRData:
         len(skipped), data.fingerprint, data.cache_bytes / 2**20,
     )
     return data
+
+
+# The settings that change what is decoded and how it is split; everything else in `data` only changes
+# the transforms or the loaders, which are cheap to rebuild.
+_DECODE_KEYS = ("path", "download_dir", "synthetic_dir", "synthetic_seed", "image_size", "val_fraction",
+                "test_fraction")
+
+
+class DataCache:
+    """Decode once, train many times: tuning trials and repeated runs in one process share the decoded
+    images as long as the settings in ``_DECODE_KEYS`` and the seed (which draws the split) are equal."""
+
+    def __init__(self) -> None:
+        self._data: dict[tuple, CXRData] = {}
+        self.builds = 0  # how many times the images were actually decoded
+
+    def get(self, data_cfg: dict[str, Any], seed: int) -> CXRData:
+        key = (*(str(data_cfg.get(k)) for k in _DECODE_KEYS), seed)
+        if key not in self._data:
+            self._data[key] = build_data(data_cfg, seed)
+            self.builds += 1
+            return self._data[key]
+        return self._data[key].with_transforms(data_cfg)

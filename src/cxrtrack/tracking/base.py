@@ -12,8 +12,9 @@ Used as a context manager, the group ends the run ``FAILED`` on an exception, ``
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,18 +47,42 @@ class Predictions:
         return f"true: {true} | pred: {pred} ({self.probs[i, self.y_pred[i]]:.0%}) | {mark} | {Path(self.paths[i]).name}"
 
 
+@dataclass
+class RunInfo:
+    """What a backend needs to open a run. Plain values only, so a run can be written down and replayed.
+
+    ``config`` is the nested, secret-free run configuration plus the values derived at run time
+    (``dataset.*``, ``model.num_parameters``, ``device``): MLflow flattens it into params, W&B keeps it
+    nested. ``group`` and ``parents`` place the run in a hierarchy (a tuning study, a comparison):
+    ``parents`` maps a backend name to that backend's own id of the parent run (an MLflow run id);
+    W&B has no parent runs and groups runs by ``group`` instead. ``job_type`` says what the run is
+    (``train``, ``trial``, ``study``, ``evaluation``).
+    """
+
+    name: str
+    config: dict[str, Any]
+    tags: dict[str, str] = field(default_factory=dict)
+    group: str | None = None
+    job_type: str = "train"
+    parents: dict[str, str] = field(default_factory=dict)
+    description: str | None = None
+
+
 class BaseTracker(ABC):
-    """One tracking backend. Implementations import their library lazily, in :meth:`start_run`."""
+    """One tracking backend. Implementations import their library lazily, in :meth:`setup`."""
 
     name: str = "base"
 
+    def setup(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Import the client library (timed apart from :meth:`start_run`, so import cost is visible)."""
+
     @abstractmethod
-    def start_run(self, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> None:
-        """Open a run; ``config`` is the nested, secret-free run configuration."""
+    def start_run(self, run: RunInfo) -> None:
+        """Open a run and record ``run.config`` and ``run.tags`` in it."""
 
     @abstractmethod
     def log_params(self, params: dict[str, Any]) -> None:
-        """Flat ``{"data.image_size": 128}`` parameters (config plus derived values)."""
+        """More (nested) configuration after the start, e.g. values known only later."""
 
     @abstractmethod
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -75,11 +100,8 @@ class BaseTracker(ABC):
         """Upload a local file under the folder ``artifact_path`` of the run."""
 
     @abstractmethod
-    def log_figure(self, figure, name: str) -> None:
-        """A matplotlib figure, stored as ``name`` (e.g. ``plots/confusion_matrix.png``)."""
-
-    @abstractmethod
-    def log_image(self, image: np.ndarray, name: str, caption: str | None = None) -> None: ...
+    def log_image(self, path: Path, name: str, caption: str | None = None) -> None:
+        """A PNG the run wrote (a plot, a montage), shown as an image named ``name`` (``plots/roc_curves.png``)."""
 
     @abstractmethod
     def log_predictions(self, predictions: Predictions) -> None:
@@ -97,6 +119,10 @@ class BaseTracker(ABC):
         """One line telling the user where to find the run."""
         return self.name
 
+    def run_ref(self) -> dict[str, Any]:
+        """Plain values that find this run again in its store (ids, folders): kept in ``tracked.json``."""
+        return {}
+
 
 class TrackerGroup(BaseTracker):
     """Fan-out to several backends, each isolated from the others and from training."""
@@ -108,6 +134,22 @@ class TrackerGroup(BaseTracker):
         self.errors: Counter[str] = Counter()
         self.max_errors = max_errors
         self.status: str | None = None
+        # backend -> method -> seconds of every call: what each tracker costs, per call (timings.json)
+        self.call_times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+
+    def _timed(self, tracker: BaseTracker, method: str, *args, **kwargs) -> None:
+        start = time.perf_counter()
+        try:
+            getattr(tracker, method)(*args, **kwargs)
+        finally:
+            self.call_times[tracker.name][method].append(time.perf_counter() - start)
+
+    def call_summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """backend -> method -> {calls, total_s, max_s}: the per-call costs of this run."""
+        return {
+            name: {m: {"calls": len(t), "total_s": sum(t), "max_s": max(t)} for m, t in methods.items()}
+            for name, methods in self.call_times.items()
+        }
 
     @property
     def names(self) -> list[str]:
@@ -118,18 +160,19 @@ class TrackerGroup(BaseTracker):
             if self.errors[tracker.name] >= self.max_errors and method != "end_run":
                 continue  # gave up on this backend (it already said why), but always try to close its run
             try:
-                getattr(tracker, method)(*args, **kwargs)
+                self._timed(tracker, method, *args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
                 self.errors[tracker.name] += 1
                 log.warning("%s tracker: %s failed (%s: %s); training continues.", tracker.name, method, type(exc).__name__, exc)
                 if self.errors[tracker.name] == self.max_errors:
                     log.warning("%s tracker: %d errors, ignoring it for the rest of this run.", tracker.name, self.max_errors)
 
-    def start_run(self, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> None:
+    def start_run(self, run: RunInfo) -> None:
         started = []
         for tracker in self.trackers:
             try:
-                tracker.start_run(run_name, config, tags)
+                self._timed(tracker, "setup")
+                self._timed(tracker, "start_run", run)
             except Exception as exc:
                 for other in started:  # do not leave half the trackers with an open run
                     try:
@@ -160,11 +203,8 @@ class TrackerGroup(BaseTracker):
     def log_artifact(self, path, artifact_path=None):
         self._call("log_artifact", path, artifact_path)
 
-    def log_figure(self, figure, name):
-        self._call("log_figure", figure, name)
-
-    def log_image(self, image, name, caption=None):
-        self._call("log_image", image, name, caption)
+    def log_image(self, path, name, caption=None):
+        self._call("log_image", path, name, caption)
 
     def log_predictions(self, predictions):
         self._call("log_predictions", predictions)

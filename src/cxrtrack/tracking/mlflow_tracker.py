@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from cxrtrack.tracking.base import FINISHED, BaseTracker, Predictions
+from cxrtrack.config import flatten
+from cxrtrack.tracking.base import FINISHED, BaseTracker, Predictions, RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -46,44 +47,61 @@ class MLflowTracker(BaseTracker):
         self.tracking_uri = resolve_tracking_uri(cfg.get("tracking_uri"))
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.model_uri: str | None = None
+        # Asynchronous logging: metric and param calls are queued and written by MLflow's own thread,
+        # so a slow store never holds up a training step; end_run waits for the queue.
+        self._sync = not cfg.get("async_logging", False)
         self._mlflow = None
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start_run(self, run_name, config, tags):
+    def setup(self):
         import mlflow
 
         self._mlflow = mlflow
+
+    def start_run(self, run: RunInfo):
+        mlflow = self._mlflow
         mlflow.set_tracking_uri(self.tracking_uri)
-        experiment = mlflow.get_experiment_by_name(self.experiment)
-        if experiment is None:
-            location = self.cfg.get("artifact_location")
-            if location is None and self.tracking_uri.startswith("sqlite:"):
-                location = (Path.cwd() / "mlartifacts").as_uri()
-            elif location is not None and "://" not in str(location):
-                location = Path(location).expanduser().resolve().as_uri()
-            self.experiment_id = mlflow.create_experiment(self.experiment, artifact_location=location)
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.experiment_id = self._experiment_id()
         if self.cfg.get("system_metrics"):
             mlflow.set_system_metrics_sampling_interval(self.cfg.get("system_metrics_interval") or 10)
-        run = mlflow.start_run(
+        tags = dict(run.tags)
+        if run.group:
+            tags["group"] = run.group
+        tags["job_type"] = run.job_type
+        active = mlflow.start_run(
             experiment_id=self.experiment_id,
-            run_name=run_name,
+            run_name=run.name,
+            parent_run_id=run.parents.get(self.name),
             tags=tags,
+            description=run.description,
             log_system_metrics=bool(self.cfg.get("system_metrics")),
         )
-        self.run_id = run.info.run_id
+        self.run_id = active.info.run_id
+        self.log_params(run.config)
+
+    def _experiment_id(self) -> str:
+        mlflow = self._mlflow
+        experiment = mlflow.get_experiment_by_name(self.experiment)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = self.cfg.get("artifact_location")
+        if location is None and self.tracking_uri.startswith("sqlite:"):
+            location = (Path.cwd() / "mlartifacts").as_uri()
+        elif location is not None and "://" not in str(location):
+            location = Path(location).expanduser().resolve().as_uri()
+        return mlflow.create_experiment(self.experiment, artifact_location=location)
 
     def end_run(self, status=FINISHED):
         if self._mlflow is not None and self._mlflow.active_run() is not None:
-            self._mlflow.end_run(status=status)
+            self._mlflow.end_run(status=status)  # also waits for queued asynchronous logging
 
     # -- logging ----------------------------------------------------------------------------------
     def log_params(self, params):
-        self._mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        self._mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()}, synchronous=self._sync)
 
     def log_metrics(self, metrics, step):
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=self._sync)
 
     def log_summary(self, metrics):
         # MLflow has no separate summary: final values are metrics; NaN (undefined AUC) is skipped.
@@ -96,11 +114,8 @@ class MLflowTracker(BaseTracker):
     def log_artifact(self, path, artifact_path=None):
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
-    def log_figure(self, figure, name):
-        self._mlflow.log_figure(figure, name)
-
-    def log_image(self, image, name, caption=None):
-        self._mlflow.log_image(np.asarray(image), name)
+    def log_image(self, path, name, caption=None):
+        self._mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent) if "/" in name else None)
 
     def log_predictions(self, predictions: Predictions):
         """The predictions as an MLflow table artifact (viewable and comparable in the MLflow UI)."""
@@ -114,7 +129,7 @@ class MLflowTracker(BaseTracker):
             "correct": p.y_true == p.y_pred,
             **{f"p_{name}": p.probs[:, i] for i, name in enumerate(p.class_names)},
         })
-        self._mlflow.log_table(table, artifact_file="predictions/test_predictions.json")
+        self._mlflow.log_table(table, artifact_file="test/predictions.json")
 
     def log_model(self, model, checkpoint, input_example, metadata):
         """Log with the MLflow PyTorch flavor (signature + input example) and register it."""
@@ -142,6 +157,10 @@ class MLflowTracker(BaseTracker):
         self.model_uri = info.model_uri
         if registered:
             log.info("MLflow: registered model '%s' version %s", registered, info.registered_model_version)
+
+    def run_ref(self):
+        return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id,
+                "model_uri": self.model_uri}
 
     def describe(self):
         where = f"MLflow run {self.run_id} in experiment '{self.experiment}' at {self.tracking_uri}"

@@ -20,10 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from cxrtrack.config import unflatten
-from cxrtrack.tracking.base import FINISHED, KILLED, BaseTracker, Predictions
+from cxrtrack.tracking.base import FINISHED, KILLED, BaseTracker, Predictions, RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -71,27 +68,34 @@ class WandbTracker(BaseTracker):
         self._wandb = None
         self._files: list[tuple[Path, str]] = []
         self._run_dir: Path | None = None
+        self._run_id: str | None = None
         self._url: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
-    def start_run(self, run_name, config, tags):
+    def setup(self):
         import wandb
 
         self._wandb = wandb
+
+    def start_run(self, run: RunInfo):
+        wandb = self._wandb
+        tags = run.tags
         # "auto" decided the mode (the config asked for it and WANDB_MODE did not force one)
         auto = self.cfg.get("mode", "auto") == "auto" and not os.environ.get("WANDB_MODE")
         self.mode = resolve_mode(self.cfg.get("mode", "auto"))
         # auto chose online because a key exists; if the server cannot be reached, fall back to offline.
         fallback = auto and self.mode == "online"
+        notes = f"git {tags.get('git_commit', 'unknown')[:12]} dirty={tags.get('git_dirty')}"
         init = dict(
             project=self.project,
             entity=self.cfg.get("entity") or None,
-            name=run_name,
-            config=config,
+            name=run.name,
+            config={**run.config, "run_tags": tags},
             tags=[f"{k}:{v}"[:64] for k, v in tags.items() if k in ("dataset_source", "config", "device")],
-            notes=f"git {tags.get('git_commit', 'unknown')[:12]} dirty={tags.get('git_dirty')}",
+            notes=f"{run.description}\n{notes}" if run.description else notes,
             dir=str(self._root()),
-            job_type="train",
+            group=run.group,
+            job_type=run.job_type,
         )
         try:
             self.run = wandb.init(mode=self.mode, settings=self._settings(), **init)
@@ -103,8 +107,8 @@ class WandbTracker(BaseTracker):
             self.mode = "offline"
             self.run = wandb.init(mode="offline", settings=self._settings(), **init)
         self._run_dir = Path(self.run.settings.sync_dir)
+        self._run_id = self.run.id
         self._url = self.run.url if self.mode == "online" else None
-        self.run.config.update({"run_tags": tags}, allow_val_change=True)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         if self.mode == "offline":
@@ -144,9 +148,7 @@ class WandbTracker(BaseTracker):
 
     # -- logging ----------------------------------------------------------------------------------
     def log_params(self, params):
-        # The same flat parameters MLflow gets, nested again (W&B shows nested config as groups):
-        # the config given at init plus the derived values (dataset.*, model.num_parameters, device).
-        self.run.config.update(unflatten(params), allow_val_change=True)
+        self.run.config.update(params, allow_val_change=True)  # nested: W&B shows sections as groups
 
     def log_metrics(self, metrics, step):
         self.run.log({**metrics, "epoch": step})
@@ -165,11 +167,8 @@ class WandbTracker(BaseTracker):
         name = Path(path).name if artifact_path is None else f"{artifact_path}/{Path(path).name}"
         self._files.append((Path(path), name))
 
-    def log_figure(self, figure, name):
-        self.run.log({name.removesuffix(".png"): self._wandb.Image(figure)})
-
-    def log_image(self, image, name, caption=None):
-        self.run.log({name.removesuffix(".png"): self._wandb.Image(np.asarray(image), caption=caption)})
+    def log_image(self, path, name, caption=None):
+        self.run.log({name.removesuffix(".png"): self._wandb.Image(str(path), caption=caption)})
 
     def log_predictions(self, predictions: Predictions):
         wandb, p = self._wandb, predictions
@@ -197,6 +196,10 @@ class WandbTracker(BaseTracker):
                                   description="CustomCXRNet best checkpoint (state_dict + hyperparameters)")
         artifact.add_file(str(checkpoint), name="best.pt")
         self.run.log_artifact(artifact, aliases=["latest", "best", f"epoch-{metadata.get('best_epoch')}"])
+
+    def run_ref(self):
+        return {"mode": self.mode, "project": self.project, "run_id": self._run_id,
+                "run_dir": str(self._run_dir) if self._run_dir else None, "url": self._url}
 
     def describe(self):
         if self.mode == "offline":

@@ -99,6 +99,19 @@ def write_report(report: TestReport, out_dir: Path, figures: dict[str, Any]) -> 
     return paths
 
 
+def report_on_test(model: torch.nn.Module, loader, data: CXRData, criterion: torch.nn.Module, device: torch.device,
+                   out_dir: Path, n_grid: int = 16) -> tuple[TestReport, dict[str, Path]]:
+    """Evaluate ``model`` on the test split and write the report files and figures into ``out_dir``."""
+    report = build_report(evaluate_model(model, loader, device, criterion), data, n_grid)
+    figures = report.figures()
+    try:
+        paths = write_report(report, out_dir, figures)
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
+    return report, paths
+
+
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[CustomCXRNet, dict[str, Any]]:
     """Rebuild CustomCXRNet from a checkpoint written by the trainer."""
     path = Path(path)
@@ -136,12 +149,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ou
             raise CXRError(f"The training data has changed since this model was trained: {message}. Pass DATA=<folder> "
                            f"(--data) to evaluate on other data on purpose.")
         log.warning("Evaluating on other data than the model was trained on: %s.", message)
-    loaders = data.loaders(cfg["data"]["batch_size"])
     criterion = build_criterion(cfg["training"], data.train.labels, dev)  # the loss as training reported it
-    report = build_report(evaluate_model(model, loaders["test"], dev, criterion), data, cfg["evaluation"]["n_prediction_images"])
     out = Path(out_dir) if out_dir else Path(cfg["output_dir"]) / f"eval-{ckpt.get('run_name', Path(checkpoint).stem)}"
-    figures = report.figures()
-    write_report(report, out, figures)
-    for fig in figures.values():
-        plt.close(fig)
+    report, _ = report_on_test(model, data.loaders(cfg["data"]["batch_size"])["test"], data, criterion, dev, out,
+                               cfg["evaluation"]["n_prediction_images"])
     return report, out

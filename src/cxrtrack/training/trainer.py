@@ -1,8 +1,10 @@
-"""The training loop: one explicit loop for every tracker (the tracker is injected).
+"""The training loop: one explicit loop for every tracker.
 
-Per epoch: train (progress bar with live loss/accuracy), validate, log train/val loss, accuracy,
-macro F1, learning rate, epoch time and images per second, step the LR scheduler, keep the best
-checkpoint by the monitored validation metric, and stop early when it stops improving.
+Per epoch: train (progress bar with live loss/accuracy), validate, hand one row of metrics (train/val
+loss, accuracy, macro F1, learning rate, epoch time, images per second) to every epoch callback, step
+the LR scheduler, keep the best checkpoint by the monitored validation metric, and stop early when it
+stops improving. The loop knows nothing about trackers: logging to them is one callback, Optuna's
+pruning another. A callback may raise :class:`StopTraining` to end the loop early but successfully.
 Ctrl-C stops after the current batch: the run is marked KILLED and the best checkpoint is kept. Any other
 exception ends the loop as FAILED with the history and best checkpoint kept, so the caller can hand them
 to the trackers before re-raising it.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +26,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cxrtrack.tracking import FAILED, FINISHED, KILLED, TrackerGroup
+from cxrtrack.tracking import FAILED, FINISHED, KILLED
 from cxrtrack.training.metrics import epoch_metrics
 
 log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+"""Called after every epoch with the epoch number (1-based) and its row of metrics."""
+
+
+class StopTraining(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by an epoch callback to end training early, like early stopping (e.g. a pruned trial)."""
 
 
 @dataclass
@@ -47,6 +57,7 @@ class FitResult:
     checkpoint: Path
     best_metrics: dict[str, float] = field(default_factory=dict)
     error: BaseException | None = None
+    stop_reason: str | None = None  # why training ended before the last epoch (early stopping, a callback)
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -107,16 +118,16 @@ class Trainer:
         model: nn.Module,
         loaders: dict[str, DataLoader],
         cfg: dict[str, Any],
-        tracker: TrackerGroup,
         device: torch.device,
         checkpoint_path: Path,
         checkpoint_extra: dict[str, Any] | None = None,
         criterion: nn.Module | None = None,
+        callbacks: Sequence[EpochCallback] = (),
     ):
         self.model = model.to(device)
         self.loaders = loaders
         self.cfg = cfg  # the `training` section
-        self.tracker = tracker
+        self.callbacks = list(callbacks)
         self.device = device
         self.checkpoint_path = Path(checkpoint_path)
         self.checkpoint_extra = checkpoint_extra or {}
@@ -179,7 +190,7 @@ class Trainer:
     def fit(self) -> FitResult:
         history: list[dict[str, float]] = []
         best, best_epoch, best_metrics, stale = None, None, {}, 0
-        status, stopped_early, error = FINISHED, False, None
+        status, stopped_early, error, stop_reason = FINISHED, False, None, None
         patience = self.cfg["early_stopping_patience"]
         try:
             for epoch in range(1, self.cfg["epochs"] + 1):
@@ -197,7 +208,6 @@ class Trainer:
                     "train/images_per_s": train["images_per_s"],
                 }
                 history.append(row)
-                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
 
                 score = row[self.monitor]
                 mark = ""
@@ -216,11 +226,17 @@ class Trainer:
                     self.scheduler.step(score)
                 elif self.scheduler is not None:
                     self.scheduler.step()
+                for callback in self.callbacks:
+                    callback(epoch, row)
                 if patience and stale >= patience:
+                    stop_reason = f"early stopping: {self.monitor} has not improved for {patience} epochs"
                     log.info("Early stopping: %s has not improved for %d epochs (best %.4f at epoch %d).",
                              self.monitor, patience, best, best_epoch)
                     stopped_early = True
                     break
+        except StopTraining as stop:
+            stopped_early, stop_reason = True, str(stop)
+            log.info("Training stopped after epoch %d: %s.", len(history), stop)
         except KeyboardInterrupt:
             status = KILLED
             log.warning(
@@ -231,4 +247,5 @@ class Trainer:
             status, error = FAILED, exc
             log.error("Training failed in epoch %d (%s: %s); the best checkpoint so far is kept.",
                       len(history) + 1, type(exc).__name__, exc)
-        return FitResult(history, best_epoch, best, status, stopped_early, self.checkpoint_path, best_metrics, error)
+        return FitResult(history, best_epoch, best, status, stopped_early, self.checkpoint_path, best_metrics, error,
+                         stop_reason)

@@ -1,4 +1,4 @@
-"""Helpers shared by the tracking backends: secret scrubbing and run-environment tags."""
+"""Run provenance: secret scrubbing, git state and environment tags recorded with every run."""
 
 from __future__ import annotations
 
