@@ -111,9 +111,12 @@ class BaseTracker(ABC):
     def log_model(self, model, checkpoint: Path, input_example: np.ndarray, metadata: dict[str, Any]) -> None:
         """The trained model in the backend's model store (registry / versioned artifact)."""
 
+    def flush(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Write out what the backend has queued (asynchronous logging, collected files) now."""
+
     @abstractmethod
     def end_run(self, status: str = FINISHED) -> None:
-        """Close the run with one of :data:`STATUSES`."""
+        """Close the run with one of :data:`STATUSES` (after a :meth:`flush`)."""
 
     def describe(self) -> str:
         """One line telling the user where to find the run."""
@@ -211,6 +214,9 @@ class TrackerGroup(BaseTracker):
 
     def log_model(self, model, checkpoint, input_example, metadata):
         self._call("log_model", model, checkpoint, input_example, metadata)
+
+    def flush(self) -> None:
+        self._call("flush")
 
     def end_run(self, status: str = FINISHED) -> None:
         if status not in STATUSES:

@@ -92,6 +92,10 @@ class MLflowTracker(BaseTracker):
             location = Path(location).expanduser().resolve().as_uri()
         return mlflow.create_experiment(self.experiment, artifact_location=location)
 
+    def flush(self):
+        if not self._sync and self._mlflow is not None:
+            self._mlflow.flush_async_logging()
+
     def end_run(self, status=FINISHED):
         if self._mlflow is not None and self._mlflow.active_run() is not None:
             self._mlflow.end_run(status=status)  # also waits for queued asynchronous logging

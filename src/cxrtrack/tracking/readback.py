@@ -92,8 +92,8 @@ def read_mlflow(tracking_uri: str, run_id: str, epoch_metrics: list[str] | None 
         if entry.get("type") == "table":
             local = client.download_artifacts(run_id, entry["path"])
             tables[entry["path"].removesuffix(".json")] = len(json.loads(Path(local).read_text())["data"])
-    models = [m.name for m in mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list")]
+    models = [m.name for m in client.search_logged_models(  # the client's store, not the global one
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")]
     return RunRecord(
         name=run.info.run_name,
         status=run.info.status,
@@ -106,8 +106,10 @@ def read_mlflow(tracking_uri: str, run_id: str, epoch_metrics: list[str] | None 
         tables=tables,
         models=models,
         system_metrics=sorted(system),
-        extra={"run_id": run_id, "experiment_id": run.info.experiment_id,
-               "parent_run_id": run.data.tags.get("mlflow.parentRunId")},
+        extra={"run_id": run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking_uri,
+               "parent_run_id": run.data.tags.get("mlflow.parentRunId"),
+               "registered_versions": [f"{v.name} v{v.version}" for v in client.search_model_versions(f"run_id='{run_id}'")],
+               "dataset_inputs": [d.dataset.name for d in (run.inputs.dataset_inputs if run.inputs else [])]},
     )
 
 
@@ -165,13 +167,14 @@ def read_wandb(run_dir: str | Path, step_key: str = "epoch") -> RunRecord:
         for key, value in flat.items():
             if key != step_key and "." not in key and isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics.setdefault(key, []).append((int(step), float(value)))
-    artifacts, models = [], []
+    artifacts, models, aliases = [], [], {}
     for r in records:
         if r["type"] != "artifact":
             continue
         art = r["artifact"]
         if art["type"] == "model":
             models.append(art["name"])
+            aliases[art["name"]] = art.get("aliases", [])
         elif art["type"] == "run-files":
             artifacts += [c["path"] for c in art["manifest"]["contents"]]
     summary_flat = _flatten(info.get("summary") or {}, "/")
@@ -179,6 +182,7 @@ def read_wandb(run_dir: str | Path, step_key: str = "epoch") -> RunRecord:
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in metrics and k != step_key
                and not k.startswith("_")}
     system = sorted({k for r in records if r["type"] == "stats" for k in r["stats"]["item"]})
+    run_info = next((r["run"] for r in records if r["type"] == "run"), {})
     status = summary_flat.get("status") or _WANDB_STATUS.get(info.get("exit_code"), "FAILED")
     return RunRecord(
         name=info.get("name", ""),
@@ -193,7 +197,8 @@ def read_wandb(run_dir: str | Path, step_key: str = "epoch") -> RunRecord:
         models=models,
         system_metrics=system,
         extra={"run_dir": str(run_dir), "state": info.get("state"), "exit_code": info.get("exit_code"),
-               "group": info.get("group"), "job_type": info.get("job_type")},
+               "group": run_info.get("run_group"), "job_type": run_info.get("job_type"), "model_aliases": aliases,
+               "record_types": sorted({r["type"] for r in records})},
     )
 
 

@@ -133,15 +133,19 @@ class WandbTracker(BaseTracker):
         """The local run folder (``wandb/offline-run-*``), readable with ``wandb leet inspect``."""
         return self._run_dir
 
+    def flush(self):
+        """Log the files collected by :meth:`log_artifact` as one version of the ``run-files`` artifact."""
+        if self.run is not None and self._files:
+            files = self._wandb.Artifact(f"run-files-{self.run.id}", type="run-files",
+                                         description="checkpoint, history, config and reports of this run")
+            for path, name in self._files:
+                files.add_file(str(path), name=name)
+            self.run.log_artifact(files)
+            self._files = []
+
     def end_run(self, status=FINISHED):
         if self.run is not None:
-            if self._files:
-                files = self._wandb.Artifact(f"run-files-{self.run.id}", type="run-files",
-                                             description="checkpoint, history, config and reports of this run")
-                for path, name in self._files:
-                    files.add_file(str(path), name=name)
-                self.run.log_artifact(files)
-                self._files = []
+            self.flush()
             self.run.summary["status"] = status
             self.run.finish(exit_code=_EXIT_CODES.get(status, 1))
             self.run = None

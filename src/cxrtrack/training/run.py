@@ -145,7 +145,7 @@ def run_experiment(
     timings["epoch_logging_s"] = 0.0
     with tracker:
         with timed(timings, "tracker_start_s"):
-            tracker.start_run(RunInfo(run_name, config, tags, group=group, job_type=job_type,
+            tracker.start_run(RunInfo(run_name, config, tags, group=group or cfg["tracking"]["group"], job_type=job_type,
                                       parents=dict(parents or {}), description=description))
         images["samples/train_batch_augmented.png"] = _train_batch_montage(data, cfg["data"], run_dir)
         tracker.log_image(images["samples/train_batch_augmented.png"], "samples/train_batch_augmented.png",

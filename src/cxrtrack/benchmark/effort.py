@@ -1,0 +1,116 @@
+"""Integration effort, counted from the code: what each tracker backend costs to write and keep.
+
+For each backend module (``tracking/mlflow_tracker.py``, ``tracking/wandb_tracker.py``):
+
+- lines of code (no blank lines, comments or docstrings);
+- the distinct client API calls it makes (``mlflow.start_run``, ``wandb.Artifact``, ``run.log``, ...),
+  found in its syntax tree;
+- the workarounds it needed: every comment that starts with ``workaround:`` in the module, with its
+  line, so a workaround is listed exactly where the code implements it.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import tokenize
+from pathlib import Path
+from typing import Any
+
+import cxrtrack.tracking as tracking_pkg
+
+BACKENDS = {"mlflow": "mlflow_tracker.py", "wandb": "wandb_tracker.py"}
+# names under which a backend module reaches its client library
+CLIENT_ROOTS = {
+    "mlflow": {"mlflow": "mlflow", "self._mlflow": "mlflow", "client": "MlflowClient"},
+    "wandb": {"wandb": "wandb", "self._wandb": "wandb", "self.run": "run", "self.run.config": "run.config",
+              "self.run.summary": "run.summary"},
+}
+
+
+def code_lines(source: str) -> int:
+    """Lines holding code: not blank, not only a comment, not part of a docstring."""
+    tree = ast.parse(source)
+    doc_lines: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                doc_lines.update(range(first.lineno, first.end_lineno + 1))
+    lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                        tokenize.ENDMARKER):
+            continue
+        lines.update(range(tok.start[0], tok.end[0] + 1))
+    return len(lines - doc_lines)
+
+
+def _dotted(node: ast.AST) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return None
+
+
+def client_calls(source: str, roots: dict[str, str], package: str) -> list[str]:
+    """Distinct uses of the client library: calls (``self._mlflow.log_metrics(...)`` -> ``mlflow.log_metrics``,
+    also of names imported from it) and item assignments (``self.run.summary[k] = v``)."""
+    tree = ast.parse(source)
+    imported = {}  # name -> module.name, for `from mlflow.models import infer_signature`
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package:
+            for alias in node.names:
+                imported[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    calls = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Subscript) and (owner := _dotted(target.value)) in roots:
+                    calls.add(f"{roots[owner]}[...] =")
+            continue
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        if name in imported:
+            calls.add(imported[name])
+            continue
+        head = (name or "").split(".")[0]
+        if head in imported:  # a module imported from the package: wbauth.read_netrc_auth
+            calls.add(imported[head] + name[len(head):])
+            continue
+        if not name or "." not in name:
+            continue
+        owner, attr = name.rsplit(".", 1)
+        for root, label in sorted(roots.items(), key=lambda kv: -len(kv[0])):  # longest root first
+            if owner == root or owner.startswith(root + "."):
+                calls.add(f"{label}{owner[len(root):]}.{attr}")
+                break
+    return sorted(calls)
+
+
+def workarounds(source: str) -> list[dict[str, Any]]:
+    out = []
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and "workaround:" in tok.string:
+            out.append({"line": tok.start[0], "text": tok.string.split("workaround:", 1)[1].strip()})
+    return out
+
+
+def measure_effort() -> dict[str, Any]:
+    folder = Path(tracking_pkg.__file__).parent
+    result = {}
+    for backend, filename in BACKENDS.items():
+        path = folder / filename
+        source = path.read_text()
+        calls = client_calls(source, CLIENT_ROOTS[backend], backend)
+        result[backend] = {"file": f"src/cxrtrack/tracking/{filename}", "code_lines": code_lines(source),
+                           "client_calls": calls, "n_client_calls": len(calls), "workarounds": workarounds(source)}
+    shared = [p for p in sorted(folder.glob("*.py")) if p.name not in BACKENDS.values()]
+    result["shared"] = {"files": [f"src/cxrtrack/tracking/{p.name}" for p in shared],
+                        "code_lines": sum(code_lines(p.read_text()) for p in shared)}
+    return result

@@ -1,0 +1,223 @@
+"""The identical experiment with each tracker, interleaved, each in a fresh process.
+
+``scripts/train.py`` is started once per (repeat, tracker), in the order none, mlflow, wandb, both,
+none, mlflow, ... so that slow drifts of a noisy machine hit every tracker alike, and import and
+start-up costs count as a user pays them. For each run we keep: the exit code, wall time seen from
+outside, the run's own ``timings.json`` (training loop, tracker start, per-epoch logging, final
+logging, finish, per-call costs), ``tracked.json`` (what it sent), peak RSS of the training process
+and of its whole process tree, the extra processes it spawned (W&B's service), and the bytes each
+store grew by.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stores:
+    """Where the compare's runs go: a private store per compare unless the user passes one."""
+
+    root: Path
+    mlflow_uri: str | None = None  # None: sqlite under root
+
+    @property
+    def uri(self) -> str:
+        return self.mlflow_uri or f"sqlite:///{(self.root / 'mlflow.db').resolve()}"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    def overrides(self) -> list[str]:
+        sets = [f"output_dir={self.outputs}", f"tracking.mlflow.tracking_uri={self.uri}",
+                f"tracking.wandb.dir={self.root}"]
+        if self.mlflow_uri is None:
+            sets.append(f"tracking.mlflow.artifact_location={self.root / 'mlartifacts'}")
+        return sets
+
+    def env(self) -> dict[str, str]:
+        # W&B stages artifact copies in its data dir: keep them beside the runs, to measure and to clean up
+        return {"WANDB_DATA_DIR": str(self.root / "wandb-data"), "WANDB_CACHE_DIR": str(self.root / "wandb-cache")}
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes on disk of each part of the stores (sampled before and after every run)."""
+        parts = {"mlflow.db": self.root / "mlflow.db", "mlartifacts": self.root / "mlartifacts",
+                 "wandb": self.root / "wandb", "wandb-data": self.root / "wandb-data",
+                 "wandb-cache": self.root / "wandb-cache"}
+        return {name: disk_bytes(path) for name, path in parts.items()}
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (links not followed)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            p = Path(root, name)
+            if not p.is_symlink():
+                total += p.stat().st_size
+    return total
+
+
+@dataclass
+class RunMeasurement:
+    tracker: str
+    repeat: int
+    run_name: str
+    exit_code: int | None = None
+    wall_s: float = 0.0
+    peak_rss_mb: float = 0.0  # the training process itself
+    peak_tree_rss_mb: float = 0.0  # training process + every process it started, at the same instant
+    spawned: dict[str, float] = field(default_factory=dict)  # lasting extra process name -> its peak RSS (MB)
+    brief_children: dict[str, int] = field(default_factory=dict)  # short-lived subprocesses (git, ...) -> count
+    store_bytes: dict[str, int] = field(default_factory=dict)  # growth of each store part during the run
+    timings: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, float] = field(default_factory=dict)  # test and best metrics the run tracked
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # backend -> run reference (ids, folders)
+    run_dir: str = ""
+    log_file: str = ""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.error is None
+
+
+class _Sampler(threading.Thread):
+    """Samples the RSS of a process and its descendants every ``interval`` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.pid, self.interval = pid, interval
+        self.stop_event = threading.Event()
+        self.peak_main = self.peak_tree = 0
+        self.children: dict[int, list] = {}  # pid -> [name, samples seen, peak rss]
+
+    def spawned(self, min_samples: int = 3) -> tuple[dict[str, int], dict[str, int]]:
+        """(long-lived children: name -> peak RSS, short-lived ones such as `git`: name -> count)."""
+        lasting: dict[str, int] = {}
+        brief: dict[str, int] = {}
+        for name, seen, rss in self.children.values():
+            if seen >= min_samples:
+                lasting[name] = max(lasting.get(name, 0), rss)
+            else:
+                brief[name] = brief.get(name, 0) + 1
+        return lasting, brief
+
+    def run(self) -> None:
+        try:
+            main = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self.stop_event.is_set():
+            try:
+                rss_main = main.memory_info().rss
+                tree = rss_main
+                for child in main.children(recursive=True):
+                    try:
+                        rss = child.memory_info().rss
+                        entry = self.children.setdefault(child.pid, [child.name(), 0, 0])
+                    except psutil.Error:
+                        continue
+                    entry[1] += 1
+                    entry[2] = max(entry[2], rss)
+                    tree += rss
+                self.peak_main = max(self.peak_main, rss_main)
+                self.peak_tree = max(self.peak_tree, tree)
+            except psutil.Error:
+                return
+            self.stop_event.wait(self.interval)
+
+
+def train_command(project_root: Path, config: Path, tracker: str, run_name: str, stores: Stores,
+                  data: str | None, extra_sets: list[str]) -> list[str]:
+    command = [sys.executable, str(project_root / "scripts" / "train.py"), "--config", str(config),
+               "--tracker", tracker, "--run-name", run_name]
+    if data:
+        command += ["--data", str(data)]
+    for item in [*stores.overrides(), *extra_sets]:
+        command += ["--set", item]
+    return command
+
+
+def measure_run(command: list[str], tracker: str, repeat: int, run_name: str, stores: Stores,
+                logs: Path, env: dict[str, str] | None = None) -> RunMeasurement:
+    """Run one training process and measure it from outside; never raises for a failed run."""
+    m = RunMeasurement(tracker, repeat, run_name)
+    logs.mkdir(parents=True, exist_ok=True)
+    m.log_file = str(logs / f"{run_name}.log")
+    before = stores.sizes()
+    child_env = {**os.environ, **stores.env(), **(env or {})}
+    with open(m.log_file, "wb") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env)
+        sampler = _Sampler(process.pid)
+        sampler.start()
+        try:
+            # os.wait4 also returns the child's own resource usage: ru_maxrss is its peak RSS (KiB on Linux)
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:  # Ctrl-C or SIGTERM: let the training process end its run cleanly first
+            if process.poll() is None:
+                process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+        finally:
+            sampler.stop_event.set()
+            sampler.join()
+        m.wall_s = time.perf_counter() - start
+        process.returncode = m.exit_code = os.waitstatus_to_exitcode(status)
+    m.peak_rss_mb = max(usage.ru_maxrss / 1024, sampler.peak_main / 2**20)
+    m.peak_tree_rss_mb = sampler.peak_tree / 2**20
+    lasting, brief = sampler.spawned()
+    m.spawned = {name: round(rss / 2**20, 1) for name, rss in lasting.items()}
+    m.brief_children = brief
+    after = stores.sizes()
+    m.store_bytes = {k: after[k] - before.get(k, 0) for k in after}
+    run_dir = stores.outputs / run_name
+    m.run_dir = str(run_dir)
+    try:
+        m.timings = json.loads((run_dir / "timings.json").read_text())
+        tracked = json.loads((run_dir / "tracked.json").read_text())
+        m.summary = tracked["summary"]
+        m.runs = tracked["extra"].get("runs", {})
+    except (OSError, ValueError, KeyError) as exc:
+        m.error = f"no timings/record written ({type(exc).__name__}: {exc})"
+    if m.exit_code != 0:
+        m.error = f"exit code {m.exit_code}; see {m.log_file}: " + _last_error_line(Path(m.log_file))
+    return m
+
+
+def _last_error_line(path: Path) -> str:
+    lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "error" in line.lower() or "Traceback" in line:
+            return line.strip()[:300]
+    return lines[-1].strip()[:300] if lines else "(no output)"
+
+
+def interleaved(trackers: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, tracker) in the order the runs are made: none, mlflow, wandb, both, none, mlflow, ..."""
+    return [(r, t) for r in range(1, repeats + 1) for t in trackers]
+
+
+def as_dict(m: RunMeasurement) -> dict[str, Any]:
+    return {**asdict(m), "ok": m.ok}

@@ -1,0 +1,95 @@
+"""A real ``mlflow server`` on 127.0.0.1 for the duration of a ``with`` block.
+
+It listens on a free port, stores everything under the folder it is given, and is stopped on exit,
+on an exception and on Ctrl-C (its whole process group, so no worker is left behind).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from cxrtrack.errors import CXRError
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MLflowServer:
+    """``with MLflowServer(folder) as server: server.uri`` -> ``http://127.0.0.1:<port>``."""
+
+    def __init__(self, folder: str | Path, port: int | None = None, start_timeout: float = 90.0):
+        self.folder = Path(folder)
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.start_timeout = start_timeout
+        self.process: subprocess.Popen | None = None
+        self.start_s: float | None = None  # seconds until the server answered
+
+    def __enter__(self) -> MLflowServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        mlflow = Path(sys.executable).with_name("mlflow")
+        command = [
+            str(mlflow) if mlflow.exists() else "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{(self.folder / 'server.db').resolve()}",
+            "--artifacts-destination", str((self.folder / "server-artifacts").resolve()),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self._log = open(self.folder / "server.log", "ab")  # noqa: SIM115 - closed in stop()
+        start = time.perf_counter()
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)  # own process group: stop() kills its workers too
+        deadline = start + self.start_timeout
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                self.stop()
+                raise CXRError(f"mlflow server exited at start (code {self.process.returncode}); see "
+                               f"{self.folder / 'server.log'}.")
+            if self.healthy():
+                self.start_s = time.perf_counter() - start
+                return
+            time.sleep(0.25)
+        self.stop()
+        raise CXRError(f"mlflow server did not answer on {self.uri} within {self.start_timeout:.0f} s; see "
+                       f"{self.folder / 'server.log'}.")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait(timeout=15)
+        self._log.close()
+        self.process = None

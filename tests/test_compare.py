@@ -1,0 +1,242 @@
+"""`make compare`, end to end on tiny data: every section of report.json holds numbers, a missing or failed
+backend is marked, the server it starts is stopped, the HTML report renders in a real headless browser,
+and Ctrl-C leaves a partial report marked incomplete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cxrtrack.benchmark import effort
+from cxrtrack.benchmark.analysis import analyse
+from cxrtrack.benchmark.report import sections, terminal_summary
+from tests.conftest import CONFIGS, ROOT
+
+TRAIN_SETS = ["training.epochs=2", "data.image_size=64", "evaluation.n_prediction_images=4",
+              "tracking.mlflow.system_metrics_interval=1", "tracking.wandb.system_metrics_interval=1"]
+
+
+def port_open(uri: str) -> bool:
+    host, port = uri.split("://")[1].split(":")
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex((host, int(port))) == 0
+
+
+@pytest.fixture(scope="module")
+def compare(tmp_path_factory, tiny_data_root):
+    from cxrtrack.benchmark.compare import Compare, ComparePlan
+
+    out = tmp_path_factory.mktemp("compare")
+    plan = ComparePlan.make(ROOT, str(CONFIGS / "quick.yaml"), 1, None, quick=True, data=str(tiny_data_root),
+                            extra_sets=TRAIN_SETS, out_root=out)
+    plan.latency_cycles, plan.point_sizes, plan.run_sizes = 2, (100, 1_000), (5, 20)
+    c = Compare(plan)
+    report = c.run()
+    return c, report
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_section_holds_numbers(compare):
+    c, report = compare
+    meta = report["meta"]
+    assert meta["complete"] and meta["trackers"] == ["none", "mlflow", "wandb", "both"]
+    assert [p["status"] for p in report["phases"].values()] == ["ok"] * len(report["phases"])
+    assert {"runs", "fidelity", "imports", "server", "latency", "scaling", "capabilities", "effort",
+            "log_report"} <= set(report["phases"])
+    # 1. results: the same seed on CPU gives the same model whatever the tracker
+    assert report["results"]["identical"], report["results"]
+    assert all(0 <= report["results"]["by_tracker"][t]["test/acc"]["median"] <= 1 for t in meta["trackers"])
+    # 2. overhead ratios and fixed costs, per backend
+    for tracker in ("mlflow", "wandb", "both"):
+        entry = report["overhead"][tracker]
+        assert entry["status"] == "ok" and entry["wall_ratio"]["median"] > 0 and entry["fit_ratio"]["median"] > 0
+        for backend in ({"both": ["mlflow", "wandb"]}.get(tracker, [tracker])):
+            costs = entry["backends"][backend]
+            assert costs["start"]["median"] > 0 and costs["epoch_logging"]["median"] > 0
+            assert costs["per_epoch_logging_ms"]["median"] > 0
+    assert report["overhead"]["mlflow"]["backends"]["mlflow"]["model_export"]["median"] > 0
+    # 3. latency: layer and raw for every op, the layer's own cost, online W&B skipped with a reason
+    for backend in ("mlflow-sqlite", "mlflow-sqlite-async", "mlflow-server", "wandb-offline"):
+        ops = report["latency"][backend]["ops"]
+        for op in ("start", "log_metrics", "log_params", "artifact_1mb", "artifact_20mb", "image", "finish"):
+            assert ops[op]["layer"]["median_s"] > 0 and ops[op]["raw"]["median_s"] > 0, (backend, op)
+            assert 0 < ops[op]["layer_own"]["median_s"] < ops[op]["layer"]["median_s"], (backend, op)
+    assert "API key" in report["latency"]["wandb-online"]["skipped"]
+    # 4. scaling: every size measured, every point read back
+    for backend in ("mlflow-sqlite", "mlflow-server", "wandb-offline"):
+        rows = report["scaling"]["points"][backend]["results"]
+        assert [r["points"] for r in rows] == [100, 1_000]
+        assert all(r["read_points"] == r["points"] and r["bytes"] > 0 and r["log_s"] > 0 for r in rows), backend
+    for backend in ("mlflow-sqlite", "mlflow-server"):
+        rows = report["scaling"]["runs"][backend]["results"]
+        assert [(r["runs"], r["listed"]) for r in rows] == [(5, 5), (20, 20)]
+    assert "not measurable offline" in report["scaling"]["runs"]["wandb-offline"]["skipped"]
+    # 6. footprint: memory, disk per store, W&B's service seen as an extra process
+    for tracker in ("mlflow", "wandb", "both"):
+        assert report["footprint"][tracker]["peak_rss_mb"]["median"] > 100
+        assert report["footprint"][tracker]["store_bytes_total"]["median"] > 0
+    assert report["footprint"]["wandb"]["spawned"], "W&B's service process was not seen"
+    assert not report["footprint"]["mlflow"]["spawned"]
+    assert report["footprint"]["imports"]["mlflow"]["median_s"] > 0
+    # 8. effort
+    assert report["effort"]["mlflow"]["code_lines"] > 50 and "mlflow.start_run" in report["effort"]["mlflow"]["client_calls"]
+    assert "wandb.init" in report["effort"]["wandb"]["client_calls"]
+    assert report["targets"] and all(isinstance(t["met"], bool) for t in report["targets"])
+
+
+def test_fidelity_finds_nothing_lost_in_either_store(compare):
+    _, report = compare
+    seen = set()
+    for backends in report["fidelity"].values():
+        for backend, f in backends.items():
+            seen.add(backend)
+            assert f["status"] == "ok" and f["lost"] == 0, f
+            assert f["sections"]["metric_points"]["found"] == f["sections"]["metric_points"]["logged"] > 0
+    assert seen == {"mlflow", "wandb"}
+    curves = report["curves"]
+    assert len(curves) == 2 and all(len(v["val/loss"]) == 2 for v in curves.values())
+
+
+def test_capabilities_each_cell_has_evidence(compare):
+    _, report = compare
+    rows = {r["capability"]: r for r in report["capabilities"]}
+    assert len(rows) >= 10
+    for row in rows.values():
+        for backend in ("mlflow", "wandb"):
+            assert row[backend]["status"] in ("yes", "no", "not measurable offline"), row
+            assert len(row[backend]["evidence"]) > 10
+    assert rows["System metrics recorded"]["mlflow"]["status"] == "yes"
+    assert rows["Hyperparameter sweeps"]["wandb"]["status"] == "not measurable offline"
+    assert rows["Parent / child runs, groups"]["wandb"]["status"] == "yes"  # the group read back equals the one set
+
+
+def test_the_server_it_started_is_stopped(compare):
+    _, report = compare
+    assert report["server"]["start_s"] > 0
+    assert not port_open(report["server"]["uri"])
+
+
+def test_the_report_is_logged_into_the_measured_runs(compare):
+    import mlflow
+
+    c, report = compare
+    run_ids = report["logged_report"]["mlflow"]
+    assert len(run_ids) == 2  # the mlflow run and the both run
+    client = mlflow.MlflowClient(tracking_uri=c.stores.uri)
+    for run_id in run_ids:
+        assert {a.path for a in client.list_artifacts(run_id, "comparison")} == {
+            "comparison/report.html", "comparison/report.md", "comparison/report.json"}
+    wandb_dir = Path(report["logged_report"]["wandb"])
+    assert wandb_dir.is_dir() and wandb_dir.name.startswith("offline-run-")
+
+
+def test_the_html_report_renders_in_a_real_browser(compare):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium on this machine: `.ci/run` installs Debian's chromium package")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (dev extra) is not installed")
+    c, report = compare
+    page_file = c.dir / "report.html"
+    text = page_file.read_text()
+    assert "http://" not in text.replace("http://127.0.0.1", "") and "https://" not in text  # no external assets
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+        errors = []
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(page_file.as_uri())
+        widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
+        tables = page.eval_on_selector_all("table", "ts => ts.length")
+        title = page.title()
+        browser.close()
+    assert len(widths) == len(report["plots"]) + (1 if (c.dir / "mlflow_ui.png").exists() else 0) >= 6
+    assert all(w > 0 for w in widths), widths
+    assert tables >= 10 and "MLflow vs W&B" in title
+    assert errors == []
+
+
+def test_terminal_summary_fits_100_columns(compare):
+    _, report = compare
+    text = terminal_summary(report)
+    assert all(len(line) <= 100 for line in text.splitlines())
+    assert "mlflow" in text and "wandb" in text
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_server_and_leaves_an_incomplete_report(tmp_path, tiny_data_root):
+    command = [sys.executable, str(ROOT / "scripts" / "compare.py"), "--quick", "--trackers", "none", "--data",
+               str(tiny_data_root), "--out", str(tmp_path), "--no-log-report",
+               *[x for s in TRAIN_SETS for x in ("--set", s)]]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:  # wait until the server runs and latency measuring has begun
+        lines.append(line)
+        if "compare: latency" in line:
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, "".join(lines) + rest
+    report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
+    assert report["meta"]["complete"] is False and "interrupted" in report["meta"]["incomplete_reason"]
+    assert report["phases"]["latency"]["status"] == "interrupted"
+    assert report["phases"]["runs"]["status"] == "ok"
+    assert not port_open(report["server"]["uri"])
+    assert (next(tmp_path.glob("*/report.html"))).read_text().count("INCOMPLETE") >= 1
+
+
+# -- fast: the report marks what is missing, and the effort counts --------------------------------------
+
+
+def test_a_failed_backend_is_marked_not_silently_absent(tmp_path):
+    def run(tracker, ok, wall, fit):
+        return {"tracker": tracker, "repeat": 1, "run_name": f"{tracker}-r1", "ok": ok, "wall_s": wall,
+                "error": None if ok else "exit code 2; see log: boom", "summary": {"test/acc": 0.5} if ok else {},
+                "timings": {"fit_s": fit, "calls": {}} if ok else {}, "store_bytes": {"mlflow.db": 10} if ok else {},
+                "spawned": {}, "peak_rss_mb": 500.0, "peak_tree_rss_mb": 500.0, "run_dir": str(tmp_path)}
+
+    report = {"meta": {"trackers": ["none", "mlflow", "wandb"], "complete": True, "wall_s": 10.0},
+              "runs": [run("none", True, 10, 5), run("mlflow", True, 11, 5.1), run("wandb", False, 3, 0)],
+              "latency": {"wandb-offline": {"failed": "exit code 1: no space left"}},
+              "phases": {"runs": {"status": "ok", "seconds": 1.0}}}
+    analyse(report)
+    assert report["overhead"]["wandb"] == {"status": "failed", "reason": "every run of this tracker failed"}
+    assert report["overhead"]["mlflow"]["wall_ratio"]["median"] == pytest.approx(1.1)
+    assert report["results"]["by_tracker"]["wandb"]["runs_failed"] == 1
+    assert report["footprint"]["wandb"]["status"] == "failed"
+    rendered = {title: rows for title, _, _, rows in sections(report)}
+    assert ["wandb", "failed", "every run of this tracker failed", "", "", ""] in rendered["2. Overhead"]
+    assert any(row[1].startswith("FAILED: exit code 1") for row in rendered["3. Per-call latency"])
+
+
+def test_effort_counts_code_calls_and_workarounds():
+    source = '''"""Docstring lines do not count."""
+import mlflow
+from mlflow.models import infer_signature
+
+
+def f(run):
+    """Nor do these."""
+    # a comment does not count
+    mlflow.log_metrics({})  # workaround: the first one
+    infer_signature(1, 2)
+    run.summary["k"] = 1
+'''
+    assert effort.code_lines(source) == 6
+    calls = effort.client_calls(source, {"mlflow": "mlflow", "run.summary": "run.summary"}, "mlflow")
+    assert calls == ["mlflow.log_metrics", "mlflow.models.infer_signature", "run.summary[...] ="]
+    assert effort.workarounds(source) == [{"line": 9, "text": "the first one"}]
