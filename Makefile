@@ -16,7 +16,7 @@ TRAIN_ARGS  = $(DATA_ARG) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),
               $(if $(LR),--lr $(LR)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(RUN_NAME),--run-name "$(RUN_NAME)") $(ARGS)
 
 .PHONY: help install download mlflow-quick wandb-quick both-quick mlflow-train wandb-train train-custom \
-        mlflow-ui wandb-sync evaluate test test-fast lint clean clean-runs
+        mlflow-ui wandb-sync evaluate compare test test-fast lint clean clean-runs
 
 help: ## Show this help
 	@echo "Usage: make <target> [DATA=<folder>] [EPOCHS=n] ..."
@@ -73,6 +73,11 @@ wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 evaluate: ## Evaluate on the test split: make evaluate CHECKPOINT=outputs/<run>/checkpoints/best.pt | RUN_ID=<mlflow run>
 	$(PY) scripts/evaluate.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(RUN_ID),--run-id $(RUN_ID)) \
 		$(DATA_ARG) $(if $(OUT),--out "$(OUT)")
+
+compare: ## Measure MLflow vs W&B on one training: make compare [QUICK=1] [REPEATS=3] [TRACKERS=...] [CONFIG=...] [DATA=...]
+	$(PY) scripts/compare.py $(if $(QUICK),--quick) $(if $(REPEATS),--repeats "$(REPEATS)") \
+		$(if $(TRACKERS),--trackers "$(TRACKERS)") $(if $(filter command line environment,$(origin CONFIG)),--config "$(CONFIG)") \
+		$(DATA_ARG) $(ARGS)
 
 test: ## Run the test suite (no network; a few minutes)
 	$(PY) -m pytest

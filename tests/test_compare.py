@@ -232,11 +232,14 @@ from mlflow.models import infer_signature
 def f(run):
     """Nor do these."""
     # a comment does not count
-    mlflow.log_metrics({})  # workaround: the first one
+    mlflow.log_metrics({})  # workaround(mlflow): the first one
+    # and its second line
     infer_signature(1, 2)
     run.summary["k"] = 1
 '''
     assert effort.code_lines(source) == 6
     calls = effort.client_calls(source, {"mlflow": "mlflow", "run.summary": "run.summary"}, "mlflow")
     assert calls == ["mlflow.log_metrics", "mlflow.models.infer_signature", "run.summary[...] ="]
-    assert effort.workarounds(source) == [{"line": 9, "text": "the first one"}]
+    assert effort.workarounds(source, "mlflow") == [{"line": 9, "text": "the first one and its second line"}]
+    assert effort.workarounds(source, "wandb") == []
+    assert effort.measure_effort()["wandb"]["workarounds"], "the W&B backend's tagged workarounds were not found"

@@ -5,8 +5,8 @@ For each backend module (``tracking/mlflow_tracker.py``, ``tracking/wandb_tracke
 - lines of code (no blank lines, comments or docstrings);
 - the distinct client API calls it makes (``mlflow.start_run``, ``wandb.Artifact``, ``run.log``, ...),
   found in its syntax tree;
-- the workarounds it needed: every comment that starts with ``workaround:`` in the module, with its
-  line, so a workaround is listed exactly where the code implements it.
+- the workarounds it needed: every ``# workaround(<backend>): ...`` comment in the tracking package, with
+  its file and line, so a workaround is listed exactly where the code implements it.
 """
 
 from __future__ import annotations
@@ -93,11 +93,21 @@ def client_calls(source: str, roots: dict[str, str], package: str) -> list[str]:
     return sorted(calls)
 
 
-def workarounds(source: str) -> list[dict[str, Any]]:
+def workarounds(source: str, backend: str) -> list[dict[str, Any]]:
+    """``# workaround(<backend>): text`` comments (continued on the following comment lines)."""
     out = []
+    tag = f"workaround({backend}):"
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT and "workaround:" in tok.string:
-            out.append({"line": tok.start[0], "text": tok.string.split("workaround:", 1)[1].strip()})
+        if tok.type != tokenize.COMMENT:
+            continue
+        if tag in tok.string:
+            out.append({"line": tok.start[0], "text": tok.string.split(tag, 1)[1].strip()})
+        elif (out and out[-1]["line"] + out[-1].get("lines", 1) == tok.start[0] and tok.line.lstrip().startswith("#")
+              and "workaround(" not in tok.string):
+            out[-1]["text"] += " " + tok.string.lstrip("# ").strip()  # a continuation line
+            out[-1]["lines"] = out[-1].get("lines", 1) + 1
+    for item in out:
+        item.pop("lines", None)
     return out
 
 
@@ -108,8 +118,9 @@ def measure_effort() -> dict[str, Any]:
         path = folder / filename
         source = path.read_text()
         calls = client_calls(source, CLIENT_ROOTS[backend], backend)
+        found = [{"file": p.name, **w} for p in sorted(folder.glob("*.py")) for w in workarounds(p.read_text(), backend)]
         result[backend] = {"file": f"src/cxrtrack/tracking/{filename}", "code_lines": code_lines(source),
-                           "client_calls": calls, "n_client_calls": len(calls), "workarounds": workarounds(source)}
+                           "client_calls": calls, "n_client_calls": len(calls), "workarounds": found}
     shared = [p for p in sorted(folder.glob("*.py")) if p.name not in BACKENDS.values()]
     result["shared"] = {"files": [f"src/cxrtrack/tracking/{p.name}" for p in shared],
                         "code_lines": sum(code_lines(p.read_text()) for p in shared)}

@@ -357,7 +357,8 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
         if backend in eff:
             e = eff[backend]
             rows.append([backend, str(e["code_lines"]), f"{e['n_client_calls']}: " + ", ".join(e["client_calls"]),
-                         "; ".join(f"line {w['line']}: {w['text']}" for w in e["workarounds"]) or "none tagged"])
+                         f"{len(e['workarounds'])}: " + "; ".join(f"{w['text']} ({w['file']}:{w['line']})"
+                                                                  for w in e["workarounds"]) if e["workarounds"] else "none tagged"])
     first = eff.get("first_run", {})
     note = "Counted from src/cxrtrack/tracking/ (code lines exclude comments and docstrings). First tracked run: " + \
         ", ".join(f"{k} {fmt_s(v['seconds'])} ({v.get('command', v.get('how', ''))})" for k, v in first.items()
@@ -365,7 +366,7 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     if "clone_s" in first:
         note += f"; git clone {fmt_s(first['clone_s'])}; {first.get('install', '')}"
     out.append(("8. Integration effort", note + ".", ["backend", "code lines", "distinct client calls",
-                                                      "workarounds (from `# workaround:` comments)"], rows))
+                                                      "workarounds (from `# workaround(...)` comments)"], rows))
     rows = [[name, p["status"], fmt_s(p.get("seconds")), p.get("error", "")] for name, p in report.get("phases", {}).items()]
     out.append(("Phases", f"{'complete' if meta.get('complete') else 'INCOMPLETE: ' + str(meta.get('incomplete_reason'))}.",
                 ["phase", "status", "time", "error"], rows))

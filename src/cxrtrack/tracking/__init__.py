@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 # MLflow reads this once, when it is first imported: no usage telemetry unless the user opts in.
+# workaround(mlflow): MLflow sends usage telemetry by default; opted out before its first import
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from cxrtrack.errors import ConfigError

@@ -25,10 +25,12 @@ from cxrtrack.tracking.base import FINISHED, BaseTracker, Predictions, RunInfo
 
 log = logging.getLogger(__name__)
 
+# workaround(mlflow): a param value over 6,000 characters is rejected; longer values are cut
 _MAX_PARAM_VALUE = 6000  # MLflow's limit for one param value (characters)
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
+    # workaround(mlflow): the SQLite URI is set explicitly; a stray ./mlruns would switch to the deprecated file store
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
@@ -143,6 +145,7 @@ class MLflowTracker(BaseTracker):
 
         # The pt2 format (torch.export) specialises a batch dimension of 1: the example needs >= 2 rows
         # for the logged model to accept any batch size.
+        # workaround(mlflow): pt2 (the default format) needs an input_example, and a batch of >= 2 rows
         if input_example.shape[0] < 2:
             input_example = np.concatenate([input_example, input_example])
         with torch.no_grad():
@@ -154,7 +157,7 @@ class MLflowTracker(BaseTracker):
             input_example=input_example,
             signature=infer_signature(input_example, output),
             registered_model_name=registered,
-            # Stated, not inferred: inference runs a subprocess that costs ~9 s per run.
+            # workaround(mlflow): requirements stated, not inferred: inference runs a ~9 s subprocess per run
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
             metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
         )

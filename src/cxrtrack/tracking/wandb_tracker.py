@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 _EXIT_CODES = {FINISHED: 0, "FAILED": 1, KILLED: 130}  # 130: the shell's code for Ctrl-C
 
 
+# workaround(wandb): wandb.init raises without an API key and a terminal (it never falls back to offline), so
+# the mode is decided here, from W&B's internal settings and netrc readers (wandb.sdk internals)
 def api_key_configured() -> bool:
     """True when W&B has an API key: ``WANDB_API_KEY``, ``~/.netrc`` (``wandb login``) or W&B's settings file.
 
@@ -84,6 +86,7 @@ class WandbTracker(BaseTracker):
         auto = self.cfg.get("mode", "auto") == "auto" and not os.environ.get("WANDB_MODE")
         self.mode = resolve_mode(self.cfg.get("mode", "auto"))
         # auto chose online because a key exists; if the server cannot be reached, fall back to offline.
+        # workaround(wandb): a key but no reachable server fails init; auto mode retries offline
         fallback = auto and self.mode == "online"
         notes = f"git {tags.get('git_commit', 'unknown')[:12]} dirty={tags.get('git_dirty')}"
         init = dict(
@@ -117,7 +120,7 @@ class WandbTracker(BaseTracker):
 
     def _root(self) -> Path:
         root = Path(self.cfg.get("dir") or ".").expanduser().resolve()
-        root.mkdir(parents=True, exist_ok=True)  # W&B warns about a missing git root otherwise
+        root.mkdir(parents=True, exist_ok=True)  # workaround(wandb): init warns when dir= does not exist yet
         return root
 
     def _settings(self):
