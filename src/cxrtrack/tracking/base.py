@@ -56,7 +56,9 @@ class RunInfo:
     nested. ``group`` and ``parents`` place the run in a hierarchy (a tuning study, a comparison):
     ``parents`` maps a backend name to that backend's own id of the parent run (an MLflow run id);
     W&B has no parent runs and groups runs by ``group`` instead. ``job_type`` says what the run is
-    (``train``, ``trial``, ``study``, ``evaluation``).
+    (``train``, ``trial``, ``study``, ``evaluation``). ``resume`` maps a backend name to the id of one
+    of its existing runs to reopen instead of creating a new one (an MLflow tuning study's parent run,
+    reopened when the study is resumed); backends that cannot reopen a run start a new one.
     """
 
     name: str
@@ -66,6 +68,7 @@ class RunInfo:
     job_type: str = "train"
     parents: dict[str, str] = field(default_factory=dict)
     description: str | None = None
+    resume: dict[str, str] = field(default_factory=dict)
 
 
 class BaseTracker(ABC):
@@ -113,6 +116,11 @@ class BaseTracker(ABC):
 
     def flush(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Write out what the backend has queued (asynchronous logging, collected files) now."""
+
+    def log_table(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Rows of plain values (one dict per row, same keys) as the backend's native table, e.g. the trials
+        of a tuning study. Not abstract, so existing backends keep working; one that lacks it says so."""
+        raise NotImplementedError(f"the {self.name} tracker cannot log tables")
 
     @abstractmethod
     def end_run(self, status: str = FINISHED) -> None:
@@ -217,6 +225,9 @@ class TrackerGroup(BaseTracker):
 
     def flush(self) -> None:
         self._call("flush")
+
+    def log_table(self, name, rows):
+        self._call("log_table", name, rows)
 
     def end_run(self, status: str = FINISHED) -> None:
         if status not in STATUSES:

@@ -71,14 +71,19 @@ class MLflowTracker(BaseTracker):
         if run.group:
             tags["group"] = run.group
         tags["job_type"] = run.job_type
-        active = mlflow.start_run(
-            experiment_id=self.experiment_id,
-            run_name=run.name,
-            parent_run_id=run.parents.get(self.name),
-            tags=tags,
-            description=run.description,
-            log_system_metrics=bool(self.cfg.get("system_metrics")),
-        )
+        if run.resume.get(self.name):  # reopen an existing run (status back to RUNNING); its params are kept
+            active = mlflow.start_run(run_id=run.resume[self.name], tags=tags,
+                                      log_system_metrics=bool(self.cfg.get("system_metrics")))
+        else:
+            active = mlflow.start_run(
+                experiment_id=self.experiment_id,
+                run_name=run.name,
+                parent_run_id=run.parents.get(self.name),
+                nested=bool(run.parents.get(self.name)),  # the parent may be open in this process (a tuning study)
+                tags=tags,
+                description=run.description,
+                log_system_metrics=bool(self.cfg.get("system_metrics")),
+            )
         self.run_id = active.info.run_id
         self.log_params(run.config)
 
@@ -99,7 +104,10 @@ class MLflowTracker(BaseTracker):
             self._mlflow.flush_async_logging()
 
     def end_run(self, status=FINISHED):
-        if self._mlflow is not None and self._mlflow.active_run() is not None:
+        # Only the run this tracker started: never an enclosing run of the same process (a tuning study's
+        # parent run stays open while its trials run in-process, and a trial that failed to start must not end it).
+        active = self._mlflow.active_run() if self._mlflow is not None else None
+        if active is not None and active.info.run_id == self.run_id:
             self._mlflow.end_run(status=status)  # also waits for queued asynchronous logging
 
     # -- logging ----------------------------------------------------------------------------------
@@ -136,6 +144,12 @@ class MLflowTracker(BaseTracker):
             **{f"p_{name}": p.probs[:, i] for i, name in enumerate(p.class_names)},
         })
         self._mlflow.log_table(table, artifact_file="test/predictions.json")
+
+    def log_table(self, name, rows):
+        """An MLflow table (``<name>.json``, shown and comparable in the UI's artifact view)."""
+        import pandas as pd
+
+        self._mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{name}.json")
 
     def log_model(self, model, checkpoint, input_example, metadata):
         """Log with the MLflow PyTorch flavor (signature + input example) and register it."""
@@ -174,6 +188,20 @@ class MLflowTracker(BaseTracker):
         if self.tracking_uri.startswith("sqlite:"):
             where += " (browse with `make mlflow-ui`)"
         return where
+
+
+def close_run(tracking_uri: str, run_id: str, status: str) -> bool:
+    """End a run left RUNNING by a process that died (killed hard, machine lost) with ``status``.
+
+    Returns True if the run was still RUNNING and has now been closed; a finished run is left alone.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_terminated(run_id, status=status)
+    return True
 
 
 def download_checkpoint(run_id: str, tracking_uri: str | None = None, dest: str | Path | None = None) -> Path:

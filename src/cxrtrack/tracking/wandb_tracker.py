@@ -166,7 +166,9 @@ class WandbTracker(BaseTracker):
                 self.run.summary[key] = value
 
     def set_tags(self, tags):
-        self.run.config.update({"run_tags": tags}, allow_val_change=True)
+        # merged: config.update replaces the whole "run_tags" value, which would drop the run's earlier tags
+        merged = {**dict(self.run.config.get("run_tags") or {}), **tags}
+        self.run.config.update({"run_tags": merged}, allow_val_change=True)
 
     def log_artifact(self, path, artifact_path=None):
         # Collected into one versioned artifact at the end of the run (W&B copies the files, so the
@@ -195,6 +197,11 @@ class WandbTracker(BaseTracker):
                 y_true=p.y_true.tolist(), preds=p.y_pred.tolist(), class_names=list(p.class_names)
             ),
         })
+
+    def log_table(self, name, rows):
+        import pandas as pd
+
+        self.run.log({name: self._wandb.Table(dataframe=pd.DataFrame(rows))})
 
     def log_model(self, model, checkpoint, input_example, metadata):
         wandb = self._wandb
