@@ -16,7 +16,7 @@ TRAIN_ARGS  = $(DATA_ARG) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),
               $(if $(LR),--lr $(LR)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(RUN_NAME),--run-name "$(RUN_NAME)") $(ARGS)
 
 .PHONY: help install download mlflow-quick wandb-quick both-quick mlflow-train wandb-train train-custom \
-        mlflow-ui wandb-sync evaluate compare test test-fast lint clean clean-runs
+        mlflow-tune wandb-tune tune-benchmark mlflow-ui wandb-sync evaluate compare test test-fast lint clean clean-runs
 
 help: ## Show this help
 	@echo "Usage: make <target> [DATA=<folder>] [EPOCHS=n] ..."
@@ -56,6 +56,21 @@ TRACKER ?= mlflow
 train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG=...]
 	$(PY) scripts/train.py --config $(CONFIG) --tracker $(TRACKER) $(TRAIN_ARGS)
 
+# Tuning: CONFIG= is the config every trial starts from (default: the quick one), SPACE= the search space.
+TUNE_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/tune/quick.yaml)
+TUNE_ARGS   = --config "$(TUNE_CONFIG)" $(DATA_ARG) $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS)) \
+              $(if $(STUDY),--study "$(STUDY)") $(if $(STORAGE),--storage "$(STORAGE)") $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+
+mlflow-tune: ## Quick Optuna search (~2-3 min): parent + nested trial runs in MLflow [TRIALS= WORKERS= STUDY= STORAGE= CONFIG= SPACE=]
+	$(PY) scripts/tune.py --tracker mlflow --space "$(or $(SPACE),configs/mlflow/hyperparameters.yaml)" $(TUNE_ARGS)
+
+wandb-tune: ## Quick sweep from a W&B sweep file: W&B-server sweep online, local Optuna sweep offline [same + SWEEP_ID= ENGINE=]
+	$(PY) scripts/tune.py --tracker wandb --space "$(or $(SPACE),configs/wandb/sweep.yaml)" $(TUNE_ARGS) \
+		$(if $(ENGINE),--engine $(ENGINE)) $(if $(SWEEP_ID),--sweep-id $(SWEEP_ID))
+
+tune-benchmark: ## Measure per-trial overhead and trials/minute with 1 and 2 workers (writes outputs/tune/benchmark.md)
+	$(PY) scripts/tune_benchmark.py $(DATA_ARG) $(if $(TRIALS),--trials $(TRIALS))
+
 mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 (PORT=... to change; same store as the runs)
 	@case "$(MLFLOW_URI)" in http://*|https://*) \
 	  echo "Runs go to the tracking server $(MLFLOW_URI): open it in your browser."; exit 0;; esac; \
@@ -92,7 +107,7 @@ clean: ## Remove caches and build files (never runs, data or outputs)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
-clean-runs: ## Delete tracked runs and outputs (mlflow.db, mlartifacts/, wandb/, outputs/) after asking
-	@echo "This deletes every tracked run: mlflow.db mlartifacts/ wandb/ outputs/"
+clean-runs: ## Delete tracked runs, studies and outputs (mlflow.db, optuna.db, mlartifacts/, wandb/, outputs/) after asking
+	@echo "This deletes every tracked run and tuning study: mlflow.db optuna.db mlartifacts/ wandb/ outputs/"
 	@read -r -p "Type 'yes' to delete them: " answer && [ "$$answer" = yes ] || { echo "Nothing deleted."; exit 1; }
-	rm -rf mlflow.db mlartifacts wandb outputs
+	rm -rf mlflow.db optuna.db mlartifacts wandb outputs
