@@ -61,7 +61,7 @@ TUNE_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG)
 TUNE_ARGS   = --config "$(TUNE_CONFIG)" $(DATA_ARG) $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS)) \
               $(if $(STUDY),--study "$(STUDY)") $(if $(STORAGE),--storage "$(STORAGE)") $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
 
-mlflow-tune: ## Quick Optuna search (~2-3 min): parent + nested trial runs in MLflow [TRIALS= WORKERS= STUDY= STORAGE= CONFIG= SPACE=]
+mlflow-tune: ## Quick Optuna search (~3 min): parent + nested trial runs in MLflow [TRIALS= WORKERS= STUDY= STORAGE= CONFIG= SPACE=]
 	$(PY) scripts/tune.py --tracker mlflow --space "$(or $(SPACE),configs/mlflow/hyperparameters.yaml)" $(TUNE_ARGS)
 
 wandb-tune: ## Quick sweep from a W&B sweep file: W&B-server sweep online, local Optuna sweep offline [same + SWEEP_ID= ENGINE=]

@@ -10,6 +10,7 @@ Rerunning with the same study name resumes the study. See docs/tuning.md.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from cxrtrack.cli import EXIT_INTERRUPTED, add_common_arguments, run_main, setup_logging
 from cxrtrack.tracking import KILLED
@@ -45,6 +46,11 @@ def main() -> int:
                 return 0
 
     from cxrtrack.tuning.study import print_result, tune
+
+    if "wandb" in args.tracker or args.tracker == "both":
+        logging.getLogger("tune").warning(
+            "LOCAL sweep: Optuna runs this search on this machine (W&B's sweep controller lives on its server, which "
+            "is not used here); each trial is an offline W&B run grouped by the study name.")
 
     result = tune(args.space, base, args.tracker, study=args.study, storage=args.storage, trials=args.trials,
                   workers=args.workers)

@@ -73,7 +73,7 @@ def tiny_cfg(tmp_path, tiny_data_root):
 def _project_state() -> dict[str, float]:
     """Path -> mtime of everything under the places in the project a run could write to."""
     state = {}
-    for name in ("data", "outputs", "reports", "mlflow.db", "mlartifacts", "mlruns", "wandb"):
+    for name in ("data", "outputs", "reports", "mlflow.db", "optuna.db", "mlartifacts", "mlruns", "wandb"):
         top = ROOT / name
         for path in [top, *top.rglob("*")] if top.is_dir() else [top] if top.exists() else []:
             state[str(path.relative_to(ROOT))] = path.lstat().st_mtime

@@ -367,11 +367,19 @@ class Worker:
                         "again for the next run of this study.", frozen.number)
 
     def _surplus(self, trial, trials, system_attrs: dict[str, Any]) -> bool:
+        """True for a trial created after the budget was taken by other workers (two workers can both see
+        one trial left and both ask for it). Such a trial ends at once, untrained, marked skipped."""
         if "fixed_params" in system_attrs:  # taken from the queue: a retry, always run
             return False
-        if self.launch.spec.method == "grid" and trial.number >= self.launch.spec.grid_size():
-            return True  # every grid point has been started (GridSampler would repeat one)
-        return tally(trials, exclude=trial.number).claimed >= self.launch.budget
+        t = tally(trials, exclude=trial.number)
+        if self.launch.spec.method == "grid":
+            # GridSampler gives a trial an unvisited point, or repeats one when every point is taken
+            grid_id = system_attrs.get("grid_id")
+            for other in trials:
+                if other.number != trial.number and other.system_attrs.get("grid_id") == grid_id \
+                        and trial_kind(other, t.retried) not in ("INTERRUPTED", "SKIPPED"):
+                    return True
+        return t.claimed >= self.launch.budget
 
     def objective(self, trial) -> float:
         optuna = _optuna()
@@ -388,6 +396,7 @@ class Worker:
             raise _Skip(f"trial {trial.number} not needed: the budget of {launch.budget} trials is taken")
         sampled = {p.key: p.suggest(trial) for p in spec.params}
         trial.set_user_attr("values", sampled)
+        trial.set_user_attr("worker", self.index)
         retry_of = system_attrs.get("retry_history")
         if retry_of:
             trial.set_user_attr("retry_of", retry_of[0])

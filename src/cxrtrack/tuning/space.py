@@ -359,15 +359,13 @@ def _parse_pruner(raw: Any, where: str) -> PrunerSpec:
 def load_spec(path: str | Path) -> StudySpec:
     """Read a search-space file in either format: W&B's (``parameters:``) or this project's (``params:``)."""
     data = read_yaml_mapping(path)
-    if "parameters" in data:
+    wandb_like = ("parameters" in data or isinstance(data.get("metric"), dict) or data.get("method") == "bayes"
+                  or any(k in data for k in ("run_cap", "early_terminate", "program", "command")))
+    if "params" not in data and wandb_like:
         from cxrtrack.tuning.wandb_sweep import parse_sweep
 
         return parse_sweep(data, str(path))
-    if "params" in data:
-        return parse_space(data, str(path))
-    raise ConfigError(
-        f"{path} has neither 'params' (this project's search-space format, see configs/mlflow/hyperparameters.yaml) "
-        f"nor 'parameters' (a W&B sweep, see configs/wandb/sweep.yaml).{suggest_key(next(iter(data), ''), ('params', 'parameters'))}")
+    return parse_space(data, str(path))
 
 
 def trial_values(spec: StudySpec, base_cfg: dict[str, Any], study: str, run_name: str, sampled: dict[str, Any],
