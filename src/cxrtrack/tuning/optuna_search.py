@@ -90,7 +90,7 @@ def open_storage(url: str):
                           heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
     except (ImportError, ModuleNotFoundError) as exc:
         raise ConfigError(f"The Optuna storage {safe_url(url)} needs a database driver that is not installed ({exc}). "
-                          f"PostgreSQL needs psycopg2 (`make install` installs psycopg2-binary).") from None
+                          f"PostgreSQL needs psycopg (`make install` installs psycopg[binary]).") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors: bad URL, unreachable server, wrong password
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"Could not open the Optuna storage {safe_url(url)} ({type(exc).__name__}: {first}). Check "

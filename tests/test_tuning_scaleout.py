@@ -1,0 +1,143 @@
+"""Scale-out: two tuning processes (as on two machines) share one Optuna study in a real PostgreSQL and log to
+one real MLflow tracking server, both started on 127.0.0.1 by this test. Every grid point is trained exactly
+once, and every trial appears exactly once, nested under the one parent run."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS, ROOT
+
+pytestmark = pytest.mark.slow
+
+LRS = [0.001, 0.002]
+OPTIMIZERS = ["adam", "sgd"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the 'postgres' user then."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.fixture
+def postgres():
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("PostgreSQL is not installed here (Debian: apt-get install postgresql; .ci/run installs it)")
+    bindir = Path(bins[-1]).parent
+    if os.geteuid() == 0 and not shutil.which("runuser"):
+        pytest.skip("running as root without runuser: cannot start PostgreSQL as a non-root user")
+    tmp = Path(tempfile.mkdtemp(prefix="cxrtrack-pg-"))  # under /tmp: the postgres user must reach it
+    if os.geteuid() == 0:
+        shutil.chown(tmp, "postgres", "postgres")
+    data, port = tmp / "data", free_port()
+    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"]),
+                   check=True, capture_output=True, timeout=120)
+    server = subprocess.Popen(_as_postgres([str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(tmp),
+                                            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and server.poll() is None, "PostgreSQL did not start"
+            time.sleep(0.5)
+        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna"],
+                       check=True, capture_output=True, timeout=60)
+        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        server.terminate()  # SIGTERM: PostgreSQL's "smart" shutdown
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    folder = tmp_path / "mlflow-server"
+    folder.mkdir()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=folder, stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, (folder / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)  # the server and the workers it started (its own process group)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+def test_two_processes_share_one_study_in_postgresql_and_one_mlflow_server(tmp_path, tiny_data_root, postgres,
+                                                                           mlflow_server):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"name": "scaleout", "method": "grid", "metric": "val/loss",
+                                     "params": {"training.lr": LRS, "training.optimizer": OPTIMIZERS}}))
+    command = [sys.executable, str(ROOT / "scripts" / "tune.py"), "--tracker", "mlflow", "--space", str(space),
+               "--config", str(CONFIGS / "tune" / "quick.yaml"), "--storage", postgres, "--data", str(tiny_data_root),
+               "--epochs", "1", "--set", "data.image_size=64", "--set", f"output_dir={tmp_path / 'outputs'}"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "TQDM_DISABLE": "1"}
+    machines = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for _ in range(2)]
+    outputs = [m.communicate(timeout=600)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)
+
+    study = optuna.load_study(study_name="scaleout", storage=postgres)
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    points = sorted((t.params["training.lr"], t.params["training.optimizer"]) for t in complete)
+    assert points == sorted((lr, opt) for lr in LRS for opt in OPTIMIZERS)  # every grid point exactly once
+    assert all(t.user_attrs.get("skipped") for t in trials if t.state.name != "COMPLETE")  # nothing else trained
+
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("cxr-tune")
+    parents = client.search_runs([experiment.experiment_id], "tags.job_type = 'study'")
+    assert len(parents) == 1 and parents[0].info.run_id == study.user_attrs["mlflow_parent_run_id"]
+    assert parents[0].info.status == "FINISHED"
+    children = client.search_runs([experiment.experiment_id], "tags.job_type = 'trial'")
+    assert len(children) == len(complete)  # one run per trained trial, no more
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(int(c.data.tags["trial"]) for c in children) == sorted(t.number for t in complete)
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:  # the metrics went through the server
+        assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 1
+    ran_by = [[i for i in range(2) if f"Trial {t.number} (worker 0)" in outputs[i]] for t in complete]
+    assert all(len(r) == 1 for r in ran_by)  # each trial was trained by one process only
+    assert {r[0] for r in ran_by} == {0, 1}  # and both processes took part
