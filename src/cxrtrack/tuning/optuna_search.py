@@ -85,17 +85,27 @@ def open_storage(url: str):
         kwargs = {"connect_args": {"timeout": 60}}  # several worker processes share the file
     elif url.startswith("postgresql"):
         kwargs = {"pool_pre_ping": True}
-    try:
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
-    except (ImportError, ModuleNotFoundError) as exc:
-        raise ConfigError(f"The Optuna storage {safe_url(url)} needs a database driver that is not installed ({exc}). "
-                          f"PostgreSQL needs psycopg (`make install` installs psycopg[binary]).") from None
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's errors: bad URL, unreachable server, wrong password
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"Could not open the Optuna storage {safe_url(url)} ({type(exc).__name__}: {first}). Check "
-                          f"STORAGE= (e.g. postgresql://user:password@host:5432/dbname; the database must exist and "
-                          f"be reachable), or leave it unset for a local SQLite file.") from None
+    for attempt in range(3):
+        try:
+            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
+        except Exception as exc:  # noqa: BLE001
+            # Workers starting at once on a new database race to create Optuna's tables: one wins, the others
+            # see a duplicate key; opening again then finds the tables.
+            if attempt == 2 or "IntegrityError" not in type(exc).__name__ + str(exc):
+                raise _storage_error(url, exc) from None
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _storage_error(url: str, exc: Exception) -> ConfigError:
+    if isinstance(exc, ImportError):
+        return ConfigError(f"The Optuna storage {safe_url(url)} needs a database driver that is not installed ({exc}). "
+                           f"PostgreSQL needs psycopg (`make install` installs psycopg[binary]).")
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return ConfigError(f"Could not open the Optuna storage {safe_url(url)} ({type(exc).__name__}: {first}). Check "
+                       f"STORAGE= (e.g. postgresql://user:password@host:5432/dbname; the database must exist and be "
+                       f"reachable), or leave it unset for a local SQLite file.")
 
 
 # -- sampler, pruner ----------------------------------------------------------------------------------
@@ -472,6 +482,9 @@ def run_workers(launch: Launch, workers: int, run_dir: Path) -> int:
     launch_file = run_dir / "launch.json"
     launch_file.write_text(launch.to_json())
     env = {**os.environ, "TQDM_DISABLE": "1"}  # one progress bar per worker would interleave on the terminal
+    threads = str(max(1, (os.cpu_count() or 1) // workers))  # N workers x all cores each would oversubscribe the CPU
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, threads)
     procs = [subprocess.Popen([sys.executable, "-m", "cxrtrack.tuning.optuna_search", "--worker", str(launch_file),
                                "--index", str(i)], env=env) for i in range(workers)]
     log.info("Started %d worker processes (pids %s) on study '%s'.", workers, ", ".join(str(p.pid) for p in procs),
