@@ -268,6 +268,10 @@ def parse_param(key: str, raw: Any, where: str) -> Param | tuple[str, Any]:
         return Param(key, "categorical", choices=list(raw), source="values")
     if not isinstance(raw, dict):
         return ("fixed", raw)
+    if raw and not any(k in PARAM_KEYS for k in raw):
+        first = next(iter(raw))
+        raise ConfigError(f"{where}: parameter '{key}' is a section ({', '.join(map(str, raw))}); name each searched key "
+                          f"in full instead, e.g. {key}.{first}: [...] (dotted keys of configs/default.yaml).")
     for k in raw:
         if k not in PARAM_KEYS:
             raise _unknown(where, f"in parameter '{key}'", k, PARAM_KEYS)
