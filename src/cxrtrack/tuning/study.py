@@ -110,6 +110,9 @@ def tune(space: str | Path, base: BaseConfig, tracker: str = "mlflow", *, study:
     started = datetime.now()
     try:
         if to_run:
+            from cxrtrack.data.dataset import resolve_data_path
+
+            resolve_data_path(cfg["data"])  # generates the synthetic set if needed, once, before any worker starts
             if workers == 1:
                 from cxrtrack.data.dataset import DataCache
 
