@@ -198,3 +198,10 @@ def test_a_log_scale_spreads_draws_over_the_decades():
     # log-uniform over 4 decades: each decade gets about a quarter (a uniform draw would put ~90% in the last one)
     for d in (-5, -4, -3, -2):
         assert 0.15 < decades.count(d) / len(decades) < 0.35
+
+
+def test_bayes_runs_on_a_gaussian_process_and_on_tpe_when_trials_are_pruned():
+    sweep = load_spec(CONFIGS / "wandb" / "sweep.yaml")  # bayes with hyperband
+    assert isinstance(make_sampler(sweep, 0, 1, 8), optuna.samplers.TPESampler)  # GP would ignore pruned trials
+    sweep.pruner.type = "none"
+    assert isinstance(make_sampler(sweep, 0, 1, 8), optuna.samplers.GPSampler)

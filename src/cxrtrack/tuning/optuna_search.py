@@ -119,8 +119,14 @@ def make_sampler(spec: StudySpec, seed: int, worker_seed: int, budget: int):
         return optuna.samplers.GridSampler(spec.grid(), seed=seed)
     if spec.method == "random":
         return optuna.samplers.RandomSampler(seed=worker_seed)
-    if spec.method == "gp":
+    if spec.method == "gp" and spec.pruner.type == "none":
         return optuna.samplers.GPSampler(seed=worker_seed, n_startup_trials=startup)
+    if spec.method == "gp":
+        # Optuna's GP sampler models completed trials only: it does not see pruned ones and proposes the same
+        # point again and again (seen here: 5 identical trials). TPE models pruned trials by their last value,
+        # like W&B's bayes imputes early-terminated runs.
+        log.info("Note: with a pruner, the model-based search runs on Optuna's TPE sampler instead of its Gaussian "
+                 "process, which ignores pruned trials and would propose them again.")
     # constant_liar: parallel workers treat each other's running trials as bad, so they spread out
     return optuna.samplers.TPESampler(seed=worker_seed, n_startup_trials=startup, constant_liar=True)
 

@@ -11,7 +11,7 @@ by the server later.
 - **Offline** (the default here): W&B's sweep controller lives on its server, so :func:`parse_sweep`
   translates the file into a :class:`~cxrtrack.tuning.space.StudySpec` and Optuna runs it
   (``grid`` -> GridSampler, ``random`` -> RandomSampler, ``bayes`` -> Optuna's Gaussian-process
-  sampler, ``early_terminate: hyperband`` -> HyperbandPruner). Each trial is an offline W&B run
+  sampler, or TPE with early termination, ``early_terminate: hyperband`` -> HyperbandPruner). Each trial is an offline W&B run
   grouped by the sweep's name.
 """
 
