@@ -49,6 +49,15 @@ MAX_CONSECUTIVE_FAILURES = 3  # a worker stops after this many trials in a row f
 PARENT_WAIT_S = 120  # a worker joining a new study waits this long for the first one to record the parent run
 
 
+class _NoTracebackForInterrupts(logging.Filter):
+    """Optuna logs every failed trial with its traceback; for Ctrl-C and skipped trials that is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, _Skip)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _optuna():
     import optuna
 
@@ -56,6 +65,9 @@ def _optuna():
     warnings.filterwarnings("ignore", message=".*RetryFailedTrialCallback.*")
     optuna.logging.disable_default_handler()  # Optuna's messages go through our logging set-up
     optuna.logging.enable_propagation()
+    logger = logging.getLogger("optuna.study._optimize")  # where Optuna logs failed trials (filters do not inherit)
+    if not any(isinstance(f, _NoTracebackForInterrupts) for f in logger.filters):
+        logger.addFilter(_NoTracebackForInterrupts())
     return optuna
 
 
