@@ -84,7 +84,7 @@ def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: s
                      else "no used (input) artifact recorded by this project"))
     row("Offline run that syncs later", lambda: _mlflow_without_store(work), lambda: _wandb_offline_sync(w),
         mlflow_needs_run=False)
-    row("Local UI", lambda: _mlflow_ui(server_uri, screenshot), _wandb_ui, False, False)
+    row("Local UI", lambda: _mlflow_ui(server_uri, screenshot), lambda: _wandb_ui(work), False, False)
     row("Parent / child runs, groups", lambda: _mlflow_parent_child(m, group), lambda: _wandb_group(w, group))
     row("Hyperparameter sweeps", _mlflow_sweeps, lambda: _wandb_sweep(work), False, False)
     row("Read-back API (used for the fidelity check)",
@@ -132,9 +132,10 @@ def _mlflow_ui(server_uri: str | None, screenshot: Path | None) -> dict[str, Any
     return cell(YES, evidence)
 
 
-def _wandb_ui() -> dict[str, Any]:
+def _wandb_ui(work: Path) -> dict[str, Any]:
+    # cwd: the wandb CLI writes wandb/debug-cli.*.log into its working directory
     proc = subprocess.run([_wandb_cli(), "leet", "--help"], capture_output=True, text=True, timeout=60,
-                          env=_quiet_env(), stdin=subprocess.DEVNULL)
+                          env=_quiet_env(), stdin=subprocess.DEVNULL, cwd=work)
     docker = shutil.which("docker")
     server = "no Docker engine here" if not docker else (
         "Docker client only" if subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode else "Docker runs")
