@@ -8,15 +8,29 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 PORT        ?= 5000
-MLFLOW_URI  ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+MLFLOW_URI  ?= $(or $(value MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+CONFIG      ?= configs/train.yaml
+TRACKER     ?= mlflow
+
+# User variables reach the scripts as data, never as shell code: `$(value X)` takes the text as typed
+# (make does not expand it), `shq` single-quotes it for the shell ('it'\''s'), and `unexport` keeps make
+# from expanding them into the recipes' environment. A backquote, quote, $(...) or ; in DATA or RUN_NAME
+# is therefore part of the name. ARGS is split into words on spaces (by make, not by the shell).
+# (`unexport` after the defaults above: it defines a variable, so a later `?=` would not assign it.)
+USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID OUT OUTPUTS PORT MLFLOW_URI
+unexport $(USER_VARS)
+uri          = $(if $(filter command line environment,$(origin MLFLOW_URI)),$(value MLFLOW_URI),$(MLFLOW_URI))
+shq          = '$(subst ','\'',$(1))'
+opt          = $(if $(value $(1)),$(2) $(call shq,$(value $(1))))
 
 # Optional flags shared by the training and evaluation targets.
-DATA_ARG    = $(if $(DATA),--data "$(DATA)")
-TRAIN_ARGS  = $(DATA_ARG) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
-              $(if $(LR),--lr $(LR)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(RUN_NAME),--run-name "$(RUN_NAME)") $(ARGS)
+DATA_ARG    = $(call opt,DATA,--data)
+TRAIN_ARGS  = $(DATA_ARG) $(call opt,EPOCHS,--epochs) $(call opt,BATCH_SIZE,--batch-size) $(call opt,LR,--lr) \
+              $(call opt,IMAGE_SIZE,--image-size) $(call opt,RUN_NAME,--run-name) \
+              $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 .PHONY: help install download mlflow-quick wandb-quick both-quick mlflow-train wandb-train train-custom \
-        mlflow-ui wandb-sync evaluate test test-fast lint clean clean-runs
+        mlflow-ui wandb-sync evaluate replay test test-fast lint clean clean-runs
 
 help: ## Show this help
 	@echo "Usage: make <target> [DATA=<folder>] [EPOCHS=n] ..."
@@ -51,16 +65,15 @@ mlflow-train: ## Full training run (configs/train.yaml) tracked in MLflow
 wandb-train: ## Full training run (configs/train.yaml) tracked in W&B
 	$(PY) scripts/train.py --config configs/train.yaml --tracker wandb $(TRAIN_ARGS)
 
-CONFIG  ?= configs/train.yaml
-TRACKER ?= mlflow
 train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG=...]
-	$(PY) scripts/train.py --config $(CONFIG) --tracker $(TRACKER) $(TRAIN_ARGS)
+	$(PY) scripts/train.py --config $(call shq,$(value CONFIG)) --tracker $(call shq,$(value TRACKER)) $(TRAIN_ARGS)
 
 mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 (PORT=... to change; same store as the runs)
-	@case "$(MLFLOW_URI)" in http://*|https://*) \
-	  echo "Runs go to the tracking server $(MLFLOW_URI): open it in your browser."; exit 0;; esac; \
-	echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(MLFLOW_URI); Ctrl-C to stop)"; \
-	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_URI)" --host 127.0.0.1 --port $(PORT) --workers 1
+	@uri=$(call shq,$(uri)); shown=$$(printf '%s' "$$uri" | sed -E 's#://[^/@]*@#://***@#'); \
+	case "$$uri" in http://*|https://*) \
+	  echo "Runs go to the tracking server $$shown: open it in your browser."; exit 0;; esac; \
+	echo "MLflow UI: http://127.0.0.1:"$(call shq,$(value PORT))"  (store: $$shown; Ctrl-C to stop)"; \
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port $(call shq,$(value PORT)) --workers 1
 
 wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	@runs=$$(ls -d wandb/offline-run-* 2>/dev/null); \
@@ -71,8 +84,10 @@ wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	  echo "       the offline runs stay in ./wandb until they are uploaded."; exit 1; }
 
 evaluate: ## Evaluate on the test split: make evaluate CHECKPOINT=outputs/<run>/checkpoints/best.pt | RUN_ID=<mlflow run>
-	$(PY) scripts/evaluate.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(RUN_ID),--run-id $(RUN_ID)) \
-		$(DATA_ARG) $(if $(OUT),--out "$(OUT)")
+	$(PY) scripts/evaluate.py $(call opt,CHECKPOINT,--checkpoint) $(call opt,RUN_ID,--run-id) $(DATA_ARG) $(call opt,OUT,--out)
+
+replay: ## Send tracker calls spooled during an outage (outputs/*/spool) in order; close runs of killed processes
+	$(PY) scripts/replay.py $(call opt,OUTPUTS,--outputs)
 
 test: ## Run the test suite (no network; a few minutes)
 	$(PY) -m pytest

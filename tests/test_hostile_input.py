@@ -215,3 +215,25 @@ def test_truncated_image_reason_is_readable(tiny_cfg, tiny_data_root, tmp_path):
     data = build_data({**tiny_cfg["data"], "path": str(root)}, 0)
     (skipped,) = data.skipped
     assert skipped.reason.startswith("cannot decode it (") and "0x" not in skipped.reason, skipped.reason
+
+
+@pytest.mark.slow
+def test_evaluate_writes_where_the_user_says_or_under_outputs_never_where_a_checkpoint_says(tiny_cfg, tmp_path):
+    import torch
+
+    from cxrtrack.training.run import run_experiment
+
+    tiny_cfg["training"]["epochs"] = 1
+    result = run_experiment(tiny_cfg)
+    checkpoint = tmp_path / "altered.pt"
+    state = torch.load(result.fit.checkpoint, weights_only=True)
+    state["config"]["output_dir"] = str(tmp_path / "elsewhere")  # where a hostile checkpoint would write
+    state["run_name"] = "../../escape"
+    torch.save(state, checkpoint)
+    work = tmp_path / "project"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--checkpoint", str(checkpoint)],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "escape").exists()
+    assert (work / "outputs" / "eval-escape" / "test_metrics.json").is_file()  # the name is cleaned, kept under outputs/
