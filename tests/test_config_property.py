@@ -59,7 +59,7 @@ def assert_clear(exc: ConfigError) -> None:
     assert message and "Traceback" not in message and "object at 0x" not in message
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(keys, values, max_size=6))
 def test_random_config_files_load_or_fail_clearly(tmp_path, settings_):
     nested: dict = {}
@@ -85,7 +85,7 @@ set_strings = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.lists(set_strings, max_size=4))
 def test_random_set_strings_load_or_fail_clearly(overrides):
     try:

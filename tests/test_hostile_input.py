@@ -237,3 +237,16 @@ def test_evaluate_writes_where_the_user_says_or_under_outputs_never_where_a_chec
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "escape").exists()
     assert (work / "outputs" / "eval-escape" / "test_metrics.json").is_file()  # the name is cleaned, kept under outputs/
+
+
+def test_the_reliability_doc_lists_every_case_and_names_only_real_tests():
+    import re
+
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    for case in [*BAD_ARGUMENTS, *BAD_CONFIG_FILES]:
+        assert f"[`{case}`]" in doc, case
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in (ROOT / "tests").glob("*.py")), re.M))
+    named = set(re.findall(r"\b(test_[a-z0-9_]+)\b", doc)) - {"test_config_property", "test_spool", "test_make",
+                                                               "test_secrets", "test_redaction", "test_concurrency",
+                                                               "test_outage", "test_run_endings", "test_hostile_input"}
+    assert named and named <= defined, named - defined

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrtrack import signals
 from cxrtrack.errors import TrackerError
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,8 @@ class TrackerGroup(BaseTracker):
     def _timed(self, tracker: BaseTracker, method: str, *args, **kwargs) -> None:
         start = time.perf_counter()
         try:
-            getattr(tracker, method)(*args, **kwargs)
+            with signals.critical():  # Ctrl-C / SIGTERM wait for the call to finish (a second one does not)
+                getattr(tracker, method)(*args, **kwargs)
         finally:
             self.call_times[tracker.name][method].append(time.perf_counter() - start)
 

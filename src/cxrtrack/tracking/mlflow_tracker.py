@@ -140,11 +140,32 @@ class MLflowTracker(BaseTracker):
         apply_http_settings(self.cfg)
         import mlflow
 
+        from cxrtrack.provenance import RedactingFilter
+
+        # MLflow logs through its own handler, not the project's: redact its records too (a URL, a secret value).
+        for handler in logging.getLogger("mlflow").handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())
         self._mlflow = mlflow
 
     def ping(self, timeout: float = PING_TIMEOUT) -> bool:
         """Does the store answer? For a server: any HTTP answer to ``/health`` within ``timeout`` (one try, no
-        retries); for a local store: True (the next call tells)."""
+        retries). For SQLite: can a write transaction start within 0.5 s (MLflow itself waits 20 s on a locked
+        database, ``PRAGMA busy_timeout = 20000``, so probing through it would stall every attempt)."""
+        db = sqlite_path(self.tracking_uri)
+        if db is not None:
+            import sqlite3
+
+            try:
+                con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=0.5)
+                try:
+                    con.execute("BEGIN IMMEDIATE")
+                    con.rollback()
+                finally:
+                    con.close()
+                return True
+            except sqlite3.Error:
+                return False
         if not is_http(self.tracking_uri):
             return True
         import requests

@@ -28,7 +28,7 @@ from PIL import Image
 from cxrtrack.config import deep_merge, flatten
 from cxrtrack.data.dataset import CXRData, DataCache, build_data
 from cxrtrack.data.transforms import denormalize
-from cxrtrack.errors import CXRError, RunFailedError
+from cxrtrack.errors import CXRError, RunFailedError, TrackerError
 from cxrtrack.models import build_model
 from cxrtrack.provenance import environment_tags, git_info, scrub_secrets
 from cxrtrack.tracking import FAILED, FINISHED, TrackerGroup, build_tracker
@@ -204,8 +204,12 @@ def run_experiment(
     timings["epoch_logging_s"] = 0.0
     with tracker:
         with timed(timings, "tracker_start_s"):
-            tracker.start_run(RunInfo(run_name, config, tags, group=group, job_type=job_type,
-                                      parents=dict(parents or {}), description=description))
+            try:
+                tracker.start_run(RunInfo(run_name, config, tags, group=group, job_type=job_type,
+                                          parents=dict(parents or {}), description=description))
+            except TrackerError:
+                _remove_if_empty(run_dir)  # nothing was trained: leave no empty run folder behind
+                raise
         montage = files.write("samples/train_batch_augmented.png", lambda tmp: _train_batch_montage(data, cfg["data"], tmp))
         if montage is not None:
             images["samples/train_batch_augmented.png"] = montage
@@ -285,6 +289,13 @@ def run_experiment(
             final_word(run_name, status, tracker, problems), timings["total_s"], run_dir, tracker.describe())
     return RunResult(run_name, run_dir, status, fit, test_report, params, tags, artifacts, tracker, timings, record,
                      problems)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def final_word(run_name: str, status: str, tracker: TrackerGroup, problems: dict[str, str]) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from cxrtrack import signals
 from cxrtrack.errors import NonFiniteLossError
 from cxrtrack.signals import Terminated
 from cxrtrack.tracking import FAILED, FINISHED, KILLED
@@ -148,16 +149,17 @@ class Trainer:
         start = time.perf_counter()
         bar = tqdm(self.loaders["train"], desc=f"epoch {epoch}/{self.cfg['epochs']}", unit="batch", leave=False)
         for batch, (images, labels) in enumerate(bar, 1):
-            images, labels = images.to(self.device), labels.to(self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            logits = self.model(images)
-            loss = self.criterion(logits, labels)
-            if not torch.isfinite(loss):  # before backward/step: the weights are still the last finite ones
-                raise self._non_finite("training loss", float(loss.item()), epoch, batch)
-            loss.backward()
-            if self.cfg["grad_clip_norm"]:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip_norm"])
-            self.optimizer.step()
+            with signals.critical():  # Ctrl-C / SIGTERM: this batch finishes, then the loop stops
+                images, labels = images.to(self.device), labels.to(self.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                logits = self.model(images)
+                loss = self.criterion(logits, labels)
+                if not torch.isfinite(loss):  # before backward/step: the weights are still the last finite ones
+                    raise self._non_finite("training loss", float(loss.item()), epoch, batch)
+                loss.backward()
+                if self.cfg["grad_clip_norm"]:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip_norm"])
+                self.optimizer.step()
             preds = logits.argmax(1)
             total_loss += loss.item() * len(labels)
             seen += len(labels)
@@ -234,28 +236,30 @@ class Trainer:
                     "epoch_time_s": time.perf_counter() - start,
                     "train/images_per_s": train["images_per_s"],
                 }
-                history.append(row)
+                # The end of an epoch is one step: its row, checkpoint and tracker calls all happen, or none.
+                with signals.critical():
+                    history.append(row)
 
-                score = row[self.monitor]
-                mark = ""
-                if self._improved(score, best):
-                    self.save_checkpoint(epoch, score, row)
-                    best, best_epoch, stale, mark = score, epoch, 0, " *best*"
-                    best_metrics = {k: v for k, v in row.items() if k.startswith("val/")}
-                    self.best_epoch = best_epoch
-                else:
-                    stale += 1
-                log.info(
-                    "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e | %.1fs %.0f img/s%s",
-                    epoch, self.cfg["epochs"], row["train/loss"], row["train/acc"], row["val/loss"], row["val/acc"],
-                    row["val/f1_macro"], lr, row["epoch_time_s"], row["train/images_per_s"], mark,
-                )
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    self.scheduler.step(score)
-                elif self.scheduler is not None:
-                    self.scheduler.step()
-                for callback in self.callbacks:
-                    callback(epoch, row)
+                    score = row[self.monitor]
+                    mark = ""
+                    if self._improved(score, best):
+                        self.save_checkpoint(epoch, score, row)
+                        best, best_epoch, stale, mark = score, epoch, 0, " *best*"
+                        best_metrics = {k: v for k, v in row.items() if k.startswith("val/")}
+                        self.best_epoch = best_epoch
+                    else:
+                        stale += 1
+                    log.info(
+                        "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e | %.1fs %.0f img/s%s",
+                        epoch, self.cfg["epochs"], row["train/loss"], row["train/acc"], row["val/loss"], row["val/acc"],
+                        row["val/f1_macro"], lr, row["epoch_time_s"], row["train/images_per_s"], mark,
+                    )
+                    if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        self.scheduler.step(score)
+                    elif self.scheduler is not None:
+                        self.scheduler.step()
+                    for callback in self.callbacks:
+                        callback(epoch, row)
                 if patience and stale >= patience:
                     stop_reason = f"early stopping: {self.monitor} has not improved for {patience} epochs"
                     log.info("Early stopping: %s has not improved for %d epochs (best %.4f at epoch %d).",
