@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 _MAX_PARAM_VALUE = 6000  # MLflow's limit for one param value (characters)
 PING_TIMEOUT = 3.0  # seconds: a server that does not answer /health in this time is reported at once
 # Tags that identify the process that owns a run: a run left RUNNING by a process that is gone was killed.
-HOST_TAG, PID_TAG, START_TAG, SPOOL_TAG = "cxrtrack.host", "cxrtrack.pid", "cxrtrack.process_start", "cxrtrack.spool"
+HOST_TAG, PID_TAG, START_TAG = "cxrtrack.host", "cxrtrack.pid", "cxrtrack.process_start"
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -406,14 +406,14 @@ def close_orphans(tracking_uri: str, experiment_ids: list[str], *, once: bool = 
         tags, name, run_id = run.data.tags, run.info.run_name, run.info.run_id
         if PID_TAG not in tags or process_alive(tags) is not False:
             continue  # not ours, still running, or on another machine (cannot tell)
+        from cxrtrack.tracking.spool import SPOOL_TAG, Spool
+
         spool = tags.get(SPOOL_TAG)
         if spool and replay is not None and Path(spool).is_dir():
             done.append((run_id, name, replay(Path(spool))))
             if client.get_run(run_id).info.status != "RUNNING":
                 continue
         elif spool and Path(spool, "journal.jsonl").is_file():
-            from cxrtrack.tracking.spool import Spool
-
             if Spool(Path(spool)).pending():
                 log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone; its spool %s still holds "
                             "calls: `make replay` sends them and closes the run.", name, run_id, tags[PID_TAG], spool)

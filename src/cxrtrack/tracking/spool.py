@@ -43,6 +43,7 @@ from cxrtrack.utils import write_text_atomic
 log = logging.getLogger(__name__)
 
 SPOOL_VERSION = 1
+SPOOL_TAG = "cxrtrack.spool"  # run tag: where the run's spool is, so a later process can find and send it
 
 
 class SpoolError(Exception):
@@ -234,11 +235,8 @@ class SpoolingTracker(BaseTracker):
         """Starting is never spooled: a store that cannot start a run fails before anything is trained."""
         self._run = run
         self.spool = Spool(self.output_dir / run.name / "spool" / self.name)
-        from cxrtrack.tracking.mlflow_tracker import SPOOL_TAG
-
-        tagged = RunInfo(run.name, run.config, {**run.tags, SPOOL_TAG: str(self.spool.root.resolve())}, run.group,
-                         run.job_type, run.parents, run.description)
-        self.inner.start_run(tagged if self.name == "mlflow" else run)
+        self.inner.start_run(RunInfo(run.name, run.config, {**run.tags, SPOOL_TAG: str(self.spool.root.resolve())},
+                                     run.group, run.job_type, run.parents, run.description))
 
     def end_run(self, status: str = "FINISHED") -> None:
         if self.spooling:
