@@ -180,6 +180,7 @@ def test_an_unreachable_server_at_start_is_reported_within_10_s_naming_the_setti
     assert f"The MLflow tracking server {uri} (named by {setting}) does not answer" in message
     assert "--tracker none" in message and "Nothing was trained" in message
     assert elapsed < 10, elapsed  # the bound; the check itself takes one connection attempt
+    print(f"\n[figures] unreachable server at start ({via}): refused in {elapsed:.2f} s")
     assert not os.path.exists(tiny_cfg["output_dir"]) or not os.listdir(tiny_cfg["output_dir"])  # nothing trained
 
 
