@@ -8,15 +8,31 @@ PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 PORT        ?= 5000
-MLFLOW_URI  ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+MLFLOW_URI  ?= $(or $(value MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+CONFIG      ?= configs/train.yaml
+TRACKER     ?= mlflow
+
+# User variables reach the scripts as data, never as shell code: `$(value X)` takes the text as typed
+# (make does not expand it), `shq` single-quotes it for the shell ('it'\''s'), and `unexport` keeps make
+# from expanding them into the recipes' environment. A backquote, quote, $(...) or ; in DATA or RUN_NAME
+# is therefore part of the name. ARGS is split into words on spaces (by make, not by the shell).
+# (`unexport` after the defaults above: it defines a variable, so a later `?=` would not assign it.)
+USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID OUT OUTPUTS PORT MLFLOW_URI \
+               TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS
+unexport $(USER_VARS)
+uri          = $(if $(filter command line environment,$(origin MLFLOW_URI)),$(value MLFLOW_URI),$(MLFLOW_URI))
+shq          = '$(subst ','\'',$(1))'
+opt          = $(if $(value $(1)),$(2) $(call shq,$(value $(1))))
 
 # Optional flags shared by the training and evaluation targets.
-DATA_ARG    = $(if $(DATA),--data "$(DATA)")
-TRAIN_ARGS  = $(DATA_ARG) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE)) \
-              $(if $(LR),--lr $(LR)) $(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(RUN_NAME),--run-name "$(RUN_NAME)") $(ARGS)
+DATA_ARG    = $(call opt,DATA,--data)
+TRAIN_ARGS  = $(DATA_ARG) $(call opt,EPOCHS,--epochs) $(call opt,BATCH_SIZE,--batch-size) $(call opt,LR,--lr) \
+              $(call opt,IMAGE_SIZE,--image-size) $(call opt,RUN_NAME,--run-name) \
+              $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 .PHONY: help install download mlflow-quick wandb-quick both-quick mlflow-train wandb-train train-custom \
-        mlflow-tune wandb-tune tune-benchmark mlflow-ui wandb-sync evaluate compare test test-fast lint clean clean-runs
+        mlflow-tune wandb-tune tune-benchmark mlflow-ui wandb-sync evaluate replay compare test test-fast lint clean \
+        clean-runs
 
 help: ## Show this help
 	@echo "Usage: make <target> [DATA=<folder>] [EPOCHS=n] ..."
@@ -51,31 +67,33 @@ mlflow-train: ## Full training run (configs/train.yaml) tracked in MLflow
 wandb-train: ## Full training run (configs/train.yaml) tracked in W&B
 	$(PY) scripts/train.py --config configs/train.yaml --tracker wandb $(TRAIN_ARGS)
 
-CONFIG  ?= configs/train.yaml
-TRACKER ?= mlflow
 train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG=...]
-	$(PY) scripts/train.py --config $(CONFIG) --tracker $(TRACKER) $(TRAIN_ARGS)
+	$(PY) scripts/train.py --config $(call shq,$(value CONFIG)) --tracker $(call shq,$(value TRACKER)) $(TRAIN_ARGS)
+
+# CONFIG= given by the user (command line or environment), else empty: tune and compare have their own defaults.
+USER_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(value CONFIG))
 
 # Tuning: CONFIG= is the config every trial starts from (default: the quick one), SPACE= the search space.
-TUNE_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/tune/quick.yaml)
-TUNE_ARGS   = --config "$(TUNE_CONFIG)" $(DATA_ARG) $(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS)) \
-              $(if $(STUDY),--study "$(STUDY)") $(if $(STORAGE),--storage "$(STORAGE)") $(if $(EPOCHS),--epochs $(EPOCHS)) $(ARGS)
+TUNE_ARGS   = --config $(call shq,$(or $(USER_CONFIG),configs/tune/quick.yaml)) $(DATA_ARG) $(call opt,TRIALS,--trials) \
+              $(call opt,WORKERS,--workers) $(call opt,STUDY,--study) $(call opt,STORAGE,--storage) \
+              $(call opt,EPOCHS,--epochs) $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 mlflow-tune: ## Quick Optuna search (~3 min): parent + nested trial runs in MLflow [TRIALS= WORKERS= STUDY= STORAGE= CONFIG= SPACE=]
-	$(PY) scripts/tune.py --tracker mlflow --space "$(or $(SPACE),configs/mlflow/hyperparameters.yaml)" $(TUNE_ARGS)
+	$(PY) scripts/tune.py --tracker mlflow --space $(call shq,$(or $(value SPACE),configs/mlflow/hyperparameters.yaml)) $(TUNE_ARGS)
 
 wandb-tune: ## Quick sweep from a W&B sweep file: W&B-server sweep online, local Optuna sweep offline [same + SWEEP_ID= ENGINE=]
-	$(PY) scripts/tune.py --tracker wandb --space "$(or $(SPACE),configs/wandb/sweep.yaml)" $(TUNE_ARGS) \
-		$(if $(ENGINE),--engine $(ENGINE)) $(if $(SWEEP_ID),--sweep-id $(SWEEP_ID))
+	$(PY) scripts/tune.py --tracker wandb --space $(call shq,$(or $(value SPACE),configs/wandb/sweep.yaml)) $(TUNE_ARGS) \
+		$(call opt,ENGINE,--engine) $(call opt,SWEEP_ID,--sweep-id)
 
 tune-benchmark: ## Measure per-trial overhead and trials/minute with 1 and 2 workers (writes outputs/tune/benchmark.md)
-	$(PY) scripts/tune_benchmark.py $(DATA_ARG) $(if $(TRIALS),--trials $(TRIALS))
+	$(PY) scripts/tune_benchmark.py $(DATA_ARG) $(call opt,TRIALS,--trials)
 
 mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 (PORT=... to change; same store as the runs)
-	@case "$(MLFLOW_URI)" in http://*|https://*) \
-	  echo "Runs go to the tracking server $(MLFLOW_URI): open it in your browser."; exit 0;; esac; \
-	echo "MLflow UI: http://127.0.0.1:$(PORT)  (store: $(MLFLOW_URI); Ctrl-C to stop)"; \
-	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --backend-store-uri "$(MLFLOW_URI)" --host 127.0.0.1 --port $(PORT) --workers 1
+	@uri=$(call shq,$(uri)); shown=$$(printf '%s' "$$uri" | sed -E 's#://[^/@]*@#://***@#'); \
+	case "$$uri" in http://*|https://*) \
+	  echo "Runs go to the tracking server $$shown: open it in your browser."; exit 0;; esac; \
+	echo "MLflow UI: http://127.0.0.1:"$(call shq,$(value PORT))"  (store: $$shown; Ctrl-C to stop)"; \
+	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port $(call shq,$(value PORT)) --workers 1
 
 wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	@runs=$$(ls -d wandb/offline-run-* 2>/dev/null); \
@@ -86,13 +104,14 @@ wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	  echo "       the offline runs stay in ./wandb until they are uploaded."; exit 1; }
 
 evaluate: ## Evaluate on the test split: make evaluate CHECKPOINT=outputs/<run>/checkpoints/best.pt | RUN_ID=<mlflow run>
-	$(PY) scripts/evaluate.py $(if $(CHECKPOINT),--checkpoint "$(CHECKPOINT)") $(if $(RUN_ID),--run-id $(RUN_ID)) \
-		$(DATA_ARG) $(if $(OUT),--out "$(OUT)")
+	$(PY) scripts/evaluate.py $(call opt,CHECKPOINT,--checkpoint) $(call opt,RUN_ID,--run-id) $(DATA_ARG) $(call opt,OUT,--out)
+
+replay: ## Send tracker calls spooled during an outage (outputs/*/spool) in order; close runs of killed processes
+	$(PY) scripts/replay.py $(call opt,OUTPUTS,--outputs)
 
 compare: ## Measure MLflow vs W&B on one training: make compare [QUICK=1] [REPEATS=3] [TRACKERS=...] [CONFIG=...] [DATA=...]
-	$(PY) scripts/compare.py $(if $(QUICK),--quick) $(if $(REPEATS),--repeats "$(REPEATS)") \
-		$(if $(TRACKERS),--trackers "$(TRACKERS)") $(if $(filter command line environment,$(origin CONFIG)),--config "$(CONFIG)") \
-		$(DATA_ARG) $(ARGS)
+	$(PY) scripts/compare.py $(if $(value QUICK),--quick) $(call opt,REPEATS,--repeats) $(call opt,TRACKERS,--trackers) \
+		$(if $(USER_CONFIG),--config $(call shq,$(USER_CONFIG))) $(DATA_ARG) $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 test: ## Run the test suite (no network; a few minutes)
 	$(PY) -m pytest

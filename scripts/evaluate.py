@@ -17,7 +17,7 @@ def main() -> int:
     source.add_argument("--run-id", help="an MLflow run id: its checkpoints/best.pt artifact is downloaded")
     parser.add_argument("--tracking-uri", help="MLflow store of --run-id (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.add_argument("--data", help="dataset folder (default: the data the model was trained on)")
-    parser.add_argument("--out", help="report folder (default: outputs/eval-<run name>)")
+    parser.add_argument("--out", help="report folder (default: outputs/eval-<run name> in the current folder)")
     args = parser.parse_args()
     setup_logging()
     if args.run_id:

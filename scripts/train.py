@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from cxrtrack.cli import EXIT_INTERRUPTED, add_common_arguments, run_main, setup_logging
+from cxrtrack import signals
+from cxrtrack.cli import EXIT_RUN_FAILED, add_common_arguments, run_main, setup_logging
 from cxrtrack.config import load_config
 from cxrtrack.tracking import KILLED
 from cxrtrack.training.run import run_experiment
@@ -28,7 +29,9 @@ def main() -> int:
              "run_name": args.run_name}
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
     result = run_experiment(cfg)
-    return EXIT_INTERRUPTED if result.status == KILLED else 0
+    if result.status == KILLED:
+        return signals.exit_status()  # 130 for Ctrl-C, 143 for SIGTERM
+    return 0 if result.complete else EXIT_RUN_FAILED  # a tracker does not hold all of it: the last line says what
 
 
 if __name__ == "__main__":

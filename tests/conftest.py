@@ -5,7 +5,10 @@ Nothing here touches the network, the user's home folder, or the project's own m
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -88,3 +91,34 @@ def tests_leave_the_project_alone():
     after = _project_state()
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"tests wrote into the project: {changed[:10]}"
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str = "2m"):
+    """A real, tiny file system (tmpfs) at ``path``: writes beyond ``size`` fail with ENOSPC. Needs root (CI runs
+    as root); elsewhere the test is skipped and the injected-ENOSPC tests cover the same code paths."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs ({proc.stderr.strip() or proc.returncode}); needs root. "
+                    f"The injected OSError(ENOSPC) test covers the same code path.")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``folder`` with a filler file (leaving about ``leave`` bytes); returns the filler."""
+    filler = folder / "filler.bin"
+    with open(filler, "wb") as f:
+        free = shutil.disk_usage(folder).free - leave
+        try:
+            while free > 0:
+                f.write(b"\0" * min(free, 1 << 16))
+                free -= 1 << 16
+            f.flush()
+        except OSError:
+            pass
+    return filler

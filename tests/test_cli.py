@@ -185,5 +185,5 @@ def test_make_help_lists_the_targets():
     assert proc.returncode == 0
     listed = {line.split()[0] for line in re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout).splitlines() if line.startswith("  ")}
     for target in ("install", "download", "mlflow-quick", "wandb-quick", "mlflow-train", "wandb-train", "train-custom",
-                   "mlflow-ui", "wandb-sync", "evaluate", "test", "lint", "clean"):
+                   "mlflow-ui", "wandb-sync", "evaluate", "replay", "test", "lint", "clean"):
         assert target in listed, target

@@ -26,14 +26,14 @@ def test_overrides_strings_and_typed_values():
     ("training.epochs=many", "training.epochs.*must be of type integer"),
     ("training.optimizer=rmsprop", "choose one of adam, adamw, sgd"),
     ("data.val_fraction=1.5", "between 0 and 1"),
-    ("training.epochs=0", "positive integer"),
+    ("training.epochs=0", "training.epochs' is 0; it must be an integer between 1 and"),
     ("tracking.wandb.mode=cloud", "auto, online, offline, disabled"),
     ("training.monitor=val/f1", "choose a validation metric: val/loss, val/acc, val/f1_macro"),
     ("training.monitor=train/loss", "choose a validation metric"),
     ("training.monitor=val/acc", "set training.monitor_mode=max"),
-    ("data.image_size=16", "at least 32 px"),
+    ("data.image_size=16", "an integer between 32 and 512"),
     ("model.dropout_conv=[0.1,0.2]", "list of 3 rates"),
-    ("model.dropout_dense=1.0", "Dropout rates must be in"),
+    ("model.dropout_dense=1.0", r"model.dropout_dense' is 1.0; it must be a number between 0 and 1: \[0, 1\)"),
 ])
 def test_bad_settings_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):

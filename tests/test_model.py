@@ -52,5 +52,5 @@ def test_dropout_rates_are_configurable():
 
 
 def test_too_small_input_is_a_clear_error():
-    with pytest.raises(ValueError, match="at least 32 px.*64, 128, 224, 256"):
+    with pytest.raises(ValueError, match="32 to 512 px.*got 16.*64, 128, 224, 256"):
         CustomCXRNet(image_size=16)

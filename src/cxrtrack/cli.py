@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import textwrap
 from collections.abc import Callable
 
+from cxrtrack import signals
 from cxrtrack.errors import CXRError
+from cxrtrack.provenance import RedactingFilter, redact
 
+EXIT_RUN_FAILED = 1  # the run failed, or a tracker does not hold all of it (the last line says what is missing)
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C; SIGTERM exits with 143 (128 + the signal number)
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -21,6 +25,9 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:  # every record, ours, MLflow's or W&B's, without credentials
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     for noisy in ("matplotlib", "PIL", "urllib3", "alembic", "git", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -33,14 +40,32 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_config: str) -
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def paragraph(text: str) -> str:
+    return "\nerror: " + textwrap.fill(redact(" ".join(str(text).split())), width=100, subsequent_indent="       ")
+
+
+_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+
+
 def run_main(main: Callable[[], int]) -> None:
-    """Run ``main``; a :class:`CXRError` becomes one clear paragraph on stderr and exit status 2."""
-    try:
-        code = main()
-    except CXRError as exc:
-        print("\nerror: " + textwrap.fill(str(exc), width=100, subsequent_indent="       "), file=sys.stderr)
-        code = EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        code = EXIT_INTERRUPTED
+    """Run ``main``; a :class:`CXRError` becomes one clear paragraph on stderr and its exit status (2 for bad
+    input, 1 for a failed run), Ctrl-C exits 130 and SIGTERM (handled like Ctrl-C) 143."""
+    with signals.sigterm_as_interrupt():
+        try:
+            code = main()
+        except CXRError as exc:
+            print(paragraph(str(exc)), file=sys.stderr)
+            code = exc.exit_code
+        except KeyboardInterrupt as exc:
+            print(f"\n{'terminated (' + str(exc) + ')' if isinstance(exc, signals.Terminated) else 'interrupted'}",
+                  file=sys.stderr)
+            code = signals.exit_status(exc)
+        except OSError as exc:  # outside the paths that handle it themselves: still one paragraph, never a traceback
+            what = _DISK_ERRORS.get(exc.errno, exc.strerror or type(exc).__name__)
+            where = f" at {exc.filename}" if exc.filename else ""
+            print(paragraph(f"Stopped: {what}{where} ({exc}). Free space or fix the permissions of that folder, or "
+                            f"point output_dir / DATA elsewhere, and run again."), file=sys.stderr)
+            code = EXIT_RUN_FAILED
     sys.exit(code)

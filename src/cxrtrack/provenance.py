@@ -7,14 +7,18 @@ import os
 import platform
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 REDACTED = "***REDACTED***"
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
-_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+# user:password@ in a URL; greedy up to the last "@" of the authority, so a password holding "@" is masked whole
+_URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s?#]*@", re.IGNORECASE)
 _SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+# A query parameter whose name looks like a credential: ?token=..., &api_key=..., &sig=...
+_URL_QUERY_SECRET = re.compile(r"([?&][^=&#\s]*(?:key|token|secret|password|passwd|credential|auth|sig)[^=&#\s]*=)[^&#\s]+",
+                               re.IGNORECASE)
 
 
 def _secret_values() -> set[str]:
@@ -39,9 +43,44 @@ def scrub_secrets(obj: Any, _secrets: set[str] | None = None) -> Any:
         return type(obj)(scrub_secrets(v, secrets) for v in obj)
     if isinstance(obj, str) and any(s in obj for s in secrets):
         return REDACTED
-    if isinstance(obj, str) and _URL_CREDENTIALS.search(obj):  # https://user:password@host -> https://***@host
-        return _URL_CREDENTIALS.sub(r"\1***@", obj)
+    if isinstance(obj, str):  # https://user:password@host -> https://***@host; ?token=... masked
+        return _URL_QUERY_SECRET.sub(r"\1" + REDACTED, _URL_CREDENTIALS.sub(r"\1***@", obj))
     return obj
+
+
+def redact(text: str, secrets: Iterable[str] | None = None) -> str:
+    """``text`` with URL credentials (``https://user:pass@host``, ``?token=...``) and the values of secret
+    environment variables masked. For anything the project prints or hands to a tracker as free text."""
+    text = _URL_CREDENTIALS.sub(r"\1***@", text)
+    text = _URL_QUERY_SECRET.sub(r"\1" + REDACTED, text)
+    for secret in sorted(_secret_values() if secrets is None else set(secrets), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def scrub_argv(argv: Iterable[str]) -> list[str]:
+    """A command line safe to record: ``key=value`` arguments whose key looks secret lose their value,
+    URLs lose their credentials, values of secret environment variables are masked."""
+    secrets = _secret_values()
+    out = []
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        if sep and _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            arg = f"{key}={REDACTED}"
+        out.append(redact(arg, secrets))
+    return out
+
+
+class RedactingFilter:
+    """A logging filter that masks credentials in every record it sees (attach it to a handler, so that
+    the records of MLflow, W&B and the project are all redacted before they reach the terminal)."""
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
 
 
 def git_info(cwd: Path | None = None) -> dict[str, str]:

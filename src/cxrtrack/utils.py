@@ -1,4 +1,4 @@
-"""Seeding, device selection and a timer."""
+"""Seeding, device selection, a timer and atomic file writes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,3 +51,23 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         yield
     finally:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` a temporary file beside ``path``, then rename it into place: ``path`` is either the whole
+    new file or absent, never a partial one. On any failure (a full disk, an interrupt) the temporary file is
+    removed and the exception raised."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -160,6 +160,10 @@ def _footprint(runs: list[dict], trackers: list[str], imports: dict[str, Any]) -
     return out
 
 
+def fmt_s_plain(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
+
+
 def fmt_us(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} µs"
 
@@ -215,6 +219,14 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                                     f"{(worst[1]['own_over_raw'] - 1) * 100:+.2f} % (paired medians, noisy: "
                                     f"{(paired[0] - 1) * 100:+.0f} .. {(paired[-1] - 1) * 100:+.0f} %)",
                         "met": worst[1]["own_over_raw"] <= 1.10})
+        verify = result.get("verify_offline") or {}
+        if verify.get("median_s") is not None:
+            raw_finish = ops["finish"]["raw"]["median_s"]
+            targets.append({"target": f"tracker layer adds <= 10 % to the raw {backend} finish, with the read-back check",
+                            "measured": f"+{fmt_s_plain(verify['median_s'])} per run for reading the offline run back "
+                                        f"(tracking.wandb.verify_offline), {verify['median_s'] / raw_finish:.0f}x the raw "
+                                        f"finish; a deliberate reliability cost, once per run",
+                            "met": verify["median_s"] <= 0.10 * raw_finish})
     meta = report["meta"]
     limit = 300 if meta.get("quick") else 1200
     if meta.get("wall_s") is not None:

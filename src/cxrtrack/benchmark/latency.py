@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from cxrtrack.tracking import build_tracker
 from cxrtrack.tracking.base import FINISHED, RunInfo, TrackerGroup
 
 OPS = ("start", "log_metrics", "log_params", "artifact_1mb", "artifact_20mb", "image", "finish")
@@ -89,6 +90,14 @@ class _Bench:
     def run_info(self, name: str) -> RunInfo:
         return RunInfo(name, copy.deepcopy(self.work.config), dict(self.work.tags), job_type="benchmark")
 
+    def project_group(self, backend: str, backend_cfg: dict[str, Any], experiment: str) -> TrackerGroup:
+        """The backend exactly as the trainer gets it (``build_tracker``: MLflow inside its spool wrapper)."""
+        cfg = copy.deepcopy(self.work.cfg)
+        cfg["experiment"] = experiment
+        cfg["output_dir"] = str(self.store / "outputs")
+        cfg["tracking"][backend] = backend_cfg
+        return build_tracker(backend, cfg)
+
 
 class MLflowBench(_Bench):
     def __init__(self, work, store, uri, asynchronous=False):
@@ -105,9 +114,7 @@ class MLflowBench(_Bench):
 
     # layer
     def _new_group(self) -> TrackerGroup:
-        from cxrtrack.tracking.mlflow_tracker import MLflowTracker
-
-        return TrackerGroup([MLflowTracker(self.experiment, self.cfg)])
+        return self.project_group("mlflow", self.cfg, self.experiment)
 
     def layer_start(self, name):
         self.group = self._new_group()
@@ -171,9 +178,7 @@ class WandbBench(_Bench):
         self.project = "cxr-latency"
 
     def _new_group(self) -> TrackerGroup:
-        from cxrtrack.tracking.wandb_tracker import WandbTracker
-
-        return TrackerGroup([WandbTracker(self.project, self.cfg)])
+        return self.project_group("wandb", self.cfg, self.project)
 
     def layer_start(self, name):
         self.group = self._new_group()
@@ -297,10 +302,14 @@ def layer_own_cost(bench: _Bench, n: int = 300) -> dict[str, dict[str, float]]:
         group = bench._new_group()
         for tracker in group.trackers:
             tracker.setup()  # the real import, once (cached by Python afterwards)
+            backend = getattr(tracker, "inner", tracker)  # MLflow sits inside its spool wrapper
             for attr in ("_mlflow", "_wandb"):
-                if hasattr(tracker, attr):
-                    setattr(tracker, attr, stub)
-            tracker.setup = lambda: None
+                if attr in vars(backend):
+                    setattr(backend, attr, stub)
+            backend.setup = lambda: None
+            if "ping" in dir(backend):
+                backend.ping = lambda *a, **k: None  # the /health probe of a server is network, not layer
+            backend.cfg = {**backend.cfg, "verify_offline": False}  # measured on its own: verify_offline_s
         bench.group = group
         group.start_run(bench.run_info(name))
 
@@ -315,6 +324,23 @@ def layer_own_cost(bench: _Bench, n: int = 300) -> dict[str, dict[str, float]]:
             fn(*args)
             samples[op].append(time.perf_counter() - t)
     return {op: summarise(v) for op, v in samples.items()}
+
+
+def verify_offline_cost(bench: WandbBench, n: int = 5) -> dict[str, float]:
+    """Our W&B layer reads each offline run back at its end (``tracking.wandb.verify_offline``: W&B's writer fails
+    silently on a full disk): the part of the layer's finish that is this check, timed on a finished run."""
+    tracker = bench._new_group().trackers[0]
+    tracker.setup()
+    runs = sorted(bench.store.glob("wandb/offline-run-*"))
+    if not runs:
+        return {}
+    tracker._run_dir = runs[-1]
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        tracker._verify_offline(0)
+        samples.append(time.perf_counter() - t)
+    return summarise(samples)
 
 
 def measure(backend: str, run_dir: Path, store: Path, uri: str | None = None, cycles: int = 12,
@@ -334,6 +360,7 @@ def measure(backend: str, run_dir: Path, store: Path, uri: str | None = None, cy
             for name, n in _one_run(bench, side, f"{side}-{cycle}", samples[side], calls).items():
                 errors[name] = errors.get(name, 0) + n
     own = layer_own_cost(bench)
+    verify = verify_offline_cost(bench) if isinstance(bench, WandbBench) and bench.mode == "offline" else None
     ops = {}
     for op in OPS:
         layer, raw = summarise(samples["layer"][op]), summarise(samples["raw"][op])
@@ -343,6 +370,7 @@ def measure(backend: str, run_dir: Path, store: Path, uri: str | None = None, cy
                    # the layer's own cost (stubbed client, thousands of calls) on top of the raw call
                    "own_over_raw": (raw["median_s"] + own[op]["median_s"]) / raw["median_s"]}
     return {"backend": backend, "cold_start_s": warm["start"][0], "cold_finish_s": warm["finish"][0], "ops": ops,
+            "verify_offline": verify,
             "calls_per_run": calls, "cycles": cycles, "layer_errors": errors,
             "samples": {side: dict(v) for side, v in samples.items()}}
 

@@ -285,7 +285,11 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
                                 for op in OPS]])
     out.append(("3. Per-call latency", "Median through our layer / median of the raw client call (p95 of the layer; "
                 "own: the layer's own time, measured with the client stubbed out over thousands of calls). "
-                "Cold first start per process, left out of these medians: " + ", ".join(
+                + "".join(f"The W&B layer's finish includes reading the offline run back ({b}: "
+                          f"{fmt_s(r['verify_offline']['median_s'])}), a check that W&B stored the run's end. "
+                          for b, r in report.get("latency", {}).items()
+                          if isinstance(r, dict) and (r.get("verify_offline") or {}).get("median_s"))
+                + "Cold first start per process, left out of these medians: " + ", ".join(
                     f"{b} {fmt_s(r['cold_start_s'])}" for b, r in report.get("latency", {}).items()
                     if isinstance(r, dict) and "cold_start_s" in r) + ".", ["backend", *OPS], rows))
     rows = []

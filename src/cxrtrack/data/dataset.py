@@ -15,8 +15,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
+import os
+import stat
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +40,8 @@ from cxrtrack.data.transforms import build_transforms
 from cxrtrack.errors import DataError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_FILE_BYTES = 64 * 2**20  # data.max_file_mb's default
 
 
 @dataclass(frozen=True)
@@ -140,25 +145,106 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower().replace("-", "")).strip("_")
 
 
-def list_files(split_dir: Path) -> list[tuple[Path, int]]:
-    """(file, label) for every non-hidden file in each class folder of one split, sorted."""
-    files = []
+def _describe_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def scan_class_folder(folder: Path, root: Path, max_bytes: int) -> tuple[list[Path], list[SkippedFile]]:
+    """The image files of one class folder, and every other visible entry with the reason it is skipped.
+
+    Only regular files are read: a link is followed only when its target is a regular file inside the
+    dataset folder ``root``; folders, pipes, devices, broken or looping links and files over ``max_bytes``
+    are skipped and reported. Hidden entries (``.DS_Store``, ``.ipynb_checkpoints``) are ignored silently.
+    """
+    root = root.resolve()
+    files, skipped = [], []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        return [], [SkippedFile(folder, f"cannot list the folder ({exc.strerror or exc})")]
+    for path in entries:
+        if path.name.startswith("."):
+            continue
+        link = path.is_symlink()
+        try:
+            target = path.resolve(strict=True)
+            info = target.stat()
+        except FileNotFoundError:
+            skipped.append(SkippedFile(path, "cannot read the file (broken link: its target does not exist)"))
+            continue
+        except RuntimeError:  # Python < 3.13 reports a symlink loop this way
+            skipped.append(SkippedFile(path, "cannot read the file (a link that loops back on itself)"))
+            continue
+        except OSError as exc:
+            reason = "a link that loops back on itself" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+            skipped.append(SkippedFile(path, f"cannot read the file ({reason})"))
+            continue
+        if link and not target.is_relative_to(root):
+            skipped.append(SkippedFile(path, f"a link to {target}, outside the dataset folder {root} (only files inside "
+                                             f"it are read; copy the file in instead)"))
+        elif stat.S_ISDIR(info.st_mode):
+            what = "a link to a folder" + (" that contains it (a loop)" if path.parent.resolve().is_relative_to(target)
+                                          else "") if link else "a folder"
+            skipped.append(SkippedFile(path, f"{what}, not an image (class folders are read one level deep)"))
+        elif not stat.S_ISREG(info.st_mode):
+            skipped.append(SkippedFile(path, f"{_describe_kind(info.st_mode)}, not an image file"))
+        elif info.st_size > max_bytes:
+            skipped.append(SkippedFile(path, f"{info.st_size / 2**20:,.1f} MB, over the limit of data.max_file_mb="
+                                             f"{max_bytes / 2**20:g} (raise it if the file is a real image)"))
+        else:
+            files.append(path)
+    return files, skipped
+
+
+def scan_split(split_dir: Path, root: Path | None = None,
+               max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[list[tuple[Path, int]], list[SkippedFile]]:
+    """(file, label) for every image file in each class folder of one split, sorted, and what was skipped."""
+    files, skipped = [], []
     for name, folder in class_folders(split_dir).items():
         label = CLASS_NAMES.index(name)
-        # Everything but folders and hidden files: a broken symlink is listed too, so it is reported as unreadable.
-        files += [(p, label) for p in sorted(folder.iterdir()) if not p.is_dir() and not p.name.startswith(".")]
-    return files
+        found, passed = scan_class_folder(folder, root or split_dir, max_bytes)
+        files += [(p, label) for p in found]
+        skipped += passed
+    return files, skipped
 
 
-def decode_files(files: list[tuple[Path, int]], size: int, relative_to: Path, workers: int = 2, desc: str = "") -> DecodedSplit:
+def list_files(split_dir: Path) -> list[tuple[Path, int]]:
+    """(file, label) for every image file in each class folder of one split, sorted (see :func:`scan_split`)."""
+    return scan_split(split_dir)[0]
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``, else :class:`OSError`.
+
+    Opened non-blocking and checked on the open descriptor, so a file swapped for a pipe or a device after the
+    folder was scanned is still never read from (a FIFO would block for ever, /dev/zero never ends)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{_describe_kind(info.st_mode)}, not an image file")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise OSError(errno.EFBIG, f"over the limit of data.max_file_mb={max_bytes / 2**20:g}")
+    return data
+
+
+def decode_files(files: list[tuple[Path, int]], size: int, relative_to: Path, workers: int = 2, desc: str = "",
+                 max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> DecodedSplit:
     """Read, hash and decode every file once (threads: Pillow releases the GIL while decoding)."""
 
     def work(item: tuple[Path, int]):
         path, _ = item
         try:
-            data = path.read_bytes()
+            data = read_regular_file(path, max_bytes)
         except OSError as exc:  # permission denied, broken symlink, I/O error: skipped and reported like a corrupt file
-            return f"unreadable:{type(exc).__name__}", None, f"cannot read the file ({type(exc).__name__}: {exc.strerror or exc})"
+            return f"unreadable:{type(exc).__name__}", None, f"cannot read the file ({exc.strerror or exc})"
         digest = hashlib.sha256(data).hexdigest()
         try:
             return digest, decode_image(data, size), None
@@ -181,13 +267,15 @@ def decode_files(files: list[tuple[Path, int]], size: int, relative_to: Path, wo
     return DecodedSplit(stacked, labels, paths, skipped, digests)
 
 
-def _check_classes(split: DecodedSplit, where: Path) -> None:
+def _check_classes(split: DecodedSplit, where: Path, skipped: list[SkippedFile] | None = None) -> None:
     counts = Counter(split.labels)
     empty = [name for i, name in enumerate(CLASS_NAMES) if counts.get(i, 0) == 0]
     if empty:
+        skipped = split.skipped if skipped is None else skipped
+        examples = "; ".join(f"{s.path.name}: {s.reason}" for s in skipped[:3])
         raise DataError(
             f"Class(es) {', '.join(map(repr, empty))} in {where} have no readable images"
-            f"{f' ({len(split.skipped)} file(s) could not be decoded)' if split.skipped else ''}. "
+            f"{f' ({len(skipped)} file(s) could not be decoded or read, e.g. {examples})' if skipped else ''}. "
             f"Every class needs images in every split; add images or fix the folder."
         )
 
@@ -253,16 +341,19 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> CXRData:
     if source == "synthetic":
         log.warning(SYNTHETIC_BANNER.format(path=location.root))
     size, workers = data_cfg["image_size"], data_cfg["decode_workers"]
+    max_bytes = int(data_cfg.get("max_file_mb", DEFAULT_MAX_FILE_BYTES / 2**20) * 2**20)
 
-    train_all = decode_files(list_files(location.train_dir), size, location.root, workers, "train")
-    _check_classes(train_all, location.train_dir)
+    files, skipped = scan_split(location.train_dir, location.root, max_bytes)
+    train_all = decode_files(files, size, location.root, workers, "train", max_bytes)
+    skipped += train_all.skipped
+    _check_classes(train_all, location.train_dir, skipped)
     digests = dict(train_all.digests)
-    skipped = list(train_all.skipped)
     if location.test_dir is not None:
-        test = decode_files(list_files(location.test_dir), size, location.root, workers, "test")
-        _check_classes(test, location.test_dir)
+        files, test_skipped = scan_split(location.test_dir, location.root, max_bytes)
+        test = decode_files(files, size, location.root, workers, "test", max_bytes)
+        skipped += test_skipped + test.skipped
+        _check_classes(test, location.test_dir, test_skipped + test.skipped)
         digests.update(test.digests)
-        skipped += test.skipped
         test_split = "official"
     else:
         log.warning(
@@ -274,7 +365,7 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> CXRData:
     train, val = _stratified_split(train_all, data_cfg["val_fraction"], seed, "val")
 
     for item in skipped:
-        log.warning("Skipped unreadable file %s (%s)", item.path, item.reason)
+        log.warning("Skipped %s: %s", item.path, item.reason)
     train_tf, eval_tf = build_transforms(data_cfg)
     data = CXRData(
         train=CXRDataset(train, train_tf),

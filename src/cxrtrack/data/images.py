@@ -16,10 +16,11 @@ same representation: a ``(1, size, size)`` uint8 tensor (grayscale, since the co
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as F
 
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
@@ -53,6 +54,24 @@ def to_grayscale(img: Image.Image) -> Image.Image:
     return img if img.mode == "L" else img.convert("L")
 
 
+def check_pixels(size: tuple[int, int]) -> None:
+    """Refuse an image over Pillow's decompression-bomb limit before decoding it (Pillow itself only
+    warns between 1x and 2x its limit, and a 1 MB PNG can decode to gigabytes)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = size
+    if limit is not None and width * height > limit:
+        raise UnreadableImageError(
+            f"refused as a decompression bomb: {width}x{height} = {width * height:,} pixels is over Pillow's limit of "
+            f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS)"
+        )
+
+
+def _readable(exc: BaseException) -> str:
+    """An exception as words, without Python object reprs such as ``<_io.BytesIO object at 0x...>``."""
+    text = re.sub(r"\s*<[^<>]* object at 0x[0-9a-fA-F]+>", "", str(exc)).strip()
+    return text or type(exc).__name__
+
+
 def decode_image(data: bytes, size: int) -> torch.Tensor:
     """Decode encoded image bytes into a ``(1, size, size)`` uint8 tensor.
 
@@ -63,12 +82,17 @@ def decode_image(data: bytes, size: int) -> torch.Tensor:
         raise UnreadableImageError("empty file (0 bytes)")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_pixels(img.size)
             if img.format == "JPEG":
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the size we need.
                 img.draft("L" if img.mode in ("L", "RGB") else None, (size, size))
             img.load()  # raises on truncated data (we never set LOAD_TRUNCATED_IMAGES)
             gray = to_grayscale(ImageOps.exif_transpose(img))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImageError(f"{type(exc).__name__}: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImageError(f"refused as a decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError("not an image Pillow can identify (another format, or damaged)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UnreadableImageError(f"cannot decode it ({_readable(exc)})") from None
     tensor = torch.from_numpy(np.array(gray, dtype=np.uint8, copy=True)).unsqueeze(0)
     return F.resize(tensor, [size, size], antialias=True)

@@ -26,6 +26,7 @@ _ALIASES = {
     "pneumoniaviral": "Viral Pneumonia",
 }
 _MAX_SEARCH_DEPTH = 4
+_MAX_FOLDERS_SEARCHED = 2000  # DATA=/ or DATA=~ must end in a clear error, not a walk through the whole disk
 
 
 def canonical_class(folder_name: str) -> str | None:
@@ -35,7 +36,11 @@ def canonical_class(folder_name: str) -> str | None:
 
 
 def _visible_dirs(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    """Sub-folders of ``path`` (hidden and ``__*`` ones left out); a folder we may not read has none."""
+    try:
+        return sorted(p for p in path.iterdir() if not p.name.startswith((".", "__")) and p.is_dir())
+    except OSError:  # permission denied, vanished, not a folder after all (/proc, a racing delete)
+        return []
 
 
 def _child(path: Path, name: str) -> Path | None:
@@ -100,9 +105,16 @@ def locate_dataset(path: str | Path) -> DatasetLocation:
         raise DataError(f"Data path {path} is a file; DATA= (or --data) must be a folder of images.")
 
     # Breadth-first, so the shallowest match wins (kagglehub path -> Covid19-dataset/ -> train/).
-    queue = [(path, 0)]
+    queue, searched = [(path, 0)], 0
     while queue:
         folder, depth = queue.pop(0)
+        searched += 1
+        if searched > _MAX_FOLDERS_SEARCHED:
+            raise DataError(
+                f"No chest X-ray dataset found in the first {_MAX_FOLDERS_SEARCHED} folders under {path}: DATA= (or --data) "
+                f"must point at the dataset folder itself (the one holding train/ and test/, or the class folders), "
+                f"not at a large tree such as / or your home folder."
+            )
         train = _child(folder, "train")
         if train is not None and _has_class_folders(train):
             test = _child(folder, "test")

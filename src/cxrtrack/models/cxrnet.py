@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-SUPPORTED_SIZES = (64, 128, 224, 256)
+from cxrtrack import IMAGE_SIZE_RANGE
+
+SUPPORTED_SIZES = (64, 128, 224, 256)  # the sizes the tests train at; any size in IMAGE_SIZE_RANGE works
 
 
 def _conv_block(c_in: int, c_out: int, padding: int, dropout: float | None) -> list[nn.Module]:
@@ -37,10 +39,11 @@ class CustomCXRNet(nn.Module):
         dropout_dense: float = 0.25,
     ):
         super().__init__()
-        if image_size < 32:
+        low, high = IMAGE_SIZE_RANGE
+        if not low <= image_size <= high:
             raise ValueError(
-                f"CustomCXRNet needs images of at least 32 px (four 2x poolings); got {image_size}. "
-                f"Supported sizes: {', '.join(map(str, SUPPORTED_SIZES))}."
+                f"CustomCXRNet takes images of {low} to {high} px (four 2x poolings; above {high} the dense layer "
+                f"explodes); got {image_size}. Tested sizes: {', '.join(map(str, SUPPORTED_SIZES))}."
             )
         if len(dropout_conv) != 3:
             raise ValueError(f"dropout_conv needs 3 rates (conv blocks 2-4), got {list(dropout_conv)}.")
@@ -91,3 +94,11 @@ def build_model(model_cfg: dict, data_cfg: dict, num_classes: int = 3) -> Custom
         dropout_conv=model_cfg["dropout_conv"],
         dropout_dense=model_cfg["dropout_dense"],
     )
+
+
+def load_model(checkpoint, device: str | torch.device = "cpu") -> CustomCXRNet:
+    """CustomCXRNet with the weights of a checkpoint written by the trainer (plain types: ``weights_only``)."""
+    state = torch.load(checkpoint, map_location=device, weights_only=True)
+    model = CustomCXRNet(**state["model_hparams"])
+    model.load_state_dict(state["model_state"])
+    return model.to(device).eval()

@@ -14,6 +14,8 @@ from typing import Any
 # MLflow reads this once, when it is first imported: no usage telemetry unless the user opts in.
 # workaround(mlflow): MLflow sends usage telemetry by default; opted out before its first import
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The same rule for W&B's error reporting (crash reports sent to W&B), read when its service starts.
+os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 
 from cxrtrack.errors import ConfigError
 from cxrtrack.tracking.base import FAILED, FINISHED, KILLED, BaseTracker, Predictions, TrackerGroup
@@ -21,8 +23,12 @@ from cxrtrack.tracking.base import FAILED, FINISHED, KILLED, BaseTracker, Predic
 
 def _mlflow(cfg: dict[str, Any]) -> BaseTracker:
     from cxrtrack.tracking.mlflow_tracker import MLflowTracker
+    from cxrtrack.tracking.spool import SpoolingTracker
 
-    return MLflowTracker(cfg["experiment"], cfg["tracking"]["mlflow"])
+    # Calls that fail after the start are spooled to outputs/<run>/spool/mlflow and replayed in order.
+    mlflow_cfg = cfg["tracking"]["mlflow"]
+    return SpoolingTracker(MLflowTracker(cfg["experiment"], mlflow_cfg), cfg["output_dir"],
+                           mlflow_cfg.get("reconnect_interval", 15))
 
 
 def _wandb(cfg: dict[str, Any]) -> BaseTracker:

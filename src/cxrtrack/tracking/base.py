@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cxrtrack import signals
 from cxrtrack.errors import TrackerError
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,63 @@ class BaseTracker(ABC):
         """Plain values that find this run again in its store (ids, folders): kept in ``tracked.json``."""
         return {}
 
+    def unsaved(self) -> list[Call]:
+        """Calls that returned without error but are not in the store yet (a spool waiting for its server)."""
+        return []
+
+    def where_unsaved(self) -> str | None:
+        """Where the calls of :meth:`unsaved` are kept and how to send them, for the run's last line."""
+        return None
+
+
+@dataclass
+class Call:
+    """One tracker call that did not reach its store, described for the user (not replayable by itself)."""
+
+    method: str
+    step: int | None = None  # log_metrics: the epoch
+    error: str | None = None
+
+
+_WHAT = {"log_params": "params", "set_tags": "tags", "log_summary": "final metrics", "log_predictions": "the predictions table",
+         "log_model": "the model", "end_run": "the final status", "start_run": "the run itself"}
+_DISPLAY = {"mlflow": "MLflow", "wandb": "W&B"}
+
+
+def display_name(backend: str) -> str:
+    return _DISPLAY.get(backend, backend)
+
+
+def _epochs(steps: list[int]) -> str:
+    """[1, 2, 3, 5] -> "epochs 1-3, 5"."""
+    steps, runs = sorted(set(steps)), []
+    for step in steps:
+        if runs and step == runs[-1][1] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+    return f"epoch{'s' if len(steps) > 1 else ''} {text}"
+
+
+def describe_calls(calls: list[Call]) -> str:
+    """What a list of calls held, in words: "metrics of epochs 2-3, 9 files, the model and the final status"."""
+    parts: list[str] = []
+    counts: dict[str, int] = {}
+    steps = [c.step for c in calls if c.method == "log_metrics" and c.step is not None]
+    for call in calls:
+        counts[call.method] = counts.get(call.method, 0) + 1
+    for method in dict.fromkeys(c.method for c in calls):
+        if method == "log_metrics":
+            parts.append(f"metrics of {_epochs(steps)}" if steps else "metrics")
+        elif method == "log_artifact":
+            parts.append(f"{counts[method]} file{'s' if counts[method] > 1 else ''}")
+        elif method == "log_image":
+            parts.append(f"{counts[method]} image{'s' if counts[method] > 1 else ''}")
+        else:
+            parts.append(_WHAT.get(method, method))
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
 
 class TrackerGroup(BaseTracker):
     """Fan-out to several backends, each isolated from the others and from training."""
@@ -145,13 +203,16 @@ class TrackerGroup(BaseTracker):
         self.errors: Counter[str] = Counter()
         self.max_errors = max_errors
         self.status: str | None = None
+        # backend -> calls that raised or were skipped after max_errors: not in that store (unless a spool kept them)
+        self.failed: dict[str, list[Call]] = defaultdict(list)
         # backend -> method -> seconds of every call: what each tracker costs, per call (timings.json)
         self.call_times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
 
     def _timed(self, tracker: BaseTracker, method: str, *args, **kwargs) -> None:
         start = time.perf_counter()
         try:
-            getattr(tracker, method)(*args, **kwargs)
+            with signals.critical():  # Ctrl-C / SIGTERM wait for the call to finish (a second one does not)
+                getattr(tracker, method)(*args, **kwargs)
         finally:
             self.call_times[tracker.name][method].append(time.perf_counter() - start)
 
@@ -167,13 +228,17 @@ class TrackerGroup(BaseTracker):
         return [t.name for t in self.trackers]
 
     def _call(self, method: str, *args, **kwargs) -> None:
+        step = kwargs.get("step", args[1] if method == "log_metrics" and len(args) > 1 else None)
         for tracker in self.trackers:
             if self.errors[tracker.name] >= self.max_errors and method != "end_run":
-                continue  # gave up on this backend (it already said why), but always try to close its run
+                # gave up on this backend (it already said why), but always try to close its run
+                self.failed[tracker.name].append(Call(method, step, "skipped after too many errors"))
+                continue
             try:
                 self._timed(tracker, method, *args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
                 self.errors[tracker.name] += 1
+                self.failed[tracker.name].append(Call(method, step, f"{type(exc).__name__}: {exc}"))
                 log.warning("%s tracker: %s failed (%s: %s); training continues.", tracker.name, method, type(exc).__name__, exc)
                 if self.errors[tracker.name] == self.max_errors:
                     log.warning("%s tracker: %d errors, ignoring it for the rest of this run.", tracker.name, self.max_errors)
@@ -237,6 +302,27 @@ class TrackerGroup(BaseTracker):
 
     def describe(self) -> str:
         return "; ".join(t.describe() for t in self.trackers) or "no tracker"
+
+    def problems(self) -> dict[str, str]:
+        """backend -> one sentence on what its store is missing and where it is (empty: every store has it all)."""
+        out = {}
+        for tracker in self.trackers:
+            failed, pending = self.failed.get(tracker.name, []), tracker.unsaved()
+            if not failed and not pending:
+                continue
+            text = []
+            if failed:
+                last = " ".join((failed[-1].error or "").split())[:300]
+                text.append(f"{describe_calls(failed)} not saved ({len(failed)} failed call{'s' if len(failed) > 1 else ''}; "
+                            f"last error: {last})")
+            if pending:
+                text.append(f"{describe_calls(pending)} not stored yet ({len(pending)} call{'s' if len(pending) > 1 else ''} "
+                            f"{tracker.where_unsaved() or 'pending'})")
+            out[tracker.name] = "; ".join(text)
+        return out
+
+    def unsaved_count(self) -> int:
+        return sum(len(v) for v in self.failed.values()) + sum(len(t.unsaved()) for t in self.trackers)
 
     def __enter__(self) -> TrackerGroup:
         return self

@@ -8,6 +8,15 @@ server works the same way: ``MLFLOW_TRACKING_URI=http://host:5000``.
 
 Usage telemetry is disabled (``MLFLOW_DISABLE_TELEMETRY``, set in ``cxrtrack.tracking`` before MLflow
 is first imported) unless the user has set it.
+
+Reliability: a server is given bounded HTTP timeouts and retries through MLflow's own settings
+(``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``_MAX_RETRIES`` / ``_BACKOFF_FACTOR``, from ``tracking.mlflow.http_*``
+unless already set), answered-or-not is checked in seconds before a run starts, a fresh SQLite store is
+created under an inter-process file lock (concurrent first runs would race MLflow's schema migration),
+and credentials in the URI (``http://user:pass@host``) are handed to MLflow through its
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` variables, so the URI it prints and records
+has none. Each run is tagged with its host, process id and start time, so that a run left RUNNING by a
+killed process can be found and closed (:func:`close_orphans`).
 """
 
 from __future__ import annotations
@@ -15,24 +24,96 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
 from cxrtrack.config import flatten
-from cxrtrack.tracking.base import FINISHED, BaseTracker, Predictions, RunInfo
+from cxrtrack.errors import TrackerError
+from cxrtrack.provenance import redact
+from cxrtrack.tracking.base import FINISHED, KILLED, BaseTracker, Predictions, RunInfo
 
 log = logging.getLogger(__name__)
 
 # workaround(mlflow): a param value over 6,000 characters is rejected; longer values are cut
 _MAX_PARAM_VALUE = 6000  # MLflow's limit for one param value (characters)
+PING_TIMEOUT = 3.0  # seconds: a server that does not answer /health in this time is reported at once
+# Tags that identify the process that owns a run: a run left RUNNING by a process that is gone was killed.
+HOST_TAG, PID_TAG, START_TAG = "cxrtrack.host", "cxrtrack.pid", "cxrtrack.process_start"
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
     # workaround(mlflow): the SQLite URI is set explicitly; a stray ./mlruns would switch to the deprecated file store
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def uri_source(configured: str | None) -> str:
+    """Which setting named the tracking URI, for error messages."""
+    if configured:
+        return "tracking.mlflow.tracking_uri in the config"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "the MLFLOW_TRACKING_URI environment variable"
+    return "the default (./mlflow.db)"
+
+
+def split_credentials(uri: str) -> str:
+    """``http://user:pass@host`` -> ``http://host``, handing user and password to MLflow through its own
+    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` variables (MLflow then never prints or stores them)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    if parts.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+    if parts.password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def apply_http_settings(cfg: dict[str, Any]) -> None:
+    """Bounded HTTP timeouts and retries through MLflow's own variables, unless the user set them.
+
+    MLflow's defaults (7 retries, backoff factor 2 capped at 120 s, 120 s timeout) stall each call about
+    4 minutes against a dead server; these give seconds. They are read by MLflow at every request."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(cfg.get("http_timeout") or 5)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(cfg.get("http_retries", 2))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # urllib3: 0 s, then 2 s, 4 s, ...
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _process_identity() -> dict[str, str]:
+    import psutil
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
+            START_TAG: f"{psutil.Process().create_time():.2f}"}
+
+
+def process_alive(tags: dict[str, str]) -> bool | None:
+    """Is the process that owns a run (by its tags) still running? None: it ran on another host (unknown)."""
+    import psutil
+
+    if tags.get(HOST_TAG) != socket.gethostname():
+        return None
+    try:
+        proc = psutil.Process(int(tags[PID_TAG]))
+        return abs(proc.create_time() - float(tags.get(START_TAG, 0))) < 1.0  # the pid was not reused
+    except (psutil.NoSuchProcess, ValueError, KeyError):
+        return False
+    except psutil.Error:
+        return None
 
 
 def _param_value(value: Any) -> str:
@@ -46,7 +127,8 @@ class MLflowTracker(BaseTracker):
     def __init__(self, experiment: str, cfg: dict[str, Any]):
         self.experiment = experiment
         self.cfg = cfg
-        self.tracking_uri = resolve_tracking_uri(cfg.get("tracking_uri"))
+        self.uri_source = uri_source(cfg.get("tracking_uri"))
+        self.tracking_uri = split_credentials(resolve_tracking_uri(cfg.get("tracking_uri")))
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.model_uri: str | None = None
@@ -57,17 +139,65 @@ class MLflowTracker(BaseTracker):
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self):
+        apply_http_settings(self.cfg)
         import mlflow
 
+        from cxrtrack.provenance import RedactingFilter
+
+        # MLflow logs through its own handler, not the project's: redact its records too (a URL, a secret value).
+        for handler in logging.getLogger("mlflow").handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())
         self._mlflow = mlflow
+
+    def ping(self, timeout: float = PING_TIMEOUT) -> bool:
+        """Does the store answer? For a server: any HTTP answer to ``/health`` within ``timeout`` (one try, no
+        retries). For SQLite: can a write transaction start within 0.5 s (MLflow itself waits 20 s on a locked
+        database, ``PRAGMA busy_timeout = 20000``, so probing through it would stall every attempt)."""
+        db = sqlite_path(self.tracking_uri)
+        if db is not None:
+            import sqlite3
+
+            try:
+                con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=0.5)
+                try:
+                    con.execute("BEGIN IMMEDIATE")
+                    con.rollback()
+                finally:
+                    con.close()
+                return True
+            except sqlite3.Error:
+                return False
+        if not is_http(self.tracking_uri):
+            return True
+        import requests
+
+        try:
+            requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=timeout)
+            return True
+        except requests.RequestException:
+            return False
+
+    def _check_reachable(self) -> None:
+        if is_http(self.tracking_uri) and not self.ping():
+            raise TrackerError(
+                f"The MLflow tracking server {redact(self.tracking_uri)} (named by {self.uri_source}) does not answer "
+                f"within {PING_TIMEOUT:g} s. Nothing was trained. Start the server, correct {self.uri_source}, or "
+                f"run with --tracker none (or TRACKER=none) to train without it."
+            )
 
     def start_run(self, run: RunInfo):
         mlflow = self._mlflow
+        self._check_reachable()
         mlflow.set_tracking_uri(self.tracking_uri)
         self.experiment_id = self._experiment_id()
+        try:
+            close_orphans(self.tracking_uri, [self.experiment_id], once=True)
+        except Exception as exc:  # noqa: BLE001 - housekeeping must never stop a run from starting
+            log.warning("MLflow: could not look for runs left RUNNING by killed processes (%s).", exc)
         if self.cfg.get("system_metrics"):
             mlflow.set_system_metrics_sampling_interval(self.cfg.get("system_metrics_interval") or 10)
-        tags = dict(run.tags)
+        tags = {**run.tags, **_process_identity()}
         if run.group:
             tags["group"] = run.group
         tags["job_type"] = run.job_type
@@ -88,6 +218,21 @@ class MLflowTracker(BaseTracker):
         self.log_params(run.config)
 
     def _experiment_id(self) -> str:
+        """The experiment's id, created if needed. A SQLite store is opened (its schema created or upgraded) and
+        the experiment created under an inter-process file lock: without it, processes starting together on a
+        fresh store race MLflow's migrations ("table params already exists")."""
+        db = sqlite_path(self.tracking_uri)
+        if db is None:
+            return self._get_or_create_experiment()
+        from filelock import FileLock
+
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{db}.lock", timeout=300):
+            return self._get_or_create_experiment()
+
+    def _get_or_create_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
+
         mlflow = self._mlflow
         experiment = mlflow.get_experiment_by_name(self.experiment)
         if experiment is not None:
@@ -97,7 +242,21 @@ class MLflowTracker(BaseTracker):
             location = (Path.cwd() / "mlartifacts").as_uri()
         elif location is not None and "://" not in str(location):
             location = Path(location).expanduser().resolve().as_uri()
-        return mlflow.create_experiment(self.experiment, artifact_location=location)
+        try:
+            return mlflow.create_experiment(self.experiment, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process on the same server
+            experiment = mlflow.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    def attach(self, ref: dict[str, Any]) -> None:
+        """Re-open an existing run (``run_ref()`` of the process that created it) to send it more: for replay.
+        MLflow marks it RUNNING until :meth:`end_run` sets its final status."""
+        mlflow = self._mlflow
+        mlflow.set_tracking_uri(self.tracking_uri)
+        self.experiment_id, self.run_id = ref.get("experiment_id"), ref["run_id"]
+        mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
 
     def flush(self):
         if not self._sync and self._mlflow is not None:
@@ -107,15 +266,46 @@ class MLflowTracker(BaseTracker):
         # Only the run this tracker started: never an enclosing run of the same process (a tuning study's
         # parent run stays open while its trials run in-process, and a trial that failed to start must not end it).
         active = self._mlflow.active_run() if self._mlflow is not None else None
-        if active is not None and active.info.run_id == self.run_id:
+        if active is None or active.info.run_id != self.run_id:
+            return
+        try:
             self._mlflow.end_run(status=status)  # also waits for queued asynchronous logging
+        finally:
+            self._stop_system_metrics()  # MLflow skips this when set_terminated raises (the server is down)
+
+    def abandon(self) -> None:
+        """Forget this process's handle on the run without contacting the store (its status stays as the store
+        has it): used when the end of the run is spooled for later."""
+        from mlflow.tracking import fluent
+
+        active = self._mlflow.active_run() if self._mlflow is not None else None
+        if active is not None and active.info.run_id == self.run_id:
+            stack = getattr(fluent, "_active_run_stack", None)  # internal; guarded, with a fallback below
+            if stack is not None and hasattr(stack, "get"):
+                stack.get().pop()
+                os.environ.pop("MLFLOW_RUN_ID", None)
+            else:
+                try:
+                    self._mlflow.end_run(status=KILLED)
+                except Exception:  # noqa: BLE001 - the store is down: nothing to tell it
+                    pass
+        self._stop_system_metrics()
+
+    def _stop_system_metrics(self) -> None:
+        from mlflow.tracking import fluent
+
+        monitor = getattr(fluent, "run_id_to_system_metrics_monitor", {}).pop(self.run_id, None)
+        if monitor is not None:
+            monitor.finish()
 
     # -- logging ----------------------------------------------------------------------------------
     def log_params(self, params):
         self._mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()}, synchronous=self._sync)
 
-    def log_metrics(self, metrics, step):
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=self._sync)
+    def log_metrics(self, metrics, step, timestamp_ms: int | None = None):
+        """``timestamp_ms``: when the metrics were computed (a replayed call keeps its original time)."""
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=self._sync,
+                                 timestamp=timestamp_ms)
 
     def log_summary(self, metrics):
         # MLflow has no separate summary: final values are metrics; NaN (undefined AUC) is skipped.
@@ -184,7 +374,7 @@ class MLflowTracker(BaseTracker):
                 "model_uri": self.model_uri}
 
     def describe(self):
-        where = f"MLflow run {self.run_id} in experiment '{self.experiment}' at {self.tracking_uri}"
+        where = f"MLflow run {self.run_id} in experiment '{self.experiment}' at {redact(self.tracking_uri)}"
         if self.tracking_uri.startswith("sqlite:"):
             where += " (browse with `make mlflow-ui`)"
         return where
@@ -226,3 +416,48 @@ def download_checkpoint(run_id: str, tracking_uri: str | None = None, dest: str 
             f"(MLFLOW_TRACKING_URI or --tracking-uri)."
         ) from None
     return Path(path)
+
+
+_orphans_checked: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def close_orphans(tracking_uri: str, experiment_ids: list[str], *, once: bool = False,
+                  replay=None) -> list[tuple[str, str, str]]:
+    """Find runs left RUNNING by a process of this project that is gone (killed with SIGKILL, the machine lost
+    power) and end them KILLED, saying so. A run whose spool still holds calls is replayed instead, when
+    ``replay`` (a function of the spool folder) is given, and left for `make replay` otherwise.
+
+    Returns (run id, run name, what was done) for each run it acted on or left. ``once``: at most once per
+    store and experiments in this process (every run start calls it)."""
+    key = (tracking_uri, tuple(experiment_ids))
+    if once and key in _orphans_checked:
+        return []
+    _orphans_checked.add(key)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    done = []
+    for run in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=1000):
+        tags, name, run_id = run.data.tags, run.info.run_name, run.info.run_id
+        if PID_TAG not in tags or process_alive(tags) is not False:
+            continue  # not ours, still running, or on another machine (cannot tell)
+        from cxrtrack.tracking.spool import SPOOL_TAG, Spool
+
+        spool = tags.get(SPOOL_TAG)
+        if spool and replay is not None and Path(spool).is_dir():
+            done.append((run_id, name, replay(Path(spool))))
+            if client.get_run(run_id).info.status != "RUNNING":
+                continue
+        elif spool and Path(spool, "journal.jsonl").is_file():
+            if Spool(Path(spool)).pending():
+                log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone; its spool %s still holds "
+                            "calls: `make replay` sends them and closes the run.", name, run_id, tags[PID_TAG], spool)
+                done.append((run_id, name, f"left for `make replay` (spool {spool})"))
+                continue
+        client.set_tag(run_id, "cxrtrack.closed_by", f"a later run: process {tags[PID_TAG]} on {tags[HOST_TAG]} was "
+                                                     f"gone at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        client.set_terminated(run_id, KILLED)
+        log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone (killed?): marked KILLED.",
+                    name, run_id, tags[PID_TAG])
+        done.append((run_id, name, "marked KILLED"))
+    return done

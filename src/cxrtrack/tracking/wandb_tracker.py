@@ -14,17 +14,39 @@ versioned ``model`` artifact with aliases; and W&B's built-in system metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cxrtrack import signals
+from cxrtrack.provenance import scrub_argv
 from cxrtrack.tracking.base import FINISHED, KILLED, BaseTracker, Predictions, RunInfo
 
 log = logging.getLogger(__name__)
 
-_EXIT_CODES = {FINISHED: 0, "FAILED": 1, KILLED: 130}  # 130: the shell's code for Ctrl-C
+_EXIT_CODES = {FINISHED: 0, "FAILED": 1, KILLED: 130}  # 130: the shell's code for Ctrl-C; SIGTERM: 143
+
+
+class WandbStoreError(Exception):
+    """W&B did not store (all of) an offline run, although its calls returned (its writer failed)."""
+
+
+@contextmanager
+def scrubbed_argv() -> Iterator[None]:
+    """W&B records ``sys.argv`` in its run metadata when ``wandb.init`` sends its settings: during that call
+    only, the command line is the scrubbed one (credentials in URLs and secret ``--set`` values masked)."""
+    original = sys.argv
+    sys.argv = [original[0], *scrub_argv(original[1:])] if original else original
+    try:
+        yield
+    finally:
+        sys.argv = original
 
 
 # workaround(wandb): wandb.init raises without an API key and a terminal (it never falls back to offline), so
@@ -101,14 +123,16 @@ class WandbTracker(BaseTracker):
             job_type=run.job_type,
         )
         try:
-            self.run = wandb.init(mode=self.mode, settings=self._settings(), **init)
+            with scrubbed_argv():
+                self.run = wandb.init(mode=self.mode, settings=self._settings(), **init)
         except Exception as exc:
             if not fallback:
                 raise
             log.warning("W&B: could not reach the server (%s: %s); logging this run offline instead.",
                         type(exc).__name__, str(exc).splitlines()[0][:200])
             self.mode = "offline"
-            self.run = wandb.init(mode="offline", settings=self._settings(), **init)
+            with scrubbed_argv():
+                self.run = wandb.init(mode="offline", settings=self._settings(), **init)
         self._run_dir = Path(self.run.settings.sync_dir)
         self._run_id = self.run.id
         self._url = self.run.url if self.mode == "online" else None
@@ -126,6 +150,8 @@ class WandbTracker(BaseTracker):
     def _settings(self):
         return self._wandb.Settings(
             silent=True,  # we print one line of our own instead of W&B's banner
+            # Console capture holds what the terminal shows: the project's and MLflow's lines are redacted at the
+            # source (URLs, secrets), and W&B records the command line scrubbed (scrubbed_argv).
             init_timeout=float(self.cfg.get("init_timeout") or 30),
             x_stats_sampling_interval=float(self.cfg.get("system_metrics_interval") or 15),
             x_transaction_log_flush_interval=5.0,  # a hard kill loses at most ~5 s of an offline run
@@ -150,8 +176,34 @@ class WandbTracker(BaseTracker):
         if self.run is not None:
             self.flush()
             self.run.summary["status"] = status
-            self.run.finish(exit_code=_EXIT_CODES.get(status, 1))
+            code = signals.exit_status() if status == KILLED and signals.received() else _EXIT_CODES.get(status, 1)
+            self.run.finish(exit_code=code)
             self.run = None
+            if self.mode == "offline" and self.cfg.get("verify_offline", True):
+                self._verify_offline(code)
+
+    def _verify_offline(self, exit_code: int) -> None:
+        """W&B's writer reports a failure (a full disk) only in its own log, and ``finish`` returns as if all was
+        well: read the run back (``wandb leet``, ~0.6 s) and raise if its end is not in the file."""
+        from cxrtrack.tracking.readback import wandb_leet
+
+        stored, reason = None, ""
+        try:
+            stored = json.loads(wandb_leet(self._run_dir, "--summary", timeout=60)).get("exit_code")
+        except Exception as exc:  # noqa: BLE001 - an unreadable run is what this check is for
+            reason = f"it cannot be read back: {type(exc).__name__}"
+        if stored == exit_code:
+            return
+        log_file = self._run_dir / "logs" / "debug-internal.log"
+        try:
+            errors = [line for line in log_file.read_text(errors="replace").splitlines() if '"level":"ERROR"' in line]
+            if errors:  # e.g. "writer: ...: write <path>/run-x.wandb: no space left on device": keep the cause
+                first = json.loads(errors[0]).get("msg", errors[0])
+                reason = f"its writer failed: {first.rsplit(': ', 1)[-1][:200]}"
+        except (OSError, ValueError):
+            pass
+        raise WandbStoreError(f"W&B did not store the end of the offline run in {self._run_dir} ({reason or 'no exit record'}); "
+                              f"what W&B wrote before that is all it holds")
 
     # -- logging ----------------------------------------------------------------------------------
     def log_params(self, params):

@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +19,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from cxrtrack.config import RUN_NAME_PATTERN, validate, with_defaults
 from cxrtrack.data.dataset import CXRData, build_data, slug
-from cxrtrack.errors import CXRError
+from cxrtrack.errors import ConfigError, CXRError
 from cxrtrack.models import CustomCXRNet
 from cxrtrack.tracking import Predictions
 from cxrtrack.training import plots
 from cxrtrack.training.metrics import classification_metrics, confusion, report_text
 from cxrtrack.training.trainer import EvalOutput, build_criterion, evaluate_model
-from cxrtrack.utils import select_device
+from cxrtrack.utils import atomic_write, select_device, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +85,17 @@ def write_report(report: TestReport, out_dir: Path, figures: dict[str, Any]) -> 
         "report": out_dir / "classification_report.txt",
         "predictions": out_dir / "test_predictions.csv",
     }
-    paths["metrics"].write_text(json.dumps(report.tracked_metrics(), indent=2, allow_nan=True))
+    write_text_atomic(paths["metrics"], json.dumps(report.tracked_metrics(), indent=2, allow_nan=True))
     cm = "\n".join("  ".join(f"{v:4d}" for v in row) for row in report.confusion)
-    paths["report"].write_text(f"{report.report}\nConfusion matrix (rows: true, columns: predicted)\n{cm}\n")
+    write_text_atomic(paths["report"], f"{report.report}\nConfusion matrix (rows: true, columns: predicted)\n{cm}\n")
     p = report.predictions
     lines = ["path,true,pred," + ",".join(f"p_{slug(c)}" for c in p.class_names)]
     for i in range(len(p.y_true)):
         probs = ",".join(f"{v:.6f}" for v in p.probs[i])
         lines.append(f"\"{p.paths[i]}\",{p.class_names[p.y_true[i]]},{p.class_names[p.y_pred[i]]},{probs}")
-    paths["predictions"].write_text("\n".join(lines) + "\n")
+    write_text_atomic(paths["predictions"], "\n".join(lines) + "\n")
     for name, fig in figures.items():
-        paths[name] = out_dir / "plots" / name
-        paths[name].parent.mkdir(exist_ok=True)
-        fig.savefig(paths[name], dpi=110)
+        paths[name] = atomic_write(out_dir / "plots" / name, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
     return paths
 
 
@@ -129,6 +129,15 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), ckpt
 
 
+def default_eval_dir(ckpt: dict[str, Any], checkpoint: str | Path) -> Path:
+    """``outputs/eval-<run name>`` under the current project: never the folder a checkpoint says (a checkpoint
+    from elsewhere, or altered, must not choose where files are written)."""
+    name = str(ckpt.get("run_name") or Path(checkpoint).stem)
+    if not RUN_NAME_PATTERN.fullmatch(name):
+        name = re.sub(r"[^\w.+=@,-]", "_", name).lstrip("._-")[:128] or "checkpoint"
+    return Path("outputs") / f"eval-{name}"
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, out_dir: str | Path | None = None,
                         device: str = "auto") -> tuple[TestReport, Path]:
     """Evaluate a saved checkpoint on the test split of ``data_path``.
@@ -138,7 +147,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ou
     """
     dev = select_device(device)
     model, ckpt = load_checkpoint(checkpoint, dev)
-    cfg = copy.deepcopy(ckpt["config"])
+    try:
+        cfg = with_defaults(copy.deepcopy(ckpt["config"]))
+        validate(cfg)  # a checkpoint is input too: its settings are checked like a config file's
+    except (ConfigError, KeyError, TypeError, AttributeError) as exc:
+        raise CXRError(f"{checkpoint} holds settings this project cannot use ({exc}); it was not written by this "
+                       f"version of cxrtrack, or it was altered.") from None
     trained_on = ckpt.get("dataset", {})
     cfg["data"]["path"] = data_path or trained_on.get("root") or cfg["data"]["path"]
     data = build_data(cfg["data"], cfg["seed"])
@@ -150,7 +164,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ou
                            f"(--data) to evaluate on other data on purpose.")
         log.warning("Evaluating on other data than the model was trained on: %s.", message)
     criterion = build_criterion(cfg["training"], data.train.labels, dev)  # the loss as training reported it
-    out = Path(out_dir) if out_dir else Path(cfg["output_dir"]) / f"eval-{ckpt.get('run_name', Path(checkpoint).stem)}"
+    out = Path(out_dir) if out_dir else default_eval_dir(ckpt, checkpoint)
     report, _ = report_on_test(model, data.loaders(cfg["data"]["batch_size"])["test"], data, criterion, dev, out,
                                cfg["evaluation"]["n_prediction_images"])
     return report, out

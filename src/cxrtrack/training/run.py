@@ -28,15 +28,16 @@ from PIL import Image
 from cxrtrack.config import deep_merge, flatten
 from cxrtrack.data.dataset import CXRData, DataCache, build_data
 from cxrtrack.data.transforms import denormalize
+from cxrtrack.errors import CXRError, RunFailedError, TrackerError
 from cxrtrack.models import build_model
 from cxrtrack.provenance import environment_tags, git_info, scrub_secrets
 from cxrtrack.tracking import FAILED, FINISHED, TrackerGroup, build_tracker
-from cxrtrack.tracking.base import RunInfo
+from cxrtrack.tracking.base import RunInfo, display_name
 from cxrtrack.tracking.readback import RunRecord
 from cxrtrack.training import plots
 from cxrtrack.training.evaluate import TestReport, report_on_test
 from cxrtrack.training.trainer import EpochCallback, FitResult, Trainer, build_criterion
-from cxrtrack.utils import seed_everything, select_device, timed
+from cxrtrack.utils import atomic_write, seed_everything, select_device, timed
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,12 @@ class RunResult:
     tracker: TrackerGroup | None = None
     timings: dict[str, float] = field(default_factory=dict)
     record: RunRecord | None = None  # what was sent to the trackers
+    problems: dict[str, str] = field(default_factory=dict)  # tracker -> what its store does not hold (yet)
+
+    @property
+    def complete(self) -> bool:
+        """Every store holds everything the run sent."""
+        return not self.problems
 
 
 def make_run_name(cfg: dict[str, Any]) -> str:
@@ -66,6 +73,55 @@ def make_run_name(cfg: dict[str, Any]) -> str:
 def run_config(safe_cfg: dict[str, Any], data_summary: dict[str, Any], n_params: int, device: str) -> dict[str, Any]:
     """The nested configuration a run records: the secret-free config plus what was derived at run time."""
     return deep_merge(safe_cfg, {"dataset": data_summary, "model": {"num_parameters": n_params}, "device": device})
+
+
+def claim_run_dir(cfg: dict[str, Any]) -> tuple[str, Path]:
+    """A run name and its own new folder under ``output_dir``: ``mkdir`` without ``exist_ok`` is atomic, so two
+    runs started in the same second (or a run name used before) never share a folder; the later one gets a
+    ``-2``, ``-3``, ... suffix, which its tracked runs carry too."""
+    base_name, root = make_run_name(cfg), Path(cfg["output_dir"])
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            name = base_name if n == 1 else f"{base_name}-{n}"
+            try:
+                (root / name).mkdir()
+            except FileExistsError:
+                continue
+            if n > 1:
+                log.info("%s already exists (another run): this run is named %s.", root / base_name, name)
+            return name, root / name
+    except OSError as exc:
+        raise CXRError(
+            f"Cannot create the run folder under {root} ({exc.strerror or exc}). Free space or fix the permissions "
+            f"there, or set output_dir to another folder (--set output_dir=...). Nothing was trained."
+        ) from None
+    raise CXRError(f"{root} already holds 999 runs named {base_name}-*; pick another run name.")
+
+
+class RunFiles:
+    """The run's files in ``outputs/<run>/``, each written atomically; what could not be written (a full disk)
+    is remembered instead of raised, so the run can still hand everything else to the trackers and then say
+    exactly what is missing."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.lost: dict[str, str] = {}  # relative path -> why it is not on disk
+
+    def write(self, rel: str, write) -> Path | None:
+        path = self.run_dir / rel
+        try:
+            return atomic_write(path, write)
+        except OSError as exc:
+            self.lost_file(rel, exc)
+            return None
+
+    def text(self, rel: str, text: str) -> Path | None:
+        return self.write(rel, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    def lost_file(self, rel: str, exc: OSError) -> None:
+        self.lost[rel] = exc.strerror or str(exc)
+        log.error("Could not write %s (%s).", self.run_dir / rel, self.lost[rel])
 
 
 def run_experiment(
@@ -85,6 +141,10 @@ def run_experiment(
     a :class:`DataCache` (or an already built :class:`CXRData` matching ``cfg``). ``callbacks`` are
     called after every epoch besides the trackers' (e.g. Optuna pruning). ``group``, ``job_type``,
     ``parents`` and ``description`` place the tracked run in a hierarchy (see :class:`RunInfo`).
+
+    How it ends: a :class:`RunResult` for a FINISHED or KILLED run (``result.problems`` lists what a tracker
+    does not hold yet, e.g. calls waiting in a spool); a FAILED run raises after its trackers were closed
+    FAILED: :class:`RunFailedError` (one paragraph: what was lost, where the rest is) or the original exception.
     """
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -99,9 +159,8 @@ def run_experiment(
             data = build_data(cfg["data"], cfg["seed"])
 
     model = build_model(cfg["model"], cfg["data"])
-    run_name = make_run_name(cfg)
-    run_dir = Path(cfg["output_dir"]) / run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_name, run_dir = claim_run_dir(cfg)
+    files = RunFiles(run_dir)
 
     summary = data.summary()
     safe_cfg = scrub_secrets(cfg)  # the only form of the config that leaves this process (trackers, files)
@@ -145,33 +204,48 @@ def run_experiment(
     timings["epoch_logging_s"] = 0.0
     with tracker:
         with timed(timings, "tracker_start_s"):
-            tracker.start_run(RunInfo(run_name, config, tags, group=group or cfg["tracking"]["group"], job_type=job_type,
-                                      parents=dict(parents or {}), description=description))
-        images["samples/train_batch_augmented.png"] = _train_batch_montage(data, cfg["data"], run_dir)
-        tracker.log_image(images["samples/train_batch_augmented.png"], "samples/train_batch_augmented.png",
-                          caption="augmented training images as the model sees them")
+            try:
+                tracker.start_run(RunInfo(run_name, config, tags, group=group or cfg["tracking"]["group"],
+                                          job_type=job_type, parents=dict(parents or {}), description=description))
+            except TrackerError:
+                _remove_if_empty(run_dir)  # nothing was trained: leave no empty run folder behind
+                raise
+        montage = files.write("samples/train_batch_augmented.png", lambda tmp: _train_batch_montage(data, cfg["data"], tmp))
+        if montage is not None:
+            images["samples/train_batch_augmented.png"] = montage
+            tracker.log_image(montage, "samples/train_batch_augmented.png",
+                              caption="augmented training images as the model sees them")
         if data.skipped:
-            artifacts["data/skipped_files.txt"] = run_dir / "skipped_files.txt"
-            artifacts["data/skipped_files.txt"].write_text("".join(f"{s.path}\t{s.reason}\n" for s in data.skipped))
+            path = files.text("skipped_files.txt", "".join(f"{s.path}\t{s.reason}\n" for s in data.skipped))
+            if path is not None:
+                artifacts["data/skipped_files.txt"] = path
 
         with timed(timings, "fit_s"):
             fit = trainer.fit()
+        if isinstance(fit.error, OSError):  # the checkpoint could not be written (a full disk)
+            files.lost_file("checkpoints/best.pt", fit.error)
 
         with timed(timings, "test_eval_s"):  # evaluation and files on disk: no tracker involved
-            artifacts.update(_write_run_files(safe_cfg, fit, run_dir))
+            artifacts.update(_write_run_files(safe_cfg, fit, files))
             summary_metrics: dict[str, float] = {}
             if fit.best_epoch is not None:
                 artifacts["checkpoints/best.pt"] = fit.checkpoint
                 summary_metrics = {"best_epoch": fit.best_epoch, **{f"best_{k}": v for k, v in fit.best_metrics.items()},
                                    "epochs_completed": len(fit.history)}
-                if fit.status == FINISHED and cfg["evaluation"]["run_test"]:
-                    test_report, paths = _final_evaluation(trainer, data, fit, cfg, run_dir)
-                    summary_metrics.update(test_report.tracked_metrics())
-                    artifacts.update({f"reports/{paths[k].name}": paths[k] for k in ("metrics", "report", "predictions")})
-                    images.update({f"plots/{name}": paths[name] for name in
-                                   ("confusion_matrix.png", "roc_curves.png", "test_predictions.png")})
+                if fit.status == FINISHED and cfg["evaluation"]["run_test"] and not files.lost:
+                    try:
+                        test_report, paths = _final_evaluation(trainer, data, fit, cfg, run_dir)
+                    except OSError as exc:
+                        files.lost_file("reports/ and plots/ of the test evaluation", exc)
+                    else:
+                        summary_metrics.update(test_report.tracked_metrics())
+                        artifacts.update({f"reports/{paths[k].name}": paths[k] for k in ("metrics", "report", "predictions")})
+                        images.update({f"plots/{name}": paths[name] for name in
+                                       ("confusion_matrix.png", "roc_curves.png", "test_predictions.png")})
             if fit.history:
-                images["plots/training_curves.png"] = _training_curves(fit, cfg, run_dir)
+                curves = files.write("plots/training_curves.png", lambda tmp: _training_curves(fit, cfg, tmp))
+                if curves is not None:
+                    images["plots/training_curves.png"] = curves
 
         with timed(timings, "report_upload_s"):
             if summary_metrics:
@@ -194,68 +268,104 @@ def run_experiment(
                     **{k: v for k, v in test_report.tracked_metrics().items() if "/" in k},
                 })
                 record.models.append("CustomCXRNet")
+        # The run's own record lost on a full disk is a failed run, whatever training did.
+        status = FAILED if fit.error is not None or (files.lost and fit.status == FINISHED) else fit.status
         record.summary = summary_metrics
         record.artifacts = sorted(artifacts)
         record.images = sorted(images)
-        record.status = FAILED if fit.error is not None else fit.status
-        if fit.error is not None:
-            _write_run_record(run_dir, record, tracker, timings, t0)
-            raise fit.error  # after the history and checkpoint reached the trackers; the run ends FAILED
+        record.status = status
         with timed(timings, "tracker_end_s"):
-            tracker.end_run(fit.status)
+            tracker.end_run(status)
 
-    status = fit.status
-    _write_run_record(run_dir, record, tracker, timings, t0)
+    _write_run_record(files, record, tracker, timings, t0)
+    problems = {display_name(k): v for k, v in tracker.problems().items()}
+    if status == FAILED:
+        raise _failure(run_name, run_dir, fit, files, tracker, problems)
     log.info("Time: data %.1fs, training %.1fs (tracker logging %.2fs), tracker start %.1fs, test evaluation %.1fs, "
              "final logging %.1fs + model %.1fs, tracker end %.1fs",
              timings["data_s"], timings["fit_s"], timings["epoch_logging_s"], timings["tracker_start_s"],
              timings["test_eval_s"], timings["report_upload_s"], timings["model_export_s"], timings["tracker_end_s"])
-    if tracker.errors:
-        log.warning("Tracker errors during this run: %s (see the warnings above).", dict(tracker.errors))
-    log.info("Run %s %s in %.1fs. Local files: %s. %s", run_name, status, timings["total_s"], run_dir, tracker.describe())
-    return RunResult(run_name, run_dir, status, fit, test_report, params, tags, artifacts, tracker, timings, record)
+    log.log(logging.WARNING if problems else logging.INFO, "%s in %.1fs. Local files: %s. %s",
+            final_word(run_name, status, tracker, problems), timings["total_s"], run_dir, tracker.describe())
+    return RunResult(run_name, run_dir, status, fit, test_report, params, tags, artifacts, tracker, timings, record,
+                     problems)
 
 
-def _write_run_record(run_dir: Path, record: RunRecord, tracker: TrackerGroup, timings: dict[str, float], t0: float) -> None:
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def final_word(run_name: str, status: str, tracker: TrackerGroup, problems: dict[str, str]) -> str:
+    """"Run x FINISHED" or "Run x FINISHED with 3 tracker errors (MLflow: the model and the final status not saved
+    ...)": the terminal says what the stores hold."""
+    if not problems:
+        return f"Run {run_name} {status}"
+    n = tracker.unsaved_count()
+    return (f"Run {run_name} {status} with {n} tracker error{'s' if n != 1 else ''} "
+            f"({'; '.join(f'{k}: {v}' for k, v in problems.items())})")
+
+
+def _failure(run_name: str, run_dir: Path, fit: FitResult, files: RunFiles, tracker: TrackerGroup,
+             problems: dict[str, str]) -> BaseException:
+    """The exception a FAILED run ends with: its own paragraph for a non-finite loss, one paragraph saying what
+    was lost and where the rest is for a full disk, the original exception for anything else."""
+    kept = [f"the best checkpoint of epoch {fit.best_epoch} ({fit.checkpoint})"] if fit.best_epoch else []
+    kept += [f"{display_name(t.name)}: {t.describe()}" for t in tracker.trackers]
+    tail = (f" Kept: {'; '.join(kept)}." if kept else "") + (
+        f" Trackers: {'; '.join(f'{k}: {v}' for k, v in problems.items())}." if problems else "")
+    if isinstance(fit.error, CXRError):
+        error = (type(fit.error) if isinstance(fit.error, RunFailedError) else RunFailedError)(f"{fit.error}{tail}")
+        error.__cause__ = fit.error
+        return error
+    if files.lost:
+        first, reason = next(iter(files.lost.items()))
+        what = f"{reason} (writing {first})"
+        return RunFailedError(
+            f"Run {run_name} FAILED: {what}. Not saved in {run_dir}: {', '.join(files.lost)}; no partial file was left "
+            f"in their place.{tail} Free space under {run_dir.parent} (or set output_dir elsewhere) and train again."
+        )
+    if fit.error is not None:
+        log.error("%s.", final_word(run_name, FAILED, tracker, problems))
+        return fit.error
+    return RunFailedError(f"Run {run_name} FAILED.{tail}")
+
+
+def _write_run_record(files: RunFiles, record: RunRecord, tracker: TrackerGroup, timings: dict[str, float], t0: float) -> None:
     """tracked.json (what the trackers were sent, with each backend's run reference) and timings.json."""
     timings["total_s"] = time.perf_counter() - t0
-    record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers}}
-    (run_dir / "tracked.json").write_text(record.to_json())
-    (run_dir / "timings.json").write_text(json.dumps(
-        {"trackers": tracker.names, **timings, "calls": tracker.call_summary()}, indent=2))
+    record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers},
+                    "unsaved": {display_name(k): v for k, v in tracker.problems().items()}}
+    files.text("tracked.json", record.to_json())
+    files.text("timings.json", json.dumps({"trackers": tracker.names, **timings, "calls": tracker.call_summary()}, indent=2))
 
 
-def _train_batch_montage(data: CXRData, data_cfg: dict[str, Any], run_dir: Path) -> Path:
+def _train_batch_montage(data: CXRData, data_cfg: dict[str, Any], path: Path) -> None:
     """One augmented training batch, as the model sees it (after the train transform)."""
     n = min(16, len(data.train))
     batch = torch.stack([data.train[i][0] for i in range(n)])
     images = (denormalize(batch[:, 0], data_cfg) * 255).round().to(torch.uint8).numpy()
-    path = run_dir / "samples" / "train_batch_augmented.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(plots.image_montage(images)).save(path)
-    return path
+    Image.fromarray(plots.image_montage(images)).save(path, format="PNG")
 
 
-def _training_curves(fit: FitResult, cfg: dict[str, Any], run_dir: Path) -> Path:
+def _training_curves(fit: FitResult, cfg: dict[str, Any], path: Path) -> None:
     fig = plots.training_curves(fit.history, cfg["training"]["monitor"], fit.best_epoch)
-    path = run_dir / "plots" / "training_curves.png"
     try:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")
     finally:
         plt.close(fig)
-    return path
 
 
-def _write_run_files(safe_cfg: dict[str, Any], fit: FitResult, run_dir: Path) -> dict[str, Path]:
-    (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-    history = run_dir / "history.json"
-    history.write_text(json.dumps({"best_epoch": fit.best_epoch, "monitor": safe_cfg["training"]["monitor"],
-                                   "best_score": fit.best_score, "status": fit.status,
-                                   "stopped_early": fit.stopped_early, "stop_reason": fit.stop_reason,
-                                   "epochs": fit.history}, indent=2))
-    config = run_dir / "config.yaml"
-    config.write_text(yaml.safe_dump(safe_cfg, sort_keys=False))
-    return {"history.json": history, "config.yaml": config}
+def _write_run_files(safe_cfg: dict[str, Any], fit: FitResult, files: RunFiles) -> dict[str, Path]:
+    status = FAILED if fit.error is not None else fit.status
+    history = files.text("history.json", json.dumps({
+        "best_epoch": fit.best_epoch, "monitor": safe_cfg["training"]["monitor"], "best_score": fit.best_score,
+        "status": status, "stopped_early": fit.stopped_early, "stop_reason": fit.stop_reason, "epochs": fit.history,
+    }, indent=2))
+    config = files.text("config.yaml", yaml.safe_dump(safe_cfg, sort_keys=False))
+    return {name: path for name, path in (("history.json", history), ("config.yaml", config)) if path is not None}
 
 
 def _final_evaluation(trainer: Trainer, data: CXRData, fit: FitResult, cfg, run_dir: Path) -> tuple[TestReport, dict[str, Path]]:

@@ -12,6 +12,7 @@ to the trackers before re-raising it.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import time
@@ -26,8 +27,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from cxrtrack import signals
+from cxrtrack.errors import NonFiniteLossError
+from cxrtrack.signals import Terminated
 from cxrtrack.tracking import FAILED, FINISHED, KILLED
 from cxrtrack.training.metrics import epoch_metrics
+from cxrtrack.utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +140,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.monitor, self.mode = cfg["monitor"], cfg["monitor_mode"]
+        self.best_epoch: int | None = None
 
     # -- one pass ---------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
@@ -142,15 +148,18 @@ class Trainer:
         total_loss, seen, correct, y_true, y_pred = 0.0, 0, 0, [], []
         start = time.perf_counter()
         bar = tqdm(self.loaders["train"], desc=f"epoch {epoch}/{self.cfg['epochs']}", unit="batch", leave=False)
-        for images, labels in bar:
-            images, labels = images.to(self.device), labels.to(self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            logits = self.model(images)
-            loss = self.criterion(logits, labels)
-            loss.backward()
-            if self.cfg["grad_clip_norm"]:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip_norm"])
-            self.optimizer.step()
+        for batch, (images, labels) in enumerate(bar, 1):
+            with signals.critical():  # Ctrl-C / SIGTERM: this batch finishes, then the loop stops
+                images, labels = images.to(self.device), labels.to(self.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                logits = self.model(images)
+                loss = self.criterion(logits, labels)
+                if not torch.isfinite(loss):  # before backward/step: the weights are still the last finite ones
+                    raise self._non_finite("training loss", float(loss.item()), epoch, batch)
+                loss.backward()
+                if self.cfg["grad_clip_norm"]:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip_norm"])
+                self.optimizer.step()
             preds = logits.argmax(1)
             total_loss += loss.item() * len(labels)
             seen += len(labels)
@@ -165,6 +174,17 @@ class Trainer:
     def evaluate(self, loader: DataLoader) -> EvalOutput:
         return evaluate_model(self.model, loader, self.device, self.criterion)
 
+    def _non_finite(self, what: str, value: float, epoch: int, batch: int | None = None) -> NonFiniteLossError:
+        where = f"epoch {epoch}" + (f", batch {batch}" if batch else "")
+        clip = self.cfg.get("grad_clip_norm")
+        return NonFiniteLossError(
+            f"Training stopped at {where}: the {what} is {value} (not a finite number), so nothing after this point "
+            f"can be trusted. Likely causes: a learning rate too high for this model (training.lr={self.cfg['lr']}; try "
+            f"10x lower), {'no gradient clipping (training.grad_clip_norm=null; try 5.0)' if not clip else f'gradients that explode despite clipping at {clip}'}, "
+            f"or inputs that overflow (check data.normalize_std). The run is marked FAILED; the best checkpoint "
+            f"{'of an earlier epoch is kept' if self.best_epoch else 'was never written'} (weights that are not finite are never saved)."
+        )
+
     # -- the loop ---------------------------------------------------------------------------------
     def _improved(self, score: float, best: float | None) -> bool:
         if best is None:
@@ -173,6 +193,11 @@ class Trainer:
         return score < best - delta if self.mode == "min" else score > best + delta
 
     def save_checkpoint(self, epoch: int, score: float, metrics: dict[str, float]) -> None:
+        """Write the best checkpoint atomically (a temporary file renamed into place, removed if the write fails,
+        e.g. on a full disk); weights that are not finite are refused, never saved as "best"."""
+        bad = [name for name, t in self.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise self._non_finite(f"model weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})", float("nan"), epoch)
         state = {
             "model_state": self.model.state_dict(),
             "model_hparams": getattr(self.model, "hparams", {}),
@@ -182,22 +207,26 @@ class Trainer:
             "metrics": metrics,
             **self.checkpoint_extra,
         }
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        tmp.replace(self.checkpoint_path)  # never leave a half-written checkpoint
+        # Serialised in memory first: torch.save writing to a full disk fails with an opaque RuntimeError
+        # ("unexpected pos"), a plain file write with OSError(ENOSPC) that says what happened.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.checkpoint_path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))  # never half-written
 
     def fit(self) -> FitResult:
         history: list[dict[str, float]] = []
         best, best_epoch, best_metrics, stale = None, None, {}, 0
         status, stopped_early, error, stop_reason = FINISHED, False, None, None
         patience = self.cfg["early_stopping_patience"]
+        self.best_epoch = None
         try:
             for epoch in range(1, self.cfg["epochs"] + 1):
                 lr = self.optimizer.param_groups[0]["lr"]
                 start = time.perf_counter()
                 train = self.train_one_epoch(epoch)
                 val = self.evaluate(self.loaders["val"])
+                if not math.isfinite(val.loss):
+                    raise self._non_finite("validation loss", val.loss, epoch)
                 val_metrics = {"loss": val.loss, **epoch_metrics(val.y_true, val.y_pred)}
                 row = {
                     "epoch": epoch,
@@ -207,27 +236,30 @@ class Trainer:
                     "epoch_time_s": time.perf_counter() - start,
                     "train/images_per_s": train["images_per_s"],
                 }
-                history.append(row)
+                # The end of an epoch is one step: its row, checkpoint and tracker calls all happen, or none.
+                with signals.critical():
+                    history.append(row)
 
-                score = row[self.monitor]
-                mark = ""
-                if self._improved(score, best):
-                    best, best_epoch, stale, mark = score, epoch, 0, " *best*"
-                    best_metrics = {k: v for k, v in row.items() if k.startswith("val/")}
-                    self.save_checkpoint(epoch, score, row)
-                else:
-                    stale += 1
-                log.info(
-                    "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e | %.1fs %.0f img/s%s",
-                    epoch, self.cfg["epochs"], row["train/loss"], row["train/acc"], row["val/loss"], row["val/acc"],
-                    row["val/f1_macro"], lr, row["epoch_time_s"], row["train/images_per_s"], mark,
-                )
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    self.scheduler.step(score)
-                elif self.scheduler is not None:
-                    self.scheduler.step()
-                for callback in self.callbacks:
-                    callback(epoch, row)
+                    score = row[self.monitor]
+                    mark = ""
+                    if self._improved(score, best):
+                        self.save_checkpoint(epoch, score, row)
+                        best, best_epoch, stale, mark = score, epoch, 0, " *best*"
+                        best_metrics = {k: v for k, v in row.items() if k.startswith("val/")}
+                        self.best_epoch = best_epoch
+                    else:
+                        stale += 1
+                    log.info(
+                        "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e | %.1fs %.0f img/s%s",
+                        epoch, self.cfg["epochs"], row["train/loss"], row["train/acc"], row["val/loss"], row["val/acc"],
+                        row["val/f1_macro"], lr, row["epoch_time_s"], row["train/images_per_s"], mark,
+                    )
+                    if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        self.scheduler.step(score)
+                    elif self.scheduler is not None:
+                        self.scheduler.step()
+                    for callback in self.callbacks:
+                        callback(epoch, row)
                 if patience and stale >= patience:
                     stop_reason = f"early stopping: {self.monitor} has not improved for {patience} epochs"
                     log.info("Early stopping: %s has not improved for %d epochs (best %.4f at epoch %d).",
@@ -237,12 +269,16 @@ class Trainer:
         except StopTraining as stop:
             stopped_early, stop_reason = True, str(stop)
             log.info("Training stopped after epoch %d: %s.", len(history), stop)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             status = KILLED
+            how = f"Terminated ({exc})" if isinstance(exc, Terminated) else "Interrupted (Ctrl-C)"
             log.warning(
-                "Interrupted (Ctrl-C) after %d complete epoch(s); the best checkpoint %s is kept.",
-                len(history), self.checkpoint_path if best_epoch else "(none yet)",
+                "%s after %d complete epoch(s); the best checkpoint %s is kept.",
+                how, len(history), self.checkpoint_path if best_epoch else "(none yet)",
             )
+        except NonFiniteLossError as exc:
+            status, error = FAILED, exc
+            log.error("%s", exc)
         except Exception as exc:  # a crash (out of memory, disk full, ...): keep what was learnt so far
             status, error = FAILED, exc
             log.error("Training failed in epoch %d (%s: %s); the best checkpoint so far is kept.",

@@ -1,0 +1,74 @@
+"""Make variables reach the scripts as data: quotes, backquotes, $(...) and ; in DATA, RUN_NAME, ARGS, CHECKPOINT,
+OUT or MLFLOW_TRACKING_URI are characters of the value, never shell (or make) code. PY and VENV point the
+targets at a recorder that writes the arguments it received."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def recorder(tmp_path) -> Path:
+    script = tmp_path / "bin" / "python"
+    script.parent.mkdir()
+    script.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                      f"json.dump(sys.argv[1:], open(os.environ['RECORD'], 'w'))\n")
+    script.chmod(0o755)
+    (tmp_path / "bin" / "mlflow").symlink_to(script)
+    return script
+
+
+def make(tmp_path, recorder, *args, env=None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    record = tmp_path / "argv.json"
+    record.unlink(missing_ok=True)
+    proc = subprocess.run(["make", "-s", *args, f"PY={recorder}", f"VENV={recorder.parent.parent}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "RECORD": str(record), **(env or {})})
+    return proc, json.loads(record.read_text()) if record.exists() else []
+
+
+def test_quotes_backquotes_and_substitutions_are_data(tmp_path, recorder):
+    t = tmp_path
+    evil = {
+        "RUN_NAME": f"x`touch {t}/pwn1`y",
+        "DATA": f"it's\"; touch {t}/pwn2; echo \"$(touch {t}/pwn3)",
+        "EPOCHS": f"3;touch {t}/pwn4",
+        "LR": f"$(shell touch {t}/pwn5)",
+    }
+    proc, argv = make(t, recorder, "train-custom", *(f"{k}={v}" for k, v in evil.items()),
+                      f"ARGS=--set a=`touch {t}/pwn6` --set b='c d'")
+    assert proc.returncode == 0, proc.stderr
+    assert argv[argv.index("--run-name") + 1] == evil["RUN_NAME"]
+    assert argv[argv.index("--data") + 1] == evil["DATA"]
+    assert argv[argv.index("--epochs") + 1] == evil["EPOCHS"]
+    assert argv[argv.index("--lr") + 1] == evil["LR"]
+    assert argv[-6:] == ["--set", "a=`touch", f"{t}/pwn6`", "--set", "b='c", "d'"]  # ARGS: words, never code
+    assert sorted(p.name for p in t.iterdir() if p.name.startswith("pwn")) == []
+
+
+def test_evaluate_and_replay_variables_are_data(tmp_path, recorder):
+    t = tmp_path
+    proc, argv = make(t, recorder, "evaluate", f"CHECKPOINT=a b`touch {t}/pwn1`.pt", f"OUT=o'$(touch {t}/pwn2)")
+    assert proc.returncode == 0, proc.stderr
+    assert argv == ["scripts/evaluate.py", "--checkpoint", f"a b`touch {t}/pwn1`.pt", "--out", f"o'$(touch {t}/pwn2)"]
+    proc, argv = make(t, recorder, "replay", f"OUTPUTS=x;touch {t}/pwn3")
+    assert argv == ["scripts/replay.py", "--outputs", f"x;touch {t}/pwn3"]
+    assert not any(p.name.startswith("pwn") for p in t.iterdir())
+
+
+def test_mlflow_ui_takes_the_uri_as_data_and_never_prints_its_password(tmp_path, recorder):
+    t = tmp_path
+    proc, argv = make(t, recorder, "mlflow-ui", env={"MLFLOW_TRACKING_URI": f"http://bob:pw-S3cret@h`touch {t}/pwn1`:5000"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Runs go to the tracking server http://***@h" in proc.stdout and "pw-S3cret" not in proc.stdout + proc.stderr
+    proc, argv = make(t, recorder, "mlflow-ui", f"MLFLOW_URI=sqlite:///{t}/a'b$(touch {t}/pwn2).db")
+    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{t}/a'b$(touch {t}/pwn2).db"
+    assert not any(p.name.startswith("pwn") for p in t.iterdir())
