@@ -69,6 +69,7 @@ def test_every_section_holds_numbers(compare):
     assert report["overhead"]["mlflow"]["backends"]["mlflow"]["model_export"]["median"] > 0
     # 3. latency: layer and raw for every op, the layer's own cost, online W&B skipped with a reason
     for backend in ("mlflow-sqlite", "mlflow-sqlite-async", "mlflow-server", "wandb-offline"):
+        assert "ops" in report["latency"][backend], (backend, report["latency"][backend])
         ops = report["latency"][backend]["ops"]
         for op in ("start", "log_metrics", "log_params", "artifact_1mb", "artifact_20mb", "image", "finish"):
             assert ops[op]["layer"]["median_s"] > 0 and ops[op]["raw"]["median_s"] > 0, (backend, op)
