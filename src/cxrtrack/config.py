@@ -253,6 +253,7 @@ OPTIONAL_TYPES: dict[tuple[str, ...], tuple[type, ...]] = {
     ("run_name",): (str,),
     ("data", "path"): (str,),
     ("training", "grad_clip_norm"): (int, float),
+    ("tracking", "group"): (str,),
     ("tracking", "mlflow", "tracking_uri"): (str,),
     ("tracking", "mlflow", "artifact_location"): (str,),
     ("tracking", "mlflow", "registered_model_name"): (str,),
