@@ -243,6 +243,11 @@ _CHOICES = {
     ("training", "monitor_mode"): ("min", "max"),
     ("data", "channels"): (1, 3),
     ("tracking", "wandb", "mode"): ("auto", "online", "offline", "disabled"),
+    ("data", "equalize"): ("none", "histogram", "clahe"),
+    ("training", "weight_averaging"): ("none", "ema", "swa"),
+    ("training", "precision"): ("fp32", "bf16"),
+    ("training", "cv_final"): ("ensemble", "retrain"),
+    ("evaluation", "tta"): ("none", "hflip"),
 }
 
 
@@ -279,6 +284,11 @@ _RANGES: dict[tuple[str, ...], tuple[float, float, bool, bool]] = {
     ("data", "augment", "translate"): (0, 1, True, False),
     ("data", "augment", "brightness"): (0, 1, True, True),
     ("data", "augment", "contrast"): (0, 1, True, True),
+    ("data", "clahe_clip_limit"): (0, 1000, True, True),
+    ("data", "clahe_grid"): (1, 64, True, True),
+    ("data", "augment", "shear"): (0, 60, True, True),
+    ("data", "augment", "mixup_alpha"): (0, 100, True, True),
+    ("data", "augment", "cutmix_alpha"): (0, 100, True, True),
     ("model", "dropout_dense"): (0, 1, True, False),
     ("training", "epochs"): (1, 100_000, True, True),
     ("training", "lr"): (0, 10, False, False),
@@ -290,6 +300,13 @@ _RANGES: dict[tuple[str, ...], tuple[float, float, bool, bool]] = {
     ("training", "early_stopping_patience"): (0, 100_000, True, True),
     ("training", "min_delta"): (0, 1e6, True, True),
     ("training", "grad_clip_norm"): (0, 1e9, False, True),
+    ("training", "label_smoothing"): (0, 1, True, False),
+    ("training", "warmup_epochs"): (0, 100_000, True, True),
+    ("training", "ema_decay"): (0, 1, True, False),
+    ("training", "swa_start"): (0, 1, True, False),
+    ("training", "swa_lr"): (0, 10, False, True),
+    ("training", "cv_folds"): (1, 50, True, True),
+    ("training", "seeds"): (1, 1000, True, True),
     ("evaluation", "n_prediction_images"): (0, 1000, True, True),
     ("tracking", "mlflow", "system_metrics_interval"): (0.1, 86400, True, True),
     ("tracking", "mlflow", "http_timeout"): (1, 600, True, True),
@@ -302,7 +319,8 @@ _INTEGERS = {("seed",), ("data", "synthetic_seed"), ("data", "image_size"), ("da
              ("data", "num_workers"), ("data", "decode_workers"), ("training", "epochs"),
              ("training", "scheduler_patience"), ("training", "scheduler_step_size"),
              ("training", "early_stopping_patience"), ("evaluation", "n_prediction_images"),
-             ("tracking", "mlflow", "http_timeout"), ("tracking", "mlflow", "http_retries")}
+             ("tracking", "mlflow", "http_timeout"), ("tracking", "mlflow", "http_retries"), ("data", "clahe_grid"),
+             ("training", "warmup_epochs"), ("training", "cv_folds"), ("training", "seeds")}
 # A run name becomes a folder under output_dir and a tracker run name: a name, never a path.
 RUN_NAME_PATTERN = re.compile(r"[^\W_][\w.+=@,-]{0,127}")
 # W&B refuses these characters in project names; MLflow accepts them, so one rule serves both.
@@ -417,6 +435,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
             and 0 < scale[0] <= scale[1] <= 10):
         raise ConfigError(f"Setting 'data.augment.scale' must be [low, high] with 0 < low <= high <= 10, like [0.95, 1.05]; "
                           f"got {scale!r}.")
+    validate_recipe(cfg)
 
 
 def with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -424,6 +443,38 @@ def with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if not PROJECT_DEFAULTS.is_file():
         return dict(cfg)
     return deep_merge(_read_yaml(PROJECT_DEFAULTS), cfg)
+
+
+def _pair(cfg: Mapping[str, Any], keys: tuple[str, ...], low: float, high: float) -> None:
+    value = get_dotted(cfg, keys)
+    if not (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            and low <= value[0] <= value[1] <= high):
+        raise ConfigError(f"Setting '{'.'.join(keys)}' must be a range [min, max] with {low} <= min <= max <= {high}, "
+                          f"not {value!r}.")
+
+
+def validate_recipe(cfg: Mapping[str, Any]) -> None:
+    """The model-quality switches (docs/model-quality.md): ranges of pairs, and combinations that cannot work
+    (the single numbers are in _RANGES)."""
+    train, aug = cfg["training"], cfg["data"]["augment"]
+    _pair(cfg, ("data", "augment", "crop_scale"), 0.05, 1.0)
+    _pair(cfg, ("data", "augment", "crop_ratio"), 0.2, 5.0)
+    if train["warmup_epochs"] and train["scheduler"] == "plateau":
+        raise ConfigError(
+            "training.warmup_epochs needs a scheduler that does not react to validation: set training.scheduler to "
+            "cosine, step or none, or training.warmup_epochs=0 (plateau cannot follow a warm-up).")
+    if train["warmup_epochs"] >= train["epochs"]:
+        raise ConfigError(f"training.warmup_epochs ({train['warmup_epochs']}) must be fewer than training.epochs "
+                          f"({train['epochs']}).")
+    if train["cv_folds"] > 1 and train["cv_final"] == "retrain" and train["scheduler"] == "plateau":
+        raise ConfigError(
+            "training.cv_final=retrain trains on all of train/ with no validation split, so the plateau scheduler "
+            "(which follows the validation metric) cannot be replayed: set training.scheduler to cosine, step or none, "
+            "or use training.cv_final=ensemble.")
+    if (aug["mixup_alpha"] or aug["cutmix_alpha"]) and not aug["enabled"]:
+        raise ConfigError("data.augment.mixup_alpha / cutmix_alpha are augmentations: set data.augment.enabled=true, "
+                          "or set them to 0.")
 
 
 def get_dotted(cfg: Mapping[str, Any], keys: Iterable[str]) -> Any:

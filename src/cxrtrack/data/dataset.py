@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cxrtrack import CLASS_NAMES
+from cxrtrack.data.contrast import equalize_images
 from cxrtrack.data.images import UnreadableImageError, decode_image
 from cxrtrack.data.layout import DatasetLocation, class_folders, locate_dataset
 from cxrtrack.data.synthetic import SYNTHETIC_MARKER, ensure_synthetic_dataset
@@ -90,7 +91,7 @@ class CXRDataset(Dataset):
 @dataclass
 class CXRData:
     train: CXRDataset
-    val: CXRDataset
+    val: CXRDataset | None  # None: no validation split (a retrain on all of train/ after cross-validation)
     test: CXRDataset
     location: DatasetLocation
     source: str  # "kaggle" | "synthetic" | "local"
@@ -102,13 +103,15 @@ class CXRData:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(d.split.images.numel() * d.split.images.element_size() for d in (self.train, self.val, self.test))
+        return sum(d.split.images.numel() * d.split.images.element_size() for d in (self.train, self.val, self.test)
+                   if d is not None)
 
     def with_transforms(self, data_cfg: dict[str, Any]) -> CXRData:
         """The same decoded images behind the transforms of ``data_cfg`` (augmentation, normalisation)."""
         train_tf, eval_tf = build_transforms(data_cfg)
         return dataclasses.replace(
-            self, train=CXRDataset(self.train.split, train_tf), val=CXRDataset(self.val.split, eval_tf),
+            self, train=CXRDataset(self.train.split, train_tf),
+            val=CXRDataset(self.val.split, eval_tf) if self.val is not None else None,
             test=CXRDataset(self.test.split, eval_tf),
         )
 
@@ -117,7 +120,7 @@ class CXRData:
         common = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
         return {
             "train": DataLoader(self.train, shuffle=True, generator=generator, **common),
-            "val": DataLoader(self.val, shuffle=False, **common),
+            "val": DataLoader(self.val, shuffle=False, **common) if self.val is not None else None,
             "test": DataLoader(self.test, shuffle=False, **common),
         }
 
@@ -133,7 +136,9 @@ class CXRData:
             "cache_mb": round(self.cache_bytes / 2**20, 2),
         }
         for split in ("train", "val", "test"):
-            ds: CXRDataset = getattr(self, split)
+            ds: CXRDataset | None = getattr(self, split)
+            if ds is None:
+                continue
             out[f"n_{split}"] = len(ds)
             for name, count in ds.class_counts().items():
                 out[f"n_{split}_{slug(name)}"] = count
@@ -362,6 +367,8 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> CXRData:
         )
         train_all, test = _stratified_split(train_all, data_cfg["test_fraction"], seed, "test")
         test_split = "carved"
+    # contrast normalisation: once, on the cache, identically for every split (before the val split is drawn)
+    train_all.images, test.images = equalize_images(train_all.images, data_cfg), equalize_images(test.images, data_cfg)
     train, val = _stratified_split(train_all, data_cfg["val_fraction"], seed, "val")
 
     for item in skipped:
@@ -389,7 +396,7 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> CXRData:
 # The settings that change what is decoded and how it is split; everything else in `data` only changes
 # the transforms or the loaders, which are cheap to rebuild.
 _DECODE_KEYS = ("path", "download_dir", "synthetic_dir", "synthetic_seed", "image_size", "val_fraction",
-                "test_fraction")
+                "test_fraction", "equalize", "clahe_clip_limit", "clahe_grid")
 
 
 class DataCache:

@@ -152,6 +152,9 @@ class WandbTracker(BaseTracker):
             silent=True,  # we print one line of our own instead of W&B's banner
             # Console capture holds what the terminal shows: the project's and MLflow's lines are redacted at the
             # source (URLs, secrets), and W&B records the command line scrubbed (scrubbed_argv).
+            # One run per init, never the previous one returned or finished: a cross-validation's parent run stays
+            # open while its fold runs start and end (W&B's default outside notebooks returns the open run instead).
+            reinit="create_new",
             init_timeout=float(self.cfg.get("init_timeout") or 30),
             x_stats_sampling_interval=float(self.cfg.get("system_metrics_interval") or 15),
             x_transaction_log_flush_interval=5.0,  # a hard kill loses at most ~5 s of an offline run

@@ -23,6 +23,7 @@ from cxrtrack.config import RUN_NAME_PATTERN, validate, with_defaults
 from cxrtrack.data.dataset import CXRData, build_data, slug
 from cxrtrack.errors import ConfigError, CXRError
 from cxrtrack.models import CustomCXRNet
+from cxrtrack.models.ensemble import Ensemble, with_tta
 from cxrtrack.tracking import Predictions
 from cxrtrack.training import plots
 from cxrtrack.training.metrics import classification_metrics, confusion, report_text
@@ -112,8 +113,9 @@ def report_on_test(model: torch.nn.Module, loader, data: CXRData, criterion: tor
     return report, paths
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[CustomCXRNet, dict[str, Any]]:
-    """Rebuild CustomCXRNet from a checkpoint written by the trainer."""
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model of a checkpoint written by training: a CustomCXRNet, or the :class:`Ensemble` of a
+    cross-validation's fold models (``kind: ensemble``, see ``selection/cv.py``)."""
     path = Path(path)
     if not path.is_file():
         raise CXRError(
@@ -122,8 +124,15 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         )
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)  # plain types only: safe to load
-        model = CustomCXRNet(**ckpt["model_hparams"])
-        model.load_state_dict(ckpt["model_state"])
+        if ckpt.get("kind") == "ensemble":
+            members = []
+            for state in ckpt["members"]:
+                members.append(CustomCXRNet(**ckpt["model_hparams"]))
+                members[-1].load_state_dict(state)
+            model = Ensemble(members)
+        else:
+            model = CustomCXRNet(**ckpt["model_hparams"])
+            model.load_state_dict(ckpt["model_state"])
     except (KeyError, TypeError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise CXRError(f"{path} is not a CustomCXRNet checkpoint written by this project ({type(exc).__name__}: {exc}).") from None
     return model.to(device).eval(), ckpt
@@ -163,7 +172,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ou
             raise CXRError(f"The training data has changed since this model was trained: {message}. Pass DATA=<folder> "
                            f"(--data) to evaluate on other data on purpose.")
         log.warning("Evaluating on other data than the model was trained on: %s.", message)
-    criterion = build_criterion(cfg["training"], data.train.labels, dev)  # the loss as training reported it
+    # the loss as training reported it: class weights from the images the model was trained on (all of train/
+    # after a cross-validation), label smoothing; the model predicts as it did then (flip TTA if it used it)
+    cv = cfg["training"]["cv_folds"] > 1
+    labels = data.train.labels + (data.val.labels if cv and data.val is not None else [])
+    criterion = build_criterion(cfg["training"], labels, dev)
+    model = with_tta(model, cfg["evaluation"]["tta"])
     out = Path(out_dir) if out_dir else default_eval_dir(ckpt, checkpoint)
     report, _ = report_on_test(model, data.loaders(cfg["data"]["batch_size"])["test"], data, criterion, dev, out,
                                cfg["evaluation"]["n_prediction_images"])

@@ -27,6 +27,7 @@ from PIL import Image
 
 from cxrtrack.config import deep_merge, flatten
 from cxrtrack.data.dataset import CXRData, DataCache, build_data
+from cxrtrack.data.loading import build_loaders, example_batch
 from cxrtrack.data.transforms import denormalize
 from cxrtrack.errors import CXRError, RunFailedError, TrackerError
 from cxrtrack.models import build_model
@@ -36,6 +37,7 @@ from cxrtrack.tracking.base import RunInfo, display_name
 from cxrtrack.tracking.readback import RunRecord
 from cxrtrack.training import plots
 from cxrtrack.training.evaluate import TestReport, report_on_test
+from cxrtrack.training.recipe import Recipe
 from cxrtrack.training.trainer import EpochCallback, FitResult, Trainer, build_criterion
 from cxrtrack.utils import atomic_write, seed_everything, select_device, timed
 
@@ -179,7 +181,7 @@ def run_experiment(
     log.info("Run %s: CustomCXRNet with %s parameters on %s; tracking: %s",
              run_name, f"{model.num_parameters():,}", device, ", ".join(tracker.names) or "none")
 
-    loaders = data.loaders(cfg["data"]["batch_size"], cfg["data"]["num_workers"], cfg["seed"])
+    loaders = build_loaders(data, cfg, device)  # DataLoaders, or batches cut on the device (data.augment.batched)
     checkpoint_extra = {
         "class_names": list(data.class_names),
         "config": safe_cfg,
@@ -196,7 +198,7 @@ def run_experiment(
 
     trainer = Trainer(model, loaders, cfg["training"], device, run_dir / "checkpoints" / "best.pt",
                       checkpoint_extra, build_criterion(cfg["training"], data.train.labels, device),
-                      callbacks=(log_epoch, *callbacks))
+                      callbacks=(log_epoch, *callbacks), recipe=Recipe(cfg, len(data.class_names)))
 
     artifacts: dict[str, Path] = {}
     images: dict[str, Path] = {}
@@ -210,7 +212,8 @@ def run_experiment(
             except TrackerError:
                 _remove_if_empty(run_dir)  # nothing was trained: leave no empty run folder behind
                 raise
-        montage = files.write("samples/train_batch_augmented.png", lambda tmp: _train_batch_montage(data, cfg["data"], tmp))
+        montage = files.write("samples/train_batch_augmented.png",
+                              lambda tmp: _train_batch_montage(example_batch(data, loaders), cfg["data"], tmp))
         if montage is not None:
             images["samples/train_batch_augmented.png"] = montage
             tracker.log_image(montage, "samples/train_batch_augmented.png",
@@ -261,8 +264,9 @@ def run_experiment(
         with timed(timings, "model_export_s"):
             if test_report is not None and cfg["tracking"]["log_model"]:
                 # the model holds the best checkpoint (_final_evaluation loaded it)
-                example = next(iter(loaders["test"]))[0][:2].numpy().astype(np.float32)
-                tracker.log_model(trainer.model.cpu().eval(), fit.checkpoint, example, {
+                example = next(iter(loaders["test"]))[0][:2].cpu().numpy().astype(np.float32)
+                # as it predicted the test split: the checkpointed weights, with TTA when evaluation.tta asks
+                tracker.log_model(trainer.recipe.predictor(trainer.model).cpu().eval(), fit.checkpoint, example, {
                     "best_epoch": fit.best_epoch, "dataset_source": data.source,
                     "dataset_fingerprint": data.fingerprint, "image_size": data.image_size,
                     **{k: v for k, v in test_report.tracked_metrics().items() if "/" in k},
@@ -342,10 +346,8 @@ def _write_run_record(files: RunFiles, record: RunRecord, tracker: TrackerGroup,
     files.text("timings.json", json.dumps({"trackers": tracker.names, **timings, "calls": tracker.call_summary()}, indent=2))
 
 
-def _train_batch_montage(data: CXRData, data_cfg: dict[str, Any], path: Path) -> None:
+def _train_batch_montage(batch: torch.Tensor, data_cfg: dict[str, Any], path: Path) -> None:
     """One augmented training batch, as the model sees it (after the train transform)."""
-    n = min(16, len(data.train))
-    batch = torch.stack([data.train[i][0] for i in range(n)])
     images = (denormalize(batch[:, 0], data_cfg) * 255).round().to(torch.uint8).numpy()
     Image.fromarray(plots.image_montage(images)).save(path, format="PNG")
 
@@ -371,7 +373,8 @@ def _write_run_files(safe_cfg: dict[str, Any], fit: FitResult, files: RunFiles) 
 def _final_evaluation(trainer: Trainer, data: CXRData, fit: FitResult, cfg, run_dir: Path) -> tuple[TestReport, dict[str, Path]]:
     """Evaluate the best checkpoint (not the last epoch) on the official test split."""
     trainer.model.load_state_dict(torch.load(fit.checkpoint, map_location=trainer.device, weights_only=True)["model_state"])
-    report, paths = report_on_test(trainer.model, trainer.loaders["test"], data, trainer.criterion, trainer.device,
+    report, paths = report_on_test(trainer.recipe.predictor(trainer.model), trainer.loaders["test"], data,
+                                   trainer.criterion, trainer.device,
                                    run_dir, cfg["evaluation"]["n_prediction_images"])
     log.info("Test (best checkpoint, epoch %d): loss %.4f acc %.3f macro-F1 %.3f ROC-AUC %.3f",
              fit.best_epoch, report.loss, report.metrics["acc"], report.metrics["f1_macro"], report.metrics["roc_auc_ovr_macro"])

@@ -32,6 +32,7 @@ from cxrtrack.errors import NonFiniteLossError
 from cxrtrack.signals import Terminated
 from cxrtrack.tracking import FAILED, FINISHED, KILLED
 from cxrtrack.training.metrics import epoch_metrics
+from cxrtrack.training.recipe import Recipe
 from cxrtrack.utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]):
             optimizer, mode=cfg["monitor_mode"], factor=cfg["scheduler_factor"], patience=cfg["scheduler_patience"],
             threshold=cfg["min_delta"], threshold_mode="abs",
         )
+    warmup = cfg.get("warmup_epochs", 0)
     if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["scheduler_step_size"], gamma=cfg["scheduler_factor"])
-    return None
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"] - warmup)
+    elif name == "step":
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["scheduler_step_size"], gamma=cfg["scheduler_factor"])
+    elif warmup:
+        main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    else:
+        return None
+    if not warmup:
+        return main
+    # linear warm-up from lr / (warmup + 1) to lr over `warmup` epochs, then the schedule (cosine over the rest)
+    ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 def balanced_class_weights(labels: list[int], n_classes: int = 3) -> torch.Tensor:
@@ -114,7 +124,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, device: torch.device, c
 def build_criterion(train_cfg: dict[str, Any], train_labels: list[int], device: torch.device) -> nn.Module:
     """Cross-entropy, with balanced class weights from the train split when ``class_weights: balanced``."""
     weights = balanced_class_weights(train_labels) if train_cfg["class_weights"] == "balanced" else None
-    return nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
+    return nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device),
+                               label_smoothing=train_cfg.get("label_smoothing", 0.0))
 
 
 class Trainer:
@@ -128,6 +139,7 @@ class Trainer:
         checkpoint_extra: dict[str, Any] | None = None,
         criterion: nn.Module | None = None,
         callbacks: Sequence[EpochCallback] = (),
+        recipe: Recipe | None = None,
     ):
         self.model = model.to(device)
         self.loaders = loaders
@@ -141,6 +153,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.monitor, self.mode = cfg["monitor"], cfg["monitor_mode"]
         self.best_epoch: int | None = None
+        self.recipe = recipe if recipe is not None else Recipe()  # EMA/SWA, mixup, TTA, speed options
+        self.recipe.attach(self.model, self.optimizer, cfg["epochs"], device)
 
     # -- one pass ---------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
@@ -151,15 +165,18 @@ class Trainer:
         for batch, (images, labels) in enumerate(bar, 1):
             with signals.critical():  # Ctrl-C / SIGTERM: this batch finishes, then the loop stops
                 images, labels = images.to(self.device), labels.to(self.device)
+                images, targets = self.recipe.train_batch(images, labels)
                 self.optimizer.zero_grad(set_to_none=True)
-                logits = self.model(images)
-                loss = self.criterion(logits, labels)
+                with self.recipe.autocast():
+                    logits = self.recipe.train_module()(images)
+                    loss = self.criterion(logits.float(), targets)
                 if not torch.isfinite(loss):  # before backward/step: the weights are still the last finite ones
                     raise self._non_finite("training loss", float(loss.item()), epoch, batch)
                 loss.backward()
                 if self.cfg["grad_clip_norm"]:
                     nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["grad_clip_norm"])
                 self.optimizer.step()
+                self.recipe.after_step()
             preds = logits.argmax(1)
             total_loss += loss.item() * len(labels)
             seen += len(labels)
@@ -172,7 +189,8 @@ class Trainer:
         return {"loss": total_loss / seen, **metrics, "images_per_s": seen / elapsed}
 
     def evaluate(self, loader: DataLoader) -> EvalOutput:
-        return evaluate_model(self.model, loader, self.device, self.criterion)
+        """The weights that are checkpointed (averaged ones when EMA/SWA is on), predicting as configured (TTA)."""
+        return evaluate_model(self.recipe.predictor(), loader, self.device, self.criterion)
 
     def _non_finite(self, what: str, value: float, epoch: int, batch: int | None = None) -> NonFiniteLossError:
         where = f"epoch {epoch}" + (f", batch {batch}" if batch else "")
@@ -195,11 +213,13 @@ class Trainer:
     def save_checkpoint(self, epoch: int, score: float, metrics: dict[str, float]) -> None:
         """Write the best checkpoint atomically (a temporary file renamed into place, removed if the write fails,
         e.g. on a full disk); weights that are not finite are refused, never saved as "best"."""
-        bad = [name for name, t in self.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        weights = self.recipe.weights().state_dict()  # the averaged weights when EMA/SWA is on
+        bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise self._non_finite(f"model weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})", float("nan"), epoch)
         state = {
-            "model_state": self.model.state_dict(),
+            "model_state": weights,
+            "weights": self.recipe.weights_kind,
             "model_hparams": getattr(self.model, "hparams", {}),
             "epoch": epoch,
             "monitor": self.monitor,
@@ -224,10 +244,13 @@ class Trainer:
                 lr = self.optimizer.param_groups[0]["lr"]
                 start = time.perf_counter()
                 train = self.train_one_epoch(epoch)
-                val = self.evaluate(self.loaders["val"])
-                if not math.isfinite(val.loss):
-                    raise self._non_finite("validation loss", val.loss, epoch)
-                val_metrics = {"loss": val.loss, **epoch_metrics(val.y_true, val.y_pred)}
+                swa_lr = self.recipe.after_epoch(epoch, self.loaders["train"])
+                val_metrics = {}
+                if self.loaders.get("val") is not None:  # none: a retrain on all of train/ (the last epoch is kept)
+                    val = self.evaluate(self.loaders["val"])
+                    if not math.isfinite(val.loss):
+                        raise self._non_finite("validation loss", val.loss, epoch)
+                    val_metrics = {"loss": val.loss, **epoch_metrics(val.y_true, val.y_pred)}
                 row = {
                     "epoch": epoch,
                     **{f"train/{k}": v for k, v in train.items() if k != "images_per_s"},
@@ -240,9 +263,9 @@ class Trainer:
                 with signals.critical():
                     history.append(row)
 
-                    score = row[self.monitor]
+                    score = row.get(self.monitor)  # None without validation: every epoch replaces the last
                     mark = ""
-                    if self._improved(score, best):
+                    if score is None or self._improved(score, best):
                         self.save_checkpoint(epoch, score, row)
                         best, best_epoch, stale, mark = score, epoch, 0, " *best*"
                         best_metrics = {k: v for k, v in row.items() if k.startswith("val/")}
@@ -251,16 +274,19 @@ class Trainer:
                         stale += 1
                     log.info(
                         "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e | %.1fs %.0f img/s%s",
-                        epoch, self.cfg["epochs"], row["train/loss"], row["train/acc"], row["val/loss"], row["val/acc"],
-                        row["val/f1_macro"], lr, row["epoch_time_s"], row["train/images_per_s"], mark,
+                        epoch, self.cfg["epochs"], row["train/loss"], row["train/acc"], row.get("val/loss", math.nan),
+                        row.get("val/acc", math.nan), row.get("val/f1_macro", math.nan), lr, row["epoch_time_s"],
+                        row["train/images_per_s"], mark,
                     )
-                    if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    if swa_lr:
+                        pass  # SWALR drives the learning rate from swa_start on
+                    elif isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                         self.scheduler.step(score)
                     elif self.scheduler is not None:
                         self.scheduler.step()
                     for callback in self.callbacks:
                         callback(epoch, row)
-                if patience and stale >= patience:
+                if patience and val_metrics and stale >= patience:
                     stop_reason = f"early stopping: {self.monitor} has not improved for {patience} epochs"
                     log.info("Early stopping: %s has not improved for %d epochs (best %.4f at epoch %d).",
                              self.monitor, patience, best, best_epoch)

@@ -458,9 +458,12 @@ class Worker:
                        + (f" (retry of trial {retry_of[0]})" if retry_of else "") + ": "
                        + ", ".join(f"{k}={v}" for k, v in sampled.items()))
         log.info("Trial %d (worker %d): %s", trial.number, self.index, ", ".join(f"{k}={v}" for k, v in sampled.items()))
+        run = run_experiment
+        if cfg["training"]["cv_folds"] > 1:  # a cross-validated trial: its value is the CV mean of the metric
+            from cxrtrack.selection.cv import run_cv as run
         try:
-            result = run_experiment(cfg, group, data=self.cache, callbacks=(report,), group=launch.study,
-                                    job_type="trial", parents=launch.parents, description=description)
+            result = run(cfg, group, data=self.cache, callbacks=(report,), group=launch.study,
+                         job_type="trial", parents=launch.parents, description=description)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise

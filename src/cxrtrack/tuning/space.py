@@ -187,9 +187,15 @@ def check_spec(spec: StudySpec, base: BaseConfig) -> None:
     if spec.trials is not None and (not isinstance(spec.trials, int) or spec.trials < 1):
         raise ConfigError(f"{where}: the trial budget must be a positive integer, not {spec.trials!r}.")
     try:
-        base.load()
+        base_cfg = base.load()
     except ConfigError as exc:
         raise ConfigError(f"The base config of the study is invalid: {exc}") from None
+    if base_cfg["training"]["seeds"] > 1 or any(p.key == "training.seeds" for p in spec.params) \
+            or "training.seeds" in spec.fixed:
+        raise ConfigError(
+            f"{where}: a study compares trials by one validation number each; training.seeds (SEEDS=) is for measuring "
+            f"a finished config. Set training.seeds=1 in the base config and remove it from the space; to make trials "
+            f"less noisy, cross-validate them instead (training.cv_folds: 5 in the base config or the space).")
     for key in [p.key for p in spec.params] + list(spec.fixed):
         if any(key == r or key.startswith(r + ".") for r in RESERVED):
             raise ConfigError(

@@ -1,0 +1,371 @@
+"""Stratified k-fold cross-validation on train/: one parent run, one child run per fold, one final model.
+
+``run_cv(cfg)`` with ``training.cv_folds: k``:
+
+1. Pools train/ (the usual training and validation splits together; the test split is not touched) and
+   draws ``k`` stratified folds with scikit-learn's ``StratifiedKFold`` (seeded by ``seed``).
+2. Opens the parent run (MLflow: a parent run, the folds nested under it; W&B: a run of ``job_type`` cv,
+   the folds in the same ``group``), then trains each fold as a normal run (``run_experiment``) with that
+   fold as its validation split, no test evaluation and no model export.
+3. Reports the CV mean and standard deviation (sample std, ddof=1) over the folds of every validation
+   metric of each fold's selected epoch (``cv/val/loss_mean``, ``cv/val/loss_std``, ...), the epoch chosen
+   on the mean validation curve, and a table with one row per fold.
+4. Builds the final model (``training.cv_final``): ``ensemble``, the fold models' softmax average as one
+   :class:`~cxrtrack.models.ensemble.Ensemble` (written as ``checkpoints/best.pt``, ``kind: ensemble``), or
+   ``retrain``, one more child run on all of train/ with no validation split, stopped after the CV-chosen
+   number of epochs (same schedule as the folds). Then, and only then, the test split is evaluated once
+   and the model is logged and registered as one model in the parent run.
+
+A run with ``evaluation.run_test: false`` (a tuning trial) stops after step 3 and keeps the fold ensemble as
+its model (never retrained: a retrain exists to be tested and shipped). The CV mean of the monitored metric
+is :attr:`CVResult.score` (what a tuning study optimises when ``cv_folds > 1``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxrtrack.config import flatten
+from cxrtrack.data.dataset import CXRData, DataCache, build_data
+from cxrtrack.data.loading import build_loaders
+from cxrtrack.models import build_model
+from cxrtrack.provenance import environment_tags, git_info, scrub_secrets
+from cxrtrack.selection.folds import fold_data, stratified_folds, train_pool
+from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker
+from cxrtrack.tracking.base import RunInfo
+from cxrtrack.tracking.readback import RunRecord
+from cxrtrack.training.run import RunResult, make_run_name, run_config, run_experiment
+from cxrtrack.training.trainer import EpochCallback, FitResult, StopTraining, build_criterion
+from cxrtrack.utils import seed_everything, select_device, timed
+
+log = logging.getLogger(__name__)
+
+VAL_METRICS = ("val/loss", "val/acc", "val/f1_macro")
+
+
+@dataclass
+class CVResult:
+    run_name: str
+    run_dir: Path
+    status: str
+    folds: list[RunResult]
+    stats: dict[str, dict[str, Any]]  # "val/loss" -> {"mean", "std", "values"}
+    chosen_epoch: int | None  # the best epoch of the mean validation curve
+    final: str | None  # "ensemble" | "retrain" | None (no final model: interrupted)
+    fit: FitResult  # a FitResult view of the CV: best_score = the CV mean of the monitored metric
+    test: Any = None  # TestReport of the final model, when evaluated
+    retrain: RunResult | None = None
+    record: RunRecord | None = None
+    summary: dict[str, float] = field(default_factory=dict)
+    tracker: TrackerGroup | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def score(self) -> float | None:
+        return self.fit.best_score
+
+    @property
+    def complete(self) -> bool:
+        """Every store holds all of the parent run and of every fold (and retrain) run (see RunResult.complete)."""
+        runs = [*self.folds, *([self.retrain] if self.retrain is not None else [])]
+        return all(r.complete for r in runs) and not (self.tracker is not None and self.tracker.problems())
+
+
+def mean_std(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value) of finite values."""
+    arr = np.array([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": math.nan, "std": math.nan, "values": list(values)}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "values": list(values)}
+
+
+def cv_stats(folds: list[RunResult]) -> dict[str, dict[str, Any]]:
+    """Every validation metric of each fold's selected (checkpointed) epoch: mean and std over the folds."""
+    keys = sorted({k for r in folds for k in r.fit.best_metrics if k.startswith("val/")})
+    stats = {k: mean_std([r.fit.best_metrics.get(k, math.nan) for r in folds]) for k in keys}
+    stats["best_epoch"] = mean_std([float(r.fit.best_epoch or math.nan) for r in folds])
+    return stats
+
+
+def chosen_epoch(folds: list[RunResult], monitor: str, mode: str) -> tuple[int | None, list[float]]:
+    """The epoch whose validation metric, averaged over the folds, is best (over the epochs every fold ran)."""
+    curves = [[row[monitor] for row in r.fit.history if monitor in row] for r in folds]
+    n = min((len(c) for c in curves), default=0)
+    if n == 0:
+        return None, []
+    mean_curve = np.nanmean(np.array([c[:n] for c in curves], dtype=np.float64), axis=0)
+    best = int(np.nanargmin(mean_curve) if mode == "min" else np.nanargmax(mean_curve))
+    return best + 1, [float(v) for v in mean_curve]
+
+
+def _child_cfg(cfg: dict[str, Any], name: str, out_dir: Path, tags: dict[str, str]) -> dict[str, Any]:
+    child = copy.deepcopy(cfg)
+    child["run_name"] = name
+    child["output_dir"] = str(out_dir)
+    child["evaluation"]["run_test"] = False  # the test split is evaluated once, for the final model only
+    child["tracking"]["log_model"] = False  # the parent logs (and registers) the one final model
+    child["tracking"]["tags"] = {**cfg["tracking"]["tags"], **tags}
+    return child
+
+
+def parent_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The trackers' settings for a parent run: no system metrics (they belong to the child runs)."""
+    out = copy.deepcopy(cfg)
+    out["tracking"]["mlflow"]["system_metrics"] = False
+    return out
+
+
+def child_parents(tracker: TrackerGroup, parents: dict[str, str] | None) -> dict[str, str]:
+    """The parent ids a child run of ``tracker``'s run nests under (MLflow); W&B groups by name instead."""
+    out = dict(parents or {})
+    for t in tracker.trackers:
+        run_id = (t.run_ref() or {}).get("run_id")
+        if t.name == "mlflow" and run_id:
+            out["mlflow"] = run_id
+    return out
+
+
+def run_cv(
+    cfg: dict[str, Any],
+    tracker: TrackerGroup | None = None,
+    *,
+    data: CXRData | DataCache | None = None,
+    callbacks: tuple[EpochCallback, ...] = (),
+    group: str | None = None,
+    job_type: str = "cv",
+    parents: dict[str, str] | None = None,
+    description: str | None = None,
+) -> CVResult:
+    """Cross-validate ``cfg`` (``training.cv_folds`` folds) and build its final model; see the module doc.
+
+    ``callbacks`` run after every epoch of the *first* fold only (a tuning pruner: the first fold's curve is
+    the early signal); a callback that stops training (``StopTraining``) stops the whole cross-validation.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    k, monitor, mode = cfg["training"]["cv_folds"], cfg["training"]["monitor"], cfg["training"]["monitor_mode"]
+    seed_everything(cfg["seed"], cfg["training"]["deterministic"])
+    device = select_device(cfg["device"])
+    tracker = tracker if tracker is not None else build_tracker(cfg["tracking"]["tracker"], parent_cfg(cfg))
+    with timed(timings, "data_s"):
+        if isinstance(data, DataCache):
+            data = data.get(cfg["data"], cfg["seed"])
+        elif data is None:
+            data = build_data(cfg["data"], cfg["seed"])
+    pool = train_pool(data)
+    splits = stratified_folds(pool.labels, k, cfg["seed"])
+    name = make_run_name(cfg) if cfg.get("run_name") else f"{make_run_name(cfg)}-cv{k}"
+    run_dir = Path(cfg["output_dir"]) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    group = group or cfg["tracking"]["group"] or name
+    safe_cfg = scrub_secrets(cfg)
+    n_params = build_model(cfg["model"], cfg["data"]).num_parameters()
+    summary_data = {k2: v for k2, v in data.summary().items() if not k2.startswith(("n_train", "n_val"))}
+    summary_data.update(n_train_pool=len(pool.labels), cv_folds=k)
+    config = run_config(safe_cfg, summary_data, n_params, device.type)
+    tags = {**git_info(), **environment_tags(device.type), "dataset_source": data.source,
+            "dataset_fingerprint": data.fingerprint, "config": cfg.get("config_name", ""), "model": "CustomCXRNet",
+            "cv_folds": str(k), "cv_final": cfg["training"]["cv_final"],
+            **{str(a): str(b) for a, b in safe_cfg["tracking"]["tags"].items()}}
+    record = RunRecord(name=name, params=flatten(config), tags=tags)
+    log.info("Cross-validation %s: %d stratified folds of %d train/ images (seed %d); final model: %s; tracking: %s",
+             name, k, len(pool.labels), cfg["seed"], cfg["training"]["cv_final"], ", ".join(tracker.names) or "none")
+
+    stopped: dict[str, str] = {}
+
+    def guarded(callback: EpochCallback) -> EpochCallback:
+        def wrapped(epoch: int, row: dict[str, float]) -> None:
+            try:
+                callback(epoch, row)
+            except StopTraining as stop:
+                stopped["reason"] = str(stop)
+                raise
+        return wrapped
+
+    folds: list[RunResult] = []
+    status, final, test_report, retrain, checkpoint = FINISHED, None, None, None, None
+    summary: dict[str, float] = {}
+    artifacts: dict[str, Path] = {}
+    with tracker:
+        with timed(timings, "tracker_start_s"):
+            tracker.start_run(RunInfo(name, config, tags, group=group, job_type=job_type, parents=dict(parents or {}),
+                                      description=description or f"{k}-fold cross-validation of {cfg.get('config_name')}: "
+                                      f"one child run per fold; the CV mean +- std of every validation metric here."))
+        nested = child_parents(tracker, parents)
+        for i, (tr, va) in enumerate(splits, 1):
+            fcfg = _child_cfg(cfg, f"{name}-fold{i}", run_dir / "folds", {"cv": name, "fold": str(i)})
+            with timed(timings, "fit_s"):
+                result = run_experiment(fcfg, data=fold_data(data, pool, tr, va, cfg["data"]),
+                                        callbacks=tuple(guarded(c) for c in callbacks) if i == 1 else (), group=group,
+                                        job_type="fold", parents=nested,
+                                        description=f"Fold {i} of {k} of cross-validation {name}")
+            folds.append(result)
+            if result.status == KILLED:
+                status = KILLED
+                break
+            if stopped:
+                log.info("Cross-validation %s stopped after fold %d: %s.", name, i, stopped["reason"])
+                break
+        stats = cv_stats(folds)
+        epoch, mean_curve = chosen_epoch(folds, monitor, mode)
+        for key, s in stats.items():
+            summary[f"cv/{key}_mean"], summary[f"cv/{key}_std"] = s["mean"], s["std"]
+        summary.update({"cv/folds_completed": len(folds), "cv/chosen_epoch": epoch or math.nan})
+        rows = [{"fold": i, "run_name": r.run_name, "n_train": r.params.get("dataset.n_train"),
+                 "n_val": r.params.get("dataset.n_val"), "best_epoch": r.fit.best_epoch,
+                 **{key: r.fit.best_metrics.get(key) for key in VAL_METRICS}} for i, r in enumerate(folds, 1)]
+        if status == FINISHED and not stopped and epoch is not None:
+            final = cfg["training"]["cv_final"] if cfg["evaluation"]["run_test"] else "ensemble"
+            checkpoint = run_dir / "checkpoints" / "best.pt"
+            with timed(timings, "final_model_s"):
+                if final == "retrain":
+                    retrain = _retrain(cfg, data, pool, name, run_dir, epoch, group, nested)
+                    if retrain.status == KILLED:
+                        status, final, checkpoint = KILLED, None, None
+                    else:
+                        _copy_checkpoint(retrain.fit.checkpoint, checkpoint, {"kind": "retrain", "cv": _ckpt_cv(stats, epoch, k)})
+                else:
+                    save_ensemble([r.fit.checkpoint for r in folds], checkpoint, safe_cfg, data, name, stats, epoch, k)
+            if checkpoint is not None:
+                artifacts["checkpoints/best.pt"] = checkpoint
+            if status == FINISHED and cfg["evaluation"]["run_test"]:
+                with timed(timings, "test_eval_s"):
+                    test_report, paths, model = _final_evaluation(checkpoint, cfg, data, pool, device, run_dir)
+                summary.update(test_report.tracked_metrics())
+                artifacts.update({f"reports/{paths[key].name}": paths[key] for key in ("metrics", "report", "predictions")})
+                for img in ("confusion_matrix.png", "roc_curves.png", "test_predictions.png"):
+                    tracker.log_image(paths[img], f"plots/{img}")
+                    record.images.append(f"plots/{img}")
+                tracker.log_predictions(test_report.predictions)
+                record.tables["test/predictions"] = len(test_report.predictions.y_true)
+                if cfg["tracking"]["log_model"]:
+                    with timed(timings, "model_export_s"):
+                        example = next(iter(build_loaders(data, cfg, device)["test"]))[0][:2].cpu().numpy().astype(np.float32)
+                        tracker.log_model(model.cpu().eval(), checkpoint, example, {
+                            "final": final, "folds": k, "cv_chosen_epoch": epoch, "dataset_source": data.source,
+                            "dataset_fingerprint": data.fingerprint, "image_size": data.image_size,
+                            **{key: v for key, v in test_report.tracked_metrics().items() if "/" in key}})
+                    record.models.append("CustomCXRNet")
+        summary = {key: v for key, v in summary.items() if not (isinstance(v, float) and math.isnan(v))}
+        artifacts.update(_write_cv_files(run_dir, safe_cfg, stats, epoch, mean_curve, rows, final, summary))
+        tracker.log_summary(summary)
+        if rows:
+            tracker.log_table("cv/folds", rows)
+            record.tables["cv/folds"] = len(rows)
+        for art, path in artifacts.items():
+            tracker.log_artifact(path, str(Path(art).parent) if "/" in art else None)
+        tracker.set_tags({"cv_final_model": final or "none"})
+        record.tags["cv_final_model"] = final or "none"
+        record.summary, record.artifacts, record.status = summary, sorted(artifacts), status
+        tracker.end_run(status)
+    timings["total_s"] = time.perf_counter() - t0
+    timings["fit_s"] = sum(r.timings.get("fit_s", 0.0) for r in folds)
+    record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers}}
+    (run_dir / "tracked.json").write_text(record.to_json())
+    (run_dir / "timings.json").write_text(json.dumps({"trackers": tracker.names, **timings}, indent=2))
+    score = stats.get(monitor, {}).get("mean") if not stopped and folds else None
+    fit = FitResult(history=[{"epoch": e, monitor: v} for e, v in enumerate(mean_curve, 1)], best_epoch=epoch,
+                    best_score=score, status=status, stopped_early=bool(stopped), checkpoint=checkpoint,
+                    best_metrics={key: s["mean"] for key, s in stats.items() if key.startswith("val/")},
+                    stop_reason=stopped.get("reason"))
+    _log_outcome(name, status, stats, epoch, final, test_report, run_dir, tracker)
+    return CVResult(name, run_dir, status, folds, stats, epoch, final, fit, test_report, retrain, record, summary,
+                    tracker, timings)
+
+
+def _ckpt_cv(stats: dict[str, dict[str, Any]], epoch: int | None, k: int) -> dict[str, Any]:
+    return {"folds": k, "chosen_epoch": epoch, **{f"{key}_mean": s["mean"] for key, s in stats.items()},
+            **{f"{key}_std": s["std"] for key, s in stats.items()}}
+
+
+def save_ensemble(checkpoints: list[Path], path: Path, safe_cfg: dict[str, Any], data: CXRData, name: str,
+                  stats: dict[str, dict[str, Any]], epoch: int | None, k: int) -> Path:
+    """One checkpoint holding every fold model (plain types: loads with ``weights_only=True``)."""
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in checkpoints]
+    state = {
+        "kind": "ensemble",
+        "members": [s["model_state"] for s in states],
+        "member_epochs": [s["epoch"] for s in states],
+        "member_weights": [s.get("weights", "raw") for s in states],
+        "model_hparams": states[0]["model_hparams"],
+        "config": safe_cfg,
+        "class_names": list(data.class_names),
+        "dataset": {key: v for key, v in data.summary().items() if key in ("source", "fingerprint", "root", "layout")},
+        "run_name": name,
+        "cv": _ckpt_cv(stats, epoch, k),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _copy_checkpoint(source: Path, dest: Path, extra: dict[str, Any]) -> None:
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    state.update(extra)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(dest)
+
+
+def _retrain(cfg, data, pool, name, run_dir, epoch, group, nested) -> RunResult:
+    """All of train/, no validation split, the folds' schedule, stopped after the CV-chosen epoch."""
+    rcfg = _child_cfg(cfg, f"{name}-retrain", run_dir / "folds", {"cv": name, "cv_retrain_epochs": str(epoch)})
+
+    def stop_at(e: int, row: dict[str, float]) -> None:
+        if e >= epoch:
+            raise StopTraining(f"the CV-chosen number of epochs ({epoch}) is reached")
+
+    all_train = fold_data(data, pool, np.arange(len(pool.labels)), None, cfg["data"])
+    log.info("Retraining on all %d train/ images for the CV-chosen %d epochs (no validation split).",
+             len(pool.labels), epoch)
+    return run_experiment(rcfg, data=all_train, callbacks=(stop_at,), group=group, job_type="retrain", parents=nested,
+                          description=f"Retrain of cross-validation {name} on all of train/ for {epoch} epochs")
+
+
+def _final_evaluation(checkpoint: Path, cfg, data: CXRData, pool, device, run_dir: Path):
+    """The one evaluation of the test split: the final model, predicting as configured (TTA)."""
+    from cxrtrack.models.ensemble import with_tta
+    from cxrtrack.training.evaluate import load_checkpoint, report_on_test
+
+    model, _ = load_checkpoint(checkpoint, device)
+    model = with_tta(model, cfg["evaluation"]["tta"])
+    criterion = build_criterion(cfg["training"], pool.labels, device)
+    loader = build_loaders(data, cfg, device)["test"]
+    report, paths = report_on_test(model, loader, data, criterion, device, run_dir, cfg["evaluation"]["n_prediction_images"])
+    return report, paths, model
+
+
+def _write_cv_files(run_dir: Path, safe_cfg, stats, epoch, mean_curve, rows, final, summary) -> dict[str, Path]:
+    import yaml
+
+    out = run_dir / "cv_summary.json"
+    out.write_text(json.dumps({"stats": stats, "chosen_epoch": epoch, "mean_val_curve": mean_curve,
+                               "monitor": safe_cfg["training"]["monitor"], "final": final, "folds": rows,
+                               "summary": summary}, indent=2, default=str))
+    config = run_dir / "config.yaml"
+    config.write_text(yaml.safe_dump(safe_cfg, sort_keys=False))
+    return {"cv_summary.json": out, "config.yaml": config}
+
+
+def _log_outcome(name, status, stats, epoch, final, test_report, run_dir, tracker) -> None:
+    parts = [f"{key} {s['mean']:.4f} ± {s['std']:.4f}" for key, s in stats.items() if key.startswith("val/")]
+    log.info("Cross-validation %s %s: %s over %d folds (sample std); chosen epoch %s; final model: %s.",
+             name, status, ", ".join(parts), len(stats.get("best_epoch", {}).get("values", [])), epoch, final or "none")
+    if test_report is not None:
+        m = test_report.metrics
+        log.info("Test (%s, evaluated once): loss %.4f acc %.3f macro-F1 %.3f ROC-AUC %.3f", final, test_report.loss,
+                 m["acc"], m["f1_macro"], m["roc_auc_ovr_macro"])
+    log.info("Local files: %s. %s", run_dir, tracker.describe())
