@@ -18,21 +18,23 @@ TRACKER     ?= mlflow
 # is therefore part of the name. ARGS is split into words on spaces (by make, not by the shell).
 # (`unexport` after the defaults above: it defines a variable, so a later `?=` would not assign it.)
 USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID OUT OUTPUTS PORT MLFLOW_URI \
-               TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS
+               TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS FOLDS SEEDS SIZES
 unexport $(USER_VARS)
 uri          = $(if $(filter command line environment,$(origin MLFLOW_URI)),$(value MLFLOW_URI),$(MLFLOW_URI))
 shq          = '$(subst ','\'',$(1))'
 opt          = $(if $(value $(1)),$(2) $(call shq,$(value $(1))))
 
-# Optional flags shared by the training and evaluation targets.
+# Optional flags shared by the training and evaluation targets. Honest model selection (docs/model-quality.md):
+# FOLDS=k cross-validates on train/, SEEDS=n repeats with n seeds.
 DATA_ARG    = $(call opt,DATA,--data)
 TRAIN_ARGS  = $(DATA_ARG) $(call opt,EPOCHS,--epochs) $(call opt,BATCH_SIZE,--batch-size) $(call opt,LR,--lr) \
               $(call opt,IMAGE_SIZE,--image-size) $(call opt,RUN_NAME,--run-name) \
+              $(call opt,FOLDS,--folds) $(call opt,SEEDS,--seeds) \
               $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 .PHONY: help install download mlflow-quick wandb-quick both-quick mlflow-train wandb-train train-custom \
-        mlflow-tune wandb-tune tune-benchmark mlflow-ui wandb-sync evaluate replay compare test test-fast lint clean \
-        clean-runs
+        mlflow-tune wandb-tune tune-benchmark mlflow-ui wandb-sync evaluate replay compare speed-benchmark test test-fast \
+        lint clean clean-runs
 
 help: ## Show this help
 	@echo "Usage: make <target> [DATA=<folder>] [EPOCHS=n] ..."
@@ -67,7 +69,7 @@ mlflow-train: ## Full training run (configs/train.yaml) tracked in MLflow
 wandb-train: ## Full training run (configs/train.yaml) tracked in W&B
 	$(PY) scripts/train.py --config configs/train.yaml --tracker wandb $(TRAIN_ARGS)
 
-train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG=...]
+train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG=... FOLDS=5 SEEDS=3]
 	$(PY) scripts/train.py --config $(call shq,$(value CONFIG)) --tracker $(call shq,$(value TRACKER)) $(TRAIN_ARGS)
 
 # CONFIG= given by the user (command line or environment), else empty: tune and compare have their own defaults.
@@ -103,7 +105,7 @@ wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	  echo "       .venv/bin/wandb login (or set WANDB_API_KEY), then make wandb-sync again. Nothing was lost:"; \
 	  echo "       the offline runs stay in ./wandb until they are uploaded."; exit 1; }
 
-evaluate: ## Evaluate on the test split: make evaluate CHECKPOINT=outputs/<run>/checkpoints/best.pt | RUN_ID=<mlflow run>
+evaluate: ## Evaluate on the test split: make evaluate CHECKPOINT=outputs/<run>/checkpoints/best.pt | RUN_ID=<mlflow run> (a CV run's: its ensemble or retrain)
 	$(PY) scripts/evaluate.py $(call opt,CHECKPOINT,--checkpoint) $(call opt,RUN_ID,--run-id) $(DATA_ARG) $(call opt,OUT,--out)
 
 replay: ## Send tracker calls spooled during an outage (outputs/*/spool) in order; close runs of killed processes
@@ -112,6 +114,10 @@ replay: ## Send tracker calls spooled during an outage (outputs/*/spool) in orde
 compare: ## Measure MLflow vs W&B on one training: make compare [QUICK=1] [REPEATS=3] [TRACKERS=...] [CONFIG=...] [DATA=...]
 	$(PY) scripts/compare.py $(if $(value QUICK),--quick) $(call opt,REPEATS,--repeats) $(call opt,TRACKERS,--trackers) \
 		$(if $(USER_CONFIG),--config $(call shq,$(USER_CONFIG))) $(DATA_ARG) $(foreach word,$(value ARGS),$(call shq,$(word)))
+
+speed-benchmark: ## Images/s of the training step: channels-last, torch.compile, bf16, batched augmentation (writes outputs/speed/)
+	$(PY) scripts/benchmark_speed.py $(call opt,REPEATS,--repeats) $(call opt,SIZES,--sizes) \
+		$(foreach word,$(value ARGS),$(call shq,$(word)))
 
 test: ## Run the test suite (no network; a few minutes)
 	$(PY) -m pytest

@@ -21,6 +21,8 @@ def training_curves(history: list[dict[str, float]], monitor: str | None = None,
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     for ax, (key, title) in zip(axes, panels, strict=False):
         for split, style in (("train", "-o"), ("val", "-s")):
+            if f"{split}/{key}" not in history[0]:
+                continue  # no validation split (a retrain on all of train/)
             ax.plot(epochs, [row[f"{split}/{key}"] for row in history], style, label=split, markersize=3)
         ax.set(title=title, xlabel="epoch")
         ax.grid(alpha=0.3)
