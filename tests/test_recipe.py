@@ -25,7 +25,6 @@ from cxrtrack.training.run import run_experiment
 from cxrtrack.training.trainer import Trainer, build_criterion, build_optimizer, build_scheduler
 from tests.conftest import CONFIGS
 
-
 # -- k-fold splits -------------------------------------------------------------------------------------
 
 
