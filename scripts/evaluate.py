@@ -7,7 +7,6 @@ import argparse
 
 from cxrtrack.cli import run_main, setup_logging
 from cxrtrack.errors import CXRError
-from cxrtrack.training.evaluate import evaluate_checkpoint
 
 
 def main() -> int:
@@ -29,6 +28,9 @@ def main() -> int:
     else:
         raise CXRError("Say what to evaluate: CHECKPOINT=outputs/<run>/checkpoints/best.pt or RUN_ID=<mlflow run id> "
                        "(scripts/evaluate.py --checkpoint ... | --run-id ...).")
+    # torch, torchvision and scikit-learn are imported only now, after the flags were checked
+    from cxrtrack.training.evaluate import evaluate_checkpoint
+
     report, out = evaluate_checkpoint(checkpoint, args.data, args.out)
     print(report.report)
     print(f"test loss {report.loss:.4f}  acc {report.metrics['acc']:.4f}  macro-F1 {report.metrics['f1_macro']:.4f}  "

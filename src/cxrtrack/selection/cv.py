@@ -252,7 +252,7 @@ def run_cv(
                     with timed(timings, "model_export_s"):
                         example = next(iter(build_loaders(data, cfg, device)["test"]))[0][:2].cpu().numpy().astype(np.float32)
                         tracker.log_model(model.cpu().eval(), checkpoint, example, {
-                            "final": final, "folds": k, "cv_chosen_epoch": epoch, "dataset_source": data.source,
+                            "final": final, "folds": k, "best_epoch": epoch, "dataset_source": data.source,
                             "dataset_fingerprint": data.fingerprint, "image_size": data.image_size,
                             **{key: v for key, v in test_report.tracked_metrics().items() if "/" in key}})
                     record.models.append("CustomCXRNet")
