@@ -190,7 +190,7 @@ def test_equalisation_is_applied_identically_to_every_split(tiny_cfg, mode):
 
 
 def test_batched_on_device_augmentation_matches_the_per_image_path_where_it_must(tiny_cfg):
-    tiny_cfg["data"]["augment"]["batched"] = True
+    tiny_cfg["data"]["pipeline"] = "batched"
     data = build_data(tiny_cfg["data"], tiny_cfg["seed"])
     loaders = build_loaders(data, tiny_cfg, torch.device("cpu"))
     assert isinstance(loaders["train"], DeviceLoader) and len(loaders["train"]) == -(-len(data.train) // 16)
@@ -205,10 +205,23 @@ def test_batched_on_device_augmentation_matches_the_per_image_path_where_it_must
     assert sorted(seen.tolist()) == sorted(data.train.labels)  # every training image once per epoch
 
 
+def test_auto_settings_resolve_per_device():
+    from cxrtrack.data.loading import resolve_pipeline
+    from cxrtrack.training.recipe import cpu_has_native_bf16, resolve_precision
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert resolve_precision("auto", gpu) == "fp32" and resolve_precision("bf16", gpu) == "bf16"
+    assert resolve_pipeline({"pipeline": "auto"}, cpu) == "per_image"
+    assert resolve_pipeline({"pipeline": "auto"}, gpu) == "batched"  # on a GPU the data stays on the device
+    assert resolve_pipeline({"pipeline": "batched"}, cpu) == "batched"
+
+
 def test_speed_options_train_to_a_finite_loss(tiny_cfg):
     tiny_cfg["training"].update(channels_last=True, precision="bf16", epochs=1)
     result = run_experiment(tiny_cfg)
     assert result.status == "FINISHED" and np.isfinite(result.fit.history[0]["train/loss"])
+    assert result.params["resolved.precision"] == "bf16" and result.params["resolved.pipeline"] == "per_image"
 
 
 def test_compile_wraps_only_the_training_forward_and_checkpoints_plain_weights(tiny_cfg, tmp_path):

@@ -111,6 +111,7 @@ def test_every_switch_reaches_both_trackers_as_a_param(cv_run):
     stored = [mlflow_params] + [read_wandb(d).params for d in sorted(wandb_runs)]
     assert len(stored) == 4
     for params in stored:
+        assert params["resolved.precision"] == "bf16" and params["resolved.pipeline"] == "per_image"
         for key, value in SWITCHES.items():
             assert key in params, key
             assert params[key] in (value, str(value)), (key, params[key], value)

@@ -245,7 +245,8 @@ _CHOICES = {
     ("tracking", "wandb", "mode"): ("auto", "online", "offline", "disabled"),
     ("data", "equalize"): ("none", "histogram", "clahe"),
     ("training", "weight_averaging"): ("none", "ema", "swa"),
-    ("training", "precision"): ("fp32", "bf16"),
+    ("training", "precision"): ("auto", "fp32", "bf16"),
+    ("data", "pipeline"): ("auto", "per_image", "batched"),
     ("training", "cv_final"): ("ensemble", "retrain"),
     ("evaluation", "tta"): ("none", "hflip"),
 }

@@ -1,9 +1,9 @@
 """Batches for the trainer: the DataLoader path (per-image CPU transforms) or the on-device path.
 
-``data.augment.batched: false`` (the default): :meth:`CXRData.loaders`, a DataLoader per split whose
+``data.pipeline: per_image`` (``auto`` on a CPU): :meth:`CXRData.loaders`, a DataLoader per split whose
 dataset applies the torchvision transforms image by image on the CPU.
 
-``data.augment.batched: true``: each split's decoded uint8 cache is moved to the training device once
+``data.pipeline: batched`` (``auto`` on a GPU): each split's decoded uint8 cache is moved to the training device once
 (a few MB; on a GPU the data then never crosses the bus again), batches are cut from it there, and
 augmentation runs on whole batches on the device (kornia: every image still gets its own random
 parameters). The shuffling order comes from a seeded generator, as with the DataLoader.
@@ -42,10 +42,18 @@ class DeviceLoader:
             yield self.transform(self.images[idx]), self.labels[idx]
 
 
+def resolve_pipeline(data_cfg: dict[str, Any], device: torch.device) -> str:
+    """``per_image`` or ``batched`` for ``data.pipeline`` on ``device`` (``auto``: batched on a GPU)."""
+    pipeline = data_cfg.get("pipeline", "per_image")
+    if pipeline == "auto":
+        return "batched" if device.type in ("cuda", "mps") else "per_image"
+    return pipeline
+
+
 def build_loaders(data: CXRData, cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The train/val/test batches for ``cfg`` (``val`` is None when the data has no validation split)."""
     data_cfg = cfg["data"]
-    if not data_cfg["augment"]["batched"]:
+    if resolve_pipeline(data_cfg, device) == "per_image":
         return data.loaders(data_cfg["batch_size"], data_cfg["num_workers"], cfg["seed"])
     train_tf, eval_tf = build_batch_transforms(data_cfg, train=True), build_batch_transforms(data_cfg, train=False)
     size = data_cfg["batch_size"]

@@ -6,7 +6,7 @@ augmentation, scaling to float, channel replication and normalisation:
 
 - :func:`build_transforms`: per image, on the CPU, in the DataLoader (torchvision v2): the default;
 - :func:`build_batch_augment`: per image but a whole batch at once, on the training device (kornia),
-  for ``data.augment.batched: true``; the same distributions of flip, crop, affine and jitter;
+  for ``data.pipeline: batched``; the same distributions of flip, crop, affine and jitter;
 - :func:`build_mix`: MixUp / CutMix of whole batches (torchvision v2), applied in the training step
   either way, since they mix images *and* labels.
 """
@@ -34,7 +34,7 @@ def build_transforms(data_cfg: dict[str, Any]) -> tuple[v2.Compose, v2.Compose]:
     to_model = _to_model(data_cfg)
     aug_cfg = data_cfg["augment"]
     augment = []
-    if aug_cfg["enabled"] and not aug_cfg["batched"]:
+    if aug_cfg["enabled"]:
         size = data_cfg["image_size"]
         augment = [
             *([v2.RandomResizedCrop(size, scale=tuple(aug_cfg["crop_scale"]), ratio=tuple(aug_cfg["crop_ratio"]),
@@ -53,7 +53,7 @@ def build_transforms(data_cfg: dict[str, Any]) -> tuple[v2.Compose, v2.Compose]:
 
 
 def build_batch_transforms(data_cfg: dict[str, Any], train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """For ``data.augment.batched``: a function from a uint8 batch ``(B, 1, H, W)`` on the training device to the
+    """For ``data.pipeline: batched``: a function from a uint8 batch ``(B, 1, H, W)`` on the training device to the
     model's float input, augmented per image (``train``) with kornia, then scaled and normalised like
     :func:`build_transforms`."""
     aug_cfg = data_cfg["augment"]

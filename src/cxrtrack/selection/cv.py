@@ -44,6 +44,7 @@ from cxrtrack.selection.folds import fold_data, stratified_folds, train_pool
 from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker
 from cxrtrack.tracking.base import RunInfo
 from cxrtrack.tracking.readback import RunRecord
+from cxrtrack.training.recipe import resolved_settings
 from cxrtrack.training.run import RunResult, make_run_name, run_config, run_experiment
 from cxrtrack.training.trainer import EpochCallback, FitResult, StopTraining, build_criterion
 from cxrtrack.utils import seed_everything, select_device, timed
@@ -172,7 +173,7 @@ def run_cv(
     n_params = build_model(cfg["model"], cfg["data"]).num_parameters()
     summary_data = {k2: v for k2, v in data.summary().items() if not k2.startswith(("n_train", "n_val"))}
     summary_data.update(n_train_pool=len(pool.labels), cv_folds=k)
-    config = run_config(safe_cfg, summary_data, n_params, device.type)
+    config = {**run_config(safe_cfg, summary_data, n_params, device.type), "resolved": resolved_settings(cfg, device)}
     tags = {**git_info(), **environment_tags(device.type), "dataset_source": data.source,
             "dataset_fingerprint": data.fingerprint, "config": cfg.get("config_name", ""), "model": "CustomCXRNet",
             "cv_folds": str(k), "cv_final": cfg["training"]["cv_final"],

@@ -41,6 +41,33 @@ def ema_avg_fn(decay: float):
     return avg_fn
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast is fast."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these (private) probes: read the CPU flags
+        try:
+            flags = open("/proc/cpuinfo").read()  # noqa: SIM115
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``training.precision`` on ``device``: ``auto`` is bf16 on a CPU with native bf16, else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def resolved_settings(cfg: dict[str, Any], device: torch.device) -> dict[str, str]:
+    """What the ``auto`` settings became on this machine (tracked beside the config as ``resolved.*``)."""
+    from cxrtrack.data.loading import resolve_pipeline
+
+    return {"pipeline": resolve_pipeline(cfg["data"], device),
+            "precision": resolve_precision(cfg["training"]["precision"], device)}
+
+
 class Recipe:
     """The in-step switches of one run. ``Recipe()`` (no config) is the plain training step."""
 
@@ -52,7 +79,7 @@ class Recipe:
         self.swa_lr: float = train.get("swa_lr", 5e-4)
         self.channels_last: bool = bool(train.get("channels_last", False))
         self.compile: bool = bool(train.get("compile", False))
-        self.precision: str = train.get("precision", "fp32")
+        self.precision: str = train.get("precision", "fp32")  # "auto" is resolved in attach, for the device
         self.tta: str = (cfg or {}).get("evaluation", {}).get("tta", "none")
         self.mix = None
         if cfg is not None:
@@ -71,6 +98,7 @@ class Recipe:
         from torch.optim.swa_utils import SWALR, AveragedModel
 
         self.model, self.device_type = model, device.type
+        self.precision = resolve_precision(self.precision, device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self._train_module = model

@@ -37,7 +37,7 @@ from cxrtrack.tracking.base import RunInfo, display_name
 from cxrtrack.tracking.readback import RunRecord
 from cxrtrack.training import plots
 from cxrtrack.training.evaluate import TestReport, report_on_test
-from cxrtrack.training.recipe import Recipe
+from cxrtrack.training.recipe import Recipe, resolved_settings
 from cxrtrack.training.trainer import EpochCallback, FitResult, Trainer, build_criterion
 from cxrtrack.utils import atomic_write, seed_everything, select_device, timed
 
@@ -166,7 +166,8 @@ def run_experiment(
 
     summary = data.summary()
     safe_cfg = scrub_secrets(cfg)  # the only form of the config that leaves this process (trackers, files)
-    config = run_config(safe_cfg, summary, model.num_parameters(), device.type)
+    config = deep_merge(run_config(safe_cfg, summary, model.num_parameters(), device.type),
+                        {"resolved": resolved_settings(cfg, device)})  # what the 'auto' settings became here
     params = flatten(config)
     tags = {
         **git_info(),
@@ -181,7 +182,7 @@ def run_experiment(
     log.info("Run %s: CustomCXRNet with %s parameters on %s; tracking: %s",
              run_name, f"{model.num_parameters():,}", device, ", ".join(tracker.names) or "none")
 
-    loaders = build_loaders(data, cfg, device)  # DataLoaders, or batches cut on the device (data.augment.batched)
+    loaders = build_loaders(data, cfg, device)  # DataLoaders, or batches cut on the device (data.pipeline)
     checkpoint_extra = {
         "class_names": list(data.class_names),
         "config": safe_cfg,
