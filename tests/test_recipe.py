@@ -236,6 +236,27 @@ def test_compile_wraps_only_the_training_forward_and_checkpoints_plain_weights(t
     assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "best.pt", weights_only=True)["model_state"])
 
 
+def test_a_checkpoint_from_before_the_switches_still_evaluates(tiny_cfg, tmp_path):
+    from cxrtrack.training.evaluate import evaluate_checkpoint
+
+    tiny_cfg["training"]["epochs"] = 1
+    result = run_experiment(tiny_cfg)
+    ckpt = torch.load(result.fit.checkpoint, weights_only=True)
+    for section, keys in {"data": ("equalize", "clahe_clip_limit", "clahe_grid", "pipeline"),
+                          "training": ("label_smoothing", "warmup_epochs", "weight_averaging", "ema_decay", "swa_start",
+                                       "swa_lr", "channels_last", "compile", "precision", "cv_folds", "cv_final",
+                                       "seeds"),
+                          "evaluation": ("tta",)}.items():
+        for key in keys:
+            del ckpt["config"][section][key]
+    for key in ("shear", "resized_crop", "crop_scale", "crop_ratio", "mixup_alpha", "cutmix_alpha"):
+        del ckpt["config"]["data"]["augment"][key]
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    report, _ = evaluate_checkpoint(old, out_dir=tmp_path / "eval")
+    assert report.metrics["acc"] == pytest.approx(result.test.metrics["acc"])
+
+
 # -- settings ------------------------------------------------------------------------------------------
 
 

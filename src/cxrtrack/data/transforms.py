@@ -36,15 +36,16 @@ def build_transforms(data_cfg: dict[str, Any]) -> tuple[v2.Compose, v2.Compose]:
     augment = []
     if aug_cfg["enabled"]:
         size = data_cfg["image_size"]
+        # .get: a checkpoint written before these switches existed has no such keys in its config
         augment = [
             *([v2.RandomResizedCrop(size, scale=tuple(aug_cfg["crop_scale"]), ratio=tuple(aug_cfg["crop_ratio"]),
-                                    antialias=True)] if aug_cfg["resized_crop"] else []),
+                                    antialias=True)] if aug_cfg.get("resized_crop") else []),
             v2.RandomHorizontalFlip(p=aug_cfg["hflip"]),
             v2.RandomAffine(
                 degrees=aug_cfg["rotation"],
                 translate=(aug_cfg["translate"], aug_cfg["translate"]),
                 scale=tuple(aug_cfg["scale"]),
-                shear=aug_cfg["shear"] or None,
+                shear=aug_cfg.get("shear") or None,
                 fill=0,
             ),
             v2.ColorJitter(brightness=aug_cfg["brightness"], contrast=aug_cfg["contrast"]),
@@ -96,9 +97,9 @@ def build_mix(data_cfg: dict[str, Any], num_classes: int = 3):
     if not aug_cfg["enabled"]:
         return None
     mixes = []
-    if aug_cfg["mixup_alpha"] > 0:
+    if aug_cfg.get("mixup_alpha", 0) > 0:
         mixes.append(v2.MixUp(alpha=aug_cfg["mixup_alpha"], num_classes=num_classes))
-    if aug_cfg["cutmix_alpha"] > 0:
+    if aug_cfg.get("cutmix_alpha", 0) > 0:
         mixes.append(v2.CutMix(alpha=aug_cfg["cutmix_alpha"], num_classes=num_classes))
     if not mixes:
         return None
