@@ -266,7 +266,7 @@ def test_a_checkpoint_from_before_the_switches_still_evaluates(tiny_cfg, tmp_pat
     ({"data.augment.crop_scale": [0.9, 0.5]}, "min <= max"),
     ({"training.weight_averaging": "both"}, "none, ema, swa"),
     ({"training.label_smoothing": 1.5}, "between 0 and 1"),
-    ({"training.cv_folds": 0}, "number of folds"),
+    ({"training.cv_folds": 0}, r"cv_folds.*between 1 and 50"),
     ({"evaluation.tta": "vflip"}, "none, hflip"),
     ({"data.augment.enabled": False, "data.augment.mixup_alpha": 0.2}, "augment.enabled=true"),
 ])
