@@ -302,6 +302,7 @@ def test_two_runs_in_the_same_second_never_share_a_folder(tiny_cfg):
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     from cxrtrack.models import CustomCXRNet
+    from cxrtrack.training.recipe import Recipe
 
     model = CustomCXRNet(image_size=64)
     with torch.no_grad():
@@ -309,6 +310,8 @@ def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     trainer = Trainer.__new__(Trainer)
     trainer.model, trainer.cfg, trainer.best_epoch = model, {"lr": 0.1, "grad_clip_norm": None}, None
     trainer.checkpoint_path, trainer.monitor, trainer.checkpoint_extra = tmp_path / "best.pt", "val/loss", {}
+    trainer.recipe = Recipe()  # no EMA/SWA: the raw weights are what would be checkpointed
+    trainer.recipe.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, torch.device("cpu"))
     with pytest.raises(NonFiniteLossError, match="model weights"):
         trainer.save_checkpoint(1, 0.5, {})
     assert list(tmp_path.iterdir()) == []
