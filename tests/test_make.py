@@ -72,3 +72,16 @@ def test_mlflow_ui_takes_the_uri_as_data_and_never_prints_its_password(tmp_path,
     proc, argv = make(t, recorder, "mlflow-ui", f"MLFLOW_URI=sqlite:///{t}/a'b$(touch {t}/pwn2).db")
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{t}/a'b$(touch {t}/pwn2).db"
     assert not any(p.name.startswith("pwn") for p in t.iterdir())
+
+
+def test_folds_seeds_and_the_speed_benchmark_variables_are_data(tmp_path, recorder):
+    t = tmp_path
+    proc, argv = make(t, recorder, "mlflow-train", f"FOLDS=5;touch {t}/pwn1", f"SEEDS=$(touch {t}/pwn2)3")
+    assert proc.returncode == 0, proc.stderr
+    assert argv[argv.index("--folds") + 1] == f"5;touch {t}/pwn1"
+    assert argv[argv.index("--seeds") + 1] == f"$(touch {t}/pwn2)3"
+    proc, argv = make(t, recorder, "speed-benchmark", f"SIZES=64`touch {t}/pwn3`", "REPEATS=2", "ARGS=--epochs 1")
+    assert argv == ["scripts/benchmark_speed.py", "--repeats", "2", "--sizes", f"64`touch {t}/pwn3`", "--epochs", "1"]
+    proc, argv = make(t, recorder, "mlflow-train")  # unset: no flag at all, the config decides
+    assert "--folds" not in argv and "--seeds" not in argv
+    assert not any(p.name.startswith("pwn") for p in t.iterdir())
