@@ -45,9 +45,9 @@ from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker
 from cxrtrack.tracking.base import RunInfo
 from cxrtrack.tracking.readback import RunRecord
 from cxrtrack.training.recipe import resolved_settings
-from cxrtrack.training.run import RunResult, make_run_name, run_config, run_experiment
+from cxrtrack.training.run import RunResult, claim_run_dir, make_run_name, run_config, run_experiment
 from cxrtrack.training.trainer import EpochCallback, FitResult, StopTraining, build_criterion
-from cxrtrack.utils import seed_everything, select_device, timed
+from cxrtrack.utils import seed_everything, select_device, timed, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,7 @@ def run_cv(
     pool = train_pool(data)
     splits = stratified_folds(pool.labels, k, cfg["seed"])
     name = make_run_name(cfg) if cfg.get("run_name") else f"{make_run_name(cfg)}-cv{k}"
-    run_dir = Path(cfg["output_dir"]) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    name, run_dir = claim_run_dir({**cfg, "run_name": name})  # its own new folder, as every run gets
     group = group or cfg["tracking"]["group"] or name
     safe_cfg = scrub_secrets(cfg)
     n_params = build_model(cfg["model"], cfg["data"]).num_parameters()
@@ -272,8 +271,8 @@ def run_cv(
     timings["total_s"] = time.perf_counter() - t0
     timings["fit_s"] = sum(r.timings.get("fit_s", 0.0) for r in folds)
     record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers}}
-    (run_dir / "tracked.json").write_text(record.to_json())
-    (run_dir / "timings.json").write_text(json.dumps({"trackers": tracker.names, **timings}, indent=2))
+    write_text_atomic(run_dir / "tracked.json", record.to_json())
+    write_text_atomic(run_dir / "timings.json", json.dumps({"trackers": tracker.names, **timings}, indent=2))
     score = stats.get(monitor, {}).get("mean") if not stopped and folds else None
     fit = FitResult(history=[{"epoch": e, monitor: v} for e, v in enumerate(mean_curve, 1)], best_epoch=epoch,
                     best_score=score, status=status, stopped_early=bool(stopped), checkpoint=checkpoint,
@@ -353,11 +352,11 @@ def _write_cv_files(run_dir: Path, safe_cfg, stats, epoch, mean_curve, rows, fin
     import yaml
 
     out = run_dir / "cv_summary.json"
-    out.write_text(json.dumps({"stats": stats, "chosen_epoch": epoch, "mean_val_curve": mean_curve,
+    write_text_atomic(out, json.dumps({"stats": stats, "chosen_epoch": epoch, "mean_val_curve": mean_curve,
                                "monitor": safe_cfg["training"]["monitor"], "final": final, "folds": rows,
                                "summary": summary}, indent=2, default=str))
     config = run_dir / "config.yaml"
-    config.write_text(yaml.safe_dump(safe_cfg, sort_keys=False))
+    write_text_atomic(config, yaml.safe_dump(safe_cfg, sort_keys=False))
     return {"cv_summary.json": out, "config.yaml": config}
 
 

@@ -27,7 +27,8 @@ from cxrtrack.selection.cv import child_parents, mean_std, parent_cfg
 from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker
 from cxrtrack.tracking.base import RunInfo
 from cxrtrack.tracking.readback import RunRecord
-from cxrtrack.training.run import make_run_name
+from cxrtrack.training.run import claim_run_dir, make_run_name
+from cxrtrack.utils import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,7 @@ def run_seeds(
     seeds = [base + i for i in range(n)]
     cv = cfg["training"]["cv_folds"] > 1
     name = make_run_name(cfg) if cfg.get("run_name") else f"{make_run_name(cfg)}-seeds{n}"
-    run_dir = Path(cfg["output_dir"]) / name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    name, run_dir = claim_run_dir({**cfg, "run_name": name})  # its own new folder, as every run gets
     group = group or cfg["tracking"]["group"] or name
     cache = data if isinstance(data, DataCache) else DataCache()
     tracker = tracker if tracker is not None else build_tracker(cfg["tracking"]["tracker"], parent_cfg(cfg))
@@ -123,7 +123,7 @@ def run_seeds(
             summary[f"seeds/{key}_mean"], summary[f"seeds/{key}_std"] = s["mean"], s["std"]
         summary = {k: v for k, v in summary.items() if not math.isnan(v)}
         out = run_dir / "seeds_summary.json"
-        out.write_text(json.dumps({"seeds": seeds, "stats": stats, "runs": rows}, indent=2, default=str))
+        write_text_atomic(out, json.dumps({"seeds": seeds, "stats": stats, "runs": rows}, indent=2, default=str))
         tracker.log_summary(summary)
         if rows:
             tracker.log_table("seeds/runs", rows)
@@ -132,7 +132,7 @@ def run_seeds(
         record.summary, record.artifacts, record.status = summary, ["seeds_summary.json"], status
         tracker.end_run(status)
     record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers}, "total_s": time.perf_counter() - t0}
-    (run_dir / "tracked.json").write_text(record.to_json())
+    write_text_atomic(run_dir / "tracked.json", record.to_json())
     result = SeedsResult(name, run_dir, status, seeds, runs, stats, summary, record, tracker)
     for key in ("test/acc", "test/f1_macro", "test/roc_auc_ovr_macro"):
         if key in stats:
