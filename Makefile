@@ -17,7 +17,7 @@ TRACKER     ?= mlflow
 # from expanding them into the recipes' environment. A backquote, quote, $(...) or ; in DATA or RUN_NAME
 # is therefore part of the name. ARGS is split into words on spaces (by make, not by the shell).
 # (`unexport` after the defaults above: it defines a variable, so a later `?=` would not assign it.)
-USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID OUT OUTPUTS PORT MLFLOW_URI \
+USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID MODEL OUT OUTPUTS PORT MLFLOW_URI \
                TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS
 unexport $(USER_VARS)
 uri          = $(if $(filter command line environment,$(origin MLFLOW_URI)),$(value MLFLOW_URI),$(MLFLOW_URI))
@@ -103,8 +103,9 @@ wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	  echo "       .venv/bin/wandb login (or set WANDB_API_KEY), then make wandb-sync again. Nothing was lost:"; \
 	  echo "       the offline runs stay in ./wandb until they are uploaded."; exit 1; }
 
-evaluate: ## Evaluate on the test split: make evaluate CHECKPOINT=outputs/<run>/checkpoints/best.pt | RUN_ID=<mlflow run>
-	$(PY) scripts/evaluate.py $(call opt,CHECKPOINT,--checkpoint) $(call opt,RUN_ID,--run-id) $(DATA_ARG) $(call opt,OUT,--out)
+evaluate: ## Evaluate on the test split and log it back to the run: MODEL=models:/CustomCXRNet@champion | wandb:<e>/<p>/customcxrnet:champion | CHECKPOINT=<best.pt> | RUN_ID=<mlflow run>
+	$(PY) scripts/evaluate.py $(call opt,MODEL,--model) $(call opt,CHECKPOINT,--checkpoint) $(call opt,RUN_ID,--run-id) $(DATA_ARG) \
+		$(call opt,OUT,--out)
 
 replay: ## Send tracker calls spooled during an outage (outputs/*/spool) in order; close runs of killed processes
 	$(PY) scripts/replay.py $(call opt,OUTPUTS,--outputs)

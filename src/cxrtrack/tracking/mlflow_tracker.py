@@ -21,6 +21,7 @@ killed process can be found and closed (:func:`close_orphans`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -132,6 +133,7 @@ class MLflowTracker(BaseTracker):
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.model_uri: str | None = None
+        self.registered: dict[str, Any] | None = None  # name, version, aliases of the version this run registered
         # Asynchronous logging: metric and param calls are queued and written by MLflow's own thread,
         # so a slow store never holds up a training step; end_run waits for the queue.
         self._sync = not cfg.get("async_logging", False)
@@ -318,6 +320,32 @@ class MLflowTracker(BaseTracker):
     def log_artifact(self, path, artifact_path=None):
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def log_dataset(self, dataset):
+        """One MLflow dataset input per split (context train / val / test): the folder as source, the content
+        fingerprint as digest, the class counts as its profile (shown on the run page under "Datasets")."""
+        from mlflow.data.sources import LocalArtifactDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        class CXRDataset(MetaDataset):
+            def __init__(self, source, name, digest, profile):
+                self._profile = profile
+                super().__init__(source, name=name, digest=digest)
+
+            @property
+            def profile(self):
+                return self._profile
+
+            def to_dict(self):  # MetaDataset leaves the profile out of what is stored
+                return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+        source = LocalArtifactDatasetSource(Path(dataset["root"]).resolve().as_uri())
+        for split, counts in dataset["splits"].items():
+            profile = {"num_images": int(sum(counts.values())), **{str(k): int(v) for k, v in counts.items()}}
+            self._mlflow.log_input(
+                CXRDataset(source, f"{dataset['name']}-{split}", dataset["fingerprint"], profile), context=split,
+                tags={"source": dataset["source"], "fingerprint": dataset["fingerprint"],
+                      "test_split": str(dataset.get("test_split", ""))})
+
     def log_image(self, path, name, caption=None):
         self._mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent) if "/" in name else None)
 
@@ -342,11 +370,18 @@ class MLflowTracker(BaseTracker):
         self._mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{name}.json")
 
     def log_model(self, model, checkpoint, input_example, metadata):
-        """Log with the MLflow PyTorch flavor (signature + input example) and register it."""
+        """Log with the MLflow PyTorch flavor (signature + input example, the checkpoint as an extra file); register
+        it when the run's plan says so (``metadata["registry"]``, see :mod:`cxrtrack.tracking.registry`), with tags,
+        a description and the ``latest-<source>`` / ``champion`` aliases. Without a plan (a tuning study's best
+        model) it is registered under ``registered_model_name`` as before, without aliases."""
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
+        from cxrtrack.tracking.registry import REGISTRY_KEY, apply_mlflow_lifecycle
+
+        metadata = dict(metadata)
+        plan = metadata.pop(REGISTRY_KEY, None)
         # The pt2 format (torch.export) specialises a batch dimension of 1: the example needs >= 2 rows
         # for the logged model to accept any batch size.
         # workaround(mlflow): pt2 (the default format) needs an input_example, and a batch of >= 2 rows
@@ -354,24 +389,41 @@ class MLflowTracker(BaseTracker):
             input_example = np.concatenate([input_example, input_example])
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).numpy()
-        registered = self.cfg.get("registered_model_name") or None
+        name = self.cfg.get("registered_model_name") or None
+        registered = name if plan is None or plan.get("register") else None
         info = mlflow.pytorch.log_model(
             model,
             name="model",
             input_example=input_example,
             signature=infer_signature(input_example, output),
             registered_model_name=registered,
+            # the training checkpoint rides along, so `make evaluate MODEL=models:/CustomCXRNet@champion` can use it
+            extra_files=[str(checkpoint)],
             # workaround(mlflow): requirements stated, not inferred: inference runs a ~9 s subprocess per run
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
             metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
         )
         self.model_uri = info.model_uri
-        if registered:
-            log.info("MLflow: registered model '%s' version %s", registered, info.registered_model_version)
+        if not registered:
+            if plan is not None:
+                log.info("MLflow: model logged to the run, not registered: %s (tracking.register=true registers it).",
+                         plan.get("reason"))
+            return
+        version = str(info.registered_model_version)
+        if plan is None:
+            log.info("MLflow: registered model '%s' version %s", registered, version)
+            return
+        done = apply_mlflow_lifecycle(mlflow.MlflowClient(tracking_uri=self.tracking_uri), registered, version, plan)
+        self.registered = {"name": registered, **done}
+        mlflow.set_tags({"registered_model": f"{registered}/{version}", "registered_aliases": ",".join(done["aliases"])})
+        champion = ("now the champion" if done["champion"] else
+                    f"champion stays version {done['champion_version']}")
+        log.info("MLflow: registered '%s' version %s (aliases %s; %s: %s).", registered, version,
+                 ", ".join(done["aliases"]), champion, done["why"])
 
     def run_ref(self):
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id,
-                "model_uri": self.model_uri}
+                "model_uri": self.model_uri, "registered": self.registered}
 
     def describe(self):
         where = f"MLflow run {self.run_id} in experiment '{self.experiment}' at {redact(self.tracking_uri)}"

@@ -199,6 +199,8 @@ def send_record(backend: BaseTracker, spool: Spool, record: dict[str, Any]) -> N
         with np.load(root / a["input_example"]) as z:
             example = z["input_example"]
         backend.log_model(load_model(root / a["checkpoint"]), root / a["checkpoint"], example, a["metadata"])
+    elif method == "log_dataset":
+        backend.log_dataset(a["dataset"])
     elif method == "end_run":
         backend.end_run(a["status"])
     else:
@@ -236,7 +238,7 @@ class SpoolingTracker(BaseTracker):
         self._run = run
         self.spool = Spool(self.output_dir / run.name / "spool" / self.name)
         self.inner.start_run(RunInfo(run.name, run.config, {**run.tags, SPOOL_TAG: str(self.spool.root.resolve())},
-                                     run.group, run.job_type, run.parents, run.description))
+                                     run.group, run.job_type, run.parents, run.description, run.resume))
 
     def end_run(self, status: str = "FINISHED") -> None:
         if self.spooling:
@@ -270,6 +272,9 @@ class SpoolingTracker(BaseTracker):
 
     def set_tags(self, tags):
         self._forward("set_tags", {"tags": dict(tags)}, lambda: self.inner.set_tags(tags))
+
+    def log_dataset(self, dataset):
+        self._forward("log_dataset", {"dataset": dict(dataset)}, lambda: self.inner.log_dataset(dataset))
 
     def log_artifact(self, path, artifact_path=None):
         self._forward("log_artifact", {"artifact_path": artifact_path}, lambda: self.inner.log_artifact(path, artifact_path),

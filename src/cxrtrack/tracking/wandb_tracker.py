@@ -228,6 +228,25 @@ class WandbTracker(BaseTracker):
         name = Path(path).name if artifact_path is None else f"{artifact_path}/{Path(path).name}"
         self._files.append((Path(path), name))
 
+    def log_dataset(self, dataset):
+        """A ``dataset`` artifact that references the data folder (file:// reference: W&B records each file's
+        checksum, no image is uploaded), with the fingerprint and class counts as metadata. Online the run
+        ``use_artifact``s it (an input in the lineage graph); offline W&B refuses ``use_artifact``, so the run
+        logs it instead (it appears among the run's logged artifacts after `make wandb-sync`)."""
+        wandb = self._wandb
+        metadata = {"source": dataset["source"], "fingerprint": dataset["fingerprint"], "root": dataset["root"],
+                    "test_split": dataset.get("test_split"), "splits": dataset["splits"],
+                    "used_as": "input" if self.mode != "offline" else "logged (offline: use_artifact is online only)"}
+        artifact = wandb.Artifact(dataset["name"], type="dataset", metadata=metadata,
+                                  description=f"{dataset['source']} chest X-ray images, fingerprint {dataset['fingerprint']} "
+                                              f"(a reference to {dataset['root']}; no image copied)")
+        artifact.add_reference(Path(dataset["root"]).resolve().as_uri(), name="images", max_objects=100_000)
+        aliases = [f"fp-{dataset['fingerprint']}"]
+        if self.mode == "offline":
+            self.run.log_artifact(artifact, aliases=aliases)
+        else:
+            self.run.use_artifact(artifact, aliases=aliases)
+
     def log_image(self, path, name, caption=None):
         self.run.log({name.removesuffix(".png"): self._wandb.Image(str(path), caption=caption)})
 
@@ -256,12 +275,51 @@ class WandbTracker(BaseTracker):
         self.run.log({name: self._wandb.Table(dataframe=pd.DataFrame(rows))})
 
     def log_model(self, model, checkpoint, input_example, metadata):
+        """The checkpoint as a versioned ``model`` artifact. Aliases mean what they mean in the MLflow registry
+        (:mod:`cxrtrack.tracking.registry`): ``latest-<source>`` always; ``champion`` only online, when the new
+        version beats the current ``champion`` version (read from the server) on the same dataset fingerprint;
+        online and registering, the version is also linked to the W&B registry. Offline there is no server to
+        read the champion from, so it is not moved (and `make wandb-sync` does not move it either)."""
+        from cxrtrack.tracking.registry import CHAMPION, REGISTRY_KEY, beats, latest_alias, version_tags
+
         wandb = self._wandb
+        metadata = dict(metadata)
+        plan = metadata.pop(REGISTRY_KEY, None)
         name = self.cfg.get("model_artifact_name") or "customcxrnet"
-        artifact = wandb.Artifact(name, type="model", metadata=metadata,
-                                  description="CustomCXRNet best checkpoint (state_dict + hyperparameters)")
+        aliases = ["latest", "best", f"epoch-{metadata.get('best_epoch')}"]
+        description = "CustomCXRNet best checkpoint (state_dict + hyperparameters)"
+        if plan is not None:
+            metadata.update({k: v for k, v in version_tags(plan).items() if k not in metadata})
+            metadata["registered"] = bool(plan["register"])
+            aliases.append(latest_alias(plan["source"]))
+            description = plan["description"]
+            if plan["register"] and self.mode == "online":
+                moved, why = beats(plan, self._current_champion(name))
+                if moved:
+                    aliases.append(CHAMPION)
+                log.info("W&B: %s", f"'{name}' is the new champion ({why})" if moved else f"champion not moved: {why}")
+            elif plan["register"]:
+                log.info("W&B: offline, so the champion alias is not moved (it needs the server's current champion); "
+                         "aliases: %s.", ", ".join(aliases))
+        artifact = wandb.Artifact(name, type="model", metadata=metadata, description=description)
         artifact.add_file(str(checkpoint), name="best.pt")
-        self.run.log_artifact(artifact, aliases=["latest", "best", f"epoch-{metadata.get('best_epoch')}"])
+        self.run.log_artifact(artifact, aliases=aliases)
+        if plan is not None and plan["register"] and self.mode == "online" and self.cfg.get("registry"):
+            try:  # the W&B registry (online only); a failure leaves the artifact in the project
+                artifact.wait()
+                self.run.link_artifact(artifact, self.cfg["registry"], aliases=[a for a in aliases if a != "best"])
+            except Exception as exc:  # noqa: BLE001
+                log.warning("W&B: could not link the model to the registry %s (%s).", self.cfg["registry"], exc)
+
+    def _current_champion(self, name: str) -> dict[str, str] | None:
+        """The metadata of the artifact version aliased ``champion`` on the server (online), or None."""
+        try:
+            api = self._wandb.Api()
+            entity = self.cfg.get("entity") or self.run.entity
+            found = api.artifact(f"{entity}/{self.project}/{name}:champion", type="model")
+        except Exception:  # noqa: BLE001 - no champion yet (W&B raises CommError) or unreachable: treat as none
+            return None
+        return {k: str(v) for k, v in (found.metadata or {}).items()}
 
     def run_ref(self):
         return {"mode": self.mode, "project": self.project, "run_id": self._run_id,

@@ -31,7 +31,7 @@ from cxrtrack.data.transforms import denormalize
 from cxrtrack.errors import CXRError, RunFailedError, TrackerError
 from cxrtrack.models import build_model
 from cxrtrack.provenance import environment_tags, git_info, scrub_secrets
-from cxrtrack.tracking import FAILED, FINISHED, TrackerGroup, build_tracker
+from cxrtrack.tracking import FAILED, FINISHED, TrackerGroup, build_tracker, registry
 from cxrtrack.tracking.base import RunInfo, display_name
 from cxrtrack.tracking.readback import RunRecord
 from cxrtrack.training import plots
@@ -176,6 +176,7 @@ def run_experiment(
         **{str(k): str(v) for k, v in safe_cfg["tracking"]["tags"].items()},
     }
     record = RunRecord(name=run_name, params=params, tags=tags)
+    record.extra["dataset"] = dataset_lineage(data)
     log.info("Run %s: CustomCXRNet with %s parameters on %s; tracking: %s",
              run_name, f"{model.num_parameters():,}", device, ", ".join(tracker.names) or "none")
 
@@ -210,6 +211,7 @@ def run_experiment(
             except TrackerError:
                 _remove_if_empty(run_dir)  # nothing was trained: leave no empty run folder behind
                 raise
+        tracker.log_dataset(dataset_lineage(data))
         montage = files.write("samples/train_batch_augmented.png", lambda tmp: _train_batch_montage(data, cfg["data"], tmp))
         if montage is not None:
             images["samples/train_batch_augmented.png"] = montage
@@ -262,10 +264,14 @@ def run_experiment(
             if test_report is not None and cfg["tracking"]["log_model"]:
                 # the model holds the best checkpoint (_final_evaluation loaded it)
                 example = next(iter(loaders["test"]))[0][:2].numpy().astype(np.float32)
+                plan = registry.build_plan(cfg, source=data.source, fingerprint=data.fingerprint, run_name=run_name,
+                                           git_commit=tags.get("git_commit", "unknown"),
+                                           test_metrics=test_report.tracked_metrics())
                 tracker.log_model(trainer.model.cpu().eval(), fit.checkpoint, example, {
                     "best_epoch": fit.best_epoch, "dataset_source": data.source,
                     "dataset_fingerprint": data.fingerprint, "image_size": data.image_size,
                     **{k: v for k, v in test_report.tracked_metrics().items() if "/" in k},
+                    registry.REGISTRY_KEY: plan,
                 })
                 record.models.append("CustomCXRNet")
         # The run's own record lost on a full disk is a failed run, whatever training did.
@@ -289,6 +295,13 @@ def run_experiment(
             final_word(run_name, status, tracker, problems), timings["total_s"], run_dir, tracker.describe())
     return RunResult(run_name, run_dir, status, fit, test_report, params, tags, artifacts, tracker, timings, record,
                      problems)
+
+
+def dataset_lineage(data: CXRData) -> dict[str, Any]:
+    """What the trackers record as the run's dataset inputs (plain values): see BaseTracker.log_dataset."""
+    return {"name": f"cxr-{data.source}", "source": data.source, "fingerprint": data.fingerprint,
+            "root": str(data.location.root), "test_split": data.test_split,
+            "splits": {split: getattr(data, split).class_counts() for split in ("train", "val", "test")}}
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -336,7 +349,7 @@ def _failure(run_name: str, run_dir: Path, fit: FitResult, files: RunFiles, trac
 def _write_run_record(files: RunFiles, record: RunRecord, tracker: TrackerGroup, timings: dict[str, float], t0: float) -> None:
     """tracked.json (what the trackers were sent, with each backend's run reference) and timings.json."""
     timings["total_s"] = time.perf_counter() - t0
-    record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers},
+    record.extra = {**record.extra, "runs": {t.name: t.run_ref() for t in tracker.trackers},
                     "unsaved": {display_name(k): v for k, v in tracker.problems().items()}}
     files.text("tracked.json", record.to_json())
     files.text("timings.json", json.dumps({"trackers": tracker.names, **timings, "calls": tracker.call_summary()}, indent=2))
