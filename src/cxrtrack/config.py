@@ -266,6 +266,7 @@ OPTIONAL_TYPES: dict[tuple[str, ...], tuple[type, ...]] = {
     ("tracking", "wandb", "project"): (str,),
     ("tracking", "wandb", "entity"): (str,),
     ("tracking", "wandb", "registry"): (str,),
+    ("tracking", "group"): (str,),
 }
 
 # name: (low, high, low_inclusive, high_inclusive) for numbers; the rule is stated in the error.

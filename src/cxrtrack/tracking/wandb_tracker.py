@@ -81,6 +81,28 @@ def resolve_mode(configured: str) -> str:
     return "online" if api_key_configured() else "offline"
 
 
+def _shown(path: Path) -> str:
+    """A path as the user can type it from here: relative when it is under the current folder."""
+    import shlex
+
+    try:
+        text = str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        text = str(path)
+    return shlex.quote(text)
+
+
+def leet_command(run_dir: Path | None) -> str:
+    """``wandb leet <run>`` as a command that works when pasted: the wandb of this Python (``.venv/bin/wandb``),
+    not a bare ``wandb`` that is only on the PATH inside an activated venv."""
+    import shutil
+
+    exe = Path(sys.executable).with_name("wandb")
+    on_path = shutil.which("wandb")
+    shown = "wandb" if on_path and Path(on_path).resolve() == exe.resolve() else _shown(exe) if exe.exists() else "wandb"
+    return f"{shown} leet {_shown(run_dir) if run_dir else ''}".strip()
+
+
 class WandbTracker(BaseTracker):
     name = "wandb"
 
@@ -136,8 +158,10 @@ class WandbTracker(BaseTracker):
         self._run_dir = Path(self.run.settings.sync_dir)
         self._run_id = self.run.id
         self._url = self.run.url if self.mode == "online" else None
-        self.run.define_metric("epoch")
-        self.run.define_metric("*", step_metric="epoch")
+        # the epoch axis only for the per-epoch metrics (defined as each first appears in log_metrics): a "*" rule
+        # would also put tables and images on it, drawn as single-point charts
+        self.run.define_metric("epoch", hidden=True)
+        self._defined: set[str] = set()
         if self.mode == "offline":
             reason = "no API key is configured, so " if auto else ""
             log.info("W&B: %slogging offline to %s; upload it later with `make wandb-sync`.", reason, self._run_dir)
@@ -210,6 +234,9 @@ class WandbTracker(BaseTracker):
         self.run.config.update(params, allow_val_change=True)  # nested: W&B shows sections as groups
 
     def log_metrics(self, metrics, step):
+        for key in metrics.keys() - self._defined:
+            self.run.define_metric(key, step_metric="epoch")
+            self._defined.add(key)
         self.run.log({**metrics, "epoch": step})
 
     def log_summary(self, metrics):
@@ -327,5 +354,5 @@ class WandbTracker(BaseTracker):
 
     def describe(self):
         if self.mode == "offline":
-            return f"W&B offline run in {self.run_dir} (inspect: wandb leet {self.run_dir}; upload: make wandb-sync)"
+            return f"W&B offline run in {self.run_dir} (inspect: {leet_command(self.run_dir)}; upload: make wandb-sync)"
         return f"W&B {self.mode} run in project '{self.project}'" + (f" at {self._url}" if self._url else "")
