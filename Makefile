@@ -18,8 +18,17 @@ TRACKER     ?= mlflow
 # is therefore part of the name. ARGS is split into words on spaces (by make, not by the shell).
 # (`unexport` after the defaults above: it defines a variable, so a later `?=` would not assign it.)
 USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID MODEL OUT OUTPUTS PORT MLFLOW_URI \
-               TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS
+               TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS EXPERIMENT TAGS RESUME
 unexport $(USER_VARS)
+
+# A misspelt variable (`make train-custom EPOCH=3`) must not be ignored while a 40-epoch run starts: any variable
+# given on the command line that this Makefile does not know stops make before a target runs.
+KNOWN_VARS  := $(USER_VARS) PY VENV PYTHON MLFLOW_TRACKING_URI
+comma       := ,
+UNKNOWN_VARS := $(filter-out $(KNOWN_VARS),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+ifneq ($(strip $(UNKNOWN_VARS)),)
+$(error unknown variable $(UNKNOWN_VARS)$(foreach v,$(UNKNOWN_VARS),$(if $(filter $(v)%,$(KNOWN_VARS)), (did you mean $(firstword $(filter $(v)%,$(KNOWN_VARS)))?))). Nothing was run. Known variables: $(sort $(USER_VARS)) (see `make help`))
+endif
 uri          = $(if $(filter command line environment,$(origin MLFLOW_URI)),$(value MLFLOW_URI),$(MLFLOW_URI))
 shq          = '$(subst ','\'',$(1))'
 opt          = $(if $(value $(1)),$(2) $(call shq,$(value $(1))))
@@ -27,7 +36,9 @@ opt          = $(if $(value $(1)),$(2) $(call shq,$(value $(1))))
 # Optional flags shared by the training and evaluation targets.
 DATA_ARG    = $(call opt,DATA,--data)
 TRAIN_ARGS  = $(DATA_ARG) $(call opt,EPOCHS,--epochs) $(call opt,BATCH_SIZE,--batch-size) $(call opt,LR,--lr) \
-              $(call opt,IMAGE_SIZE,--image-size) $(call opt,RUN_NAME,--run-name) \
+              $(call opt,IMAGE_SIZE,--image-size) $(call opt,RUN_NAME,--run-name) $(call opt,RESUME,--resume) \
+              $(if $(value EXPERIMENT),--set $(call shq,experiment=$(value EXPERIMENT))) \
+              $(foreach tag,$(subst $(comma), ,$(value TAGS)),--set $(call shq,tracking.tags.$(tag))) \
               $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 .PHONY: help install download mlflow-quick wandb-quick both-quick mlflow-train wandb-train train-custom \
@@ -88,12 +99,8 @@ wandb-tune: ## Quick sweep from a W&B sweep file: W&B-server sweep online, local
 tune-benchmark: ## Measure per-trial overhead and trials/minute with 1 and 2 workers (writes outputs/tune/benchmark.md)
 	$(PY) scripts/tune_benchmark.py $(DATA_ARG) $(call opt,TRIALS,--trials)
 
-mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 (PORT=... to change; same store as the runs)
-	@uri=$(call shq,$(uri)); shown=$$(printf '%s' "$$uri" | sed -E 's#://[^/@]*@#://***@#'); \
-	case "$$uri" in http://*|https://*) \
-	  echo "Runs go to the tracking server $$shown: open it in your browser."; exit 0;; esac; \
-	echo "MLflow UI: http://127.0.0.1:"$(call shq,$(value PORT))"  (store: $$shown; Ctrl-C to stop)"; \
-	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port $(call shq,$(value PORT)) --workers 1
+mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 and print the latest run's page (PORT=... to change)
+	@$(PY) scripts/mlflow_ui.py --uri $(call shq,$(uri)) --port $(call shq,$(value PORT))
 
 wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	@runs=$$(ls -d wandb/offline-run-* 2>/dev/null); \

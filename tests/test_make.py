@@ -66,9 +66,35 @@ def test_evaluate_and_replay_variables_are_data(tmp_path, recorder):
 
 def test_mlflow_ui_takes_the_uri_as_data_and_never_prints_its_password(tmp_path, recorder):
     t = tmp_path
-    proc, argv = make(t, recorder, "mlflow-ui", env={"MLFLOW_TRACKING_URI": f"http://bob:pw-S3cret@h`touch {t}/pwn1`:5000"})
+    uri = f"http://bob:pw-S3cret@h`touch {t}/pwn1`:5000"
+    proc, argv = make(t, recorder, "mlflow-ui", env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr
-    assert "Runs go to the tracking server http://***@h" in proc.stdout and "pw-S3cret" not in proc.stdout + proc.stderr
+    assert argv == ["scripts/mlflow_ui.py", "--uri", uri, "--port", "5000"]
+    real = subprocess.run([sys.executable, "scripts/mlflow_ui.py", "--uri", uri], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert real.returncode == 0, real.stderr
+    assert "Runs go to the tracking server http://***@h" in real.stdout and "pw-S3cret" not in real.stdout + real.stderr
     proc, argv = make(t, recorder, "mlflow-ui", f"MLFLOW_URI=sqlite:///{t}/a'b$(touch {t}/pwn2).db")
-    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{t}/a'b$(touch {t}/pwn2).db"
+    assert argv[argv.index("--uri") + 1] == f"sqlite:///{t}/a'b$(touch {t}/pwn2).db"
     assert not any(p.name.startswith("pwn") for p in t.iterdir())
+
+
+def test_mlflow_ui_on_a_busy_port_says_which_port_to_use(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(["make", "-s", "mlflow-ui", f"PORT={port}", f"PY={sys.executable}",
+                               f"MLFLOW_URI=sqlite:///{tmp_path}/mlflow.db"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 2
+    assert f"Port {port} on 127.0.0.1 is already in use" in proc.stderr and f"PORT={port + 1}" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_unknown_command_line_variables_are_rejected(tmp_path, recorder):
+    proc, argv = make(tmp_path, recorder, "train-custom", "EPOCH=3")
+    assert proc.returncode != 0 and argv == []  # nothing ran
+    assert "unknown variable EPOCH" in proc.stderr and "EPOCHS" in proc.stderr

@@ -96,6 +96,13 @@ def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg
     assert str(client.get_model_version_by_alias("CustomCXRNet", "champion").version) == expected
     assert str(client.get_model_version_by_alias("CustomCXRNet", "latest-synthetic").version) == "3"
 
+    # The experiment opens as a model-training experiment; the run's last line carries its page.
+    run = client.get_run(tb.run_id)
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{tb.run_id}?workflowType=machine_learning"
+            in b.tracker.describe())
+    assert run.data.tags["mlflow.note.content"].startswith("CustomCXRNet, config quick: 3 epochs")
+
     # 4. Dataset lineage: one input per split, digest = the content fingerprint, class counts as the profile.
     run = client.get_run(tb.run_id)
     inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}

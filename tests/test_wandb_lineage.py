@@ -77,7 +77,8 @@ def test_epoch_axis_only_for_the_metric_keys(wandb_run):
     defined = {r["metric"]["name"]: r["metric"] for r in recs if r["type"] == "metric"}
     assert "*" not in defined
     stepped = {name for name, m in defined.items() if m.get("step_metric") == "epoch"}
-    assert stepped == set(result.fit.history[0]) - {"epoch"}  # exactly the per-epoch metrics, no table or image
+    assert stepped == set(result.record.metrics)  # exactly the per-epoch metrics, no table or image
+    assert "log10_lr" in stepped and "test/predictions" not in defined
 
 
 def test_leet_hint_works_as_printed(wandb_run):

@@ -45,6 +45,23 @@ _MAX_PARAM_VALUE = 6000  # MLflow's limit for one param value (characters)
 PING_TIMEOUT = 3.0  # seconds: a server that does not answer /health in this time is reported at once
 # Tags that identify the process that owns a run: a run left RUNNING by a process that is gone was killed.
 HOST_TAG, PID_TAG, START_TAG = "cxrtrack.host", "cxrtrack.pid", "cxrtrack.process_start"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, prompts); "custom_model_development"
+# (the value its own "experiment type" switch writes) opens it on the runs table and the training charts.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+                   "mlflow.note.content": "CustomCXRNet chest X-ray classifier (cxrtrack): one run per training; "
+                                          "registered versions in Models > CustomCXRNet (aliases champion, latest-<source>)."}
+UI_PORT = 5000  # `make mlflow-ui` (PORT=... to change)
+
+
+def run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None, port: int = UI_PORT) -> str:
+    """The run page in the MLflow UI: the server itself for an http store, else `make mlflow-ui`'s address.
+
+    ``workflowType=machine_learning``: MLflow 3.17's UI keeps a global GenAI / Model-training switch (default GenAI)
+    that wins over the experiment's ``mlflow.experimentKind`` tag; this query parameter opens the page in Model
+    training mode (runs, metrics, models) whatever the switch says."""
+    base = tracking_uri.rstrip("/") if is_http(tracking_uri) else f"http://127.0.0.1:{port}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -238,6 +255,9 @@ class MLflowTracker(BaseTracker):
         mlflow = self._mlflow
         experiment = mlflow.get_experiment_by_name(self.experiment)
         if experiment is not None:
+            if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older version, or by hand
+                mlflow.MlflowClient(tracking_uri=self.tracking_uri).set_experiment_tag(
+                    experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return experiment.experiment_id
         location = self.cfg.get("artifact_location")
         if location is None and self.tracking_uri.startswith("sqlite:"):
@@ -245,7 +265,7 @@ class MLflowTracker(BaseTracker):
         elif location is not None and "://" not in str(location):
             location = Path(location).expanduser().resolve().as_uri()
         try:
-            return mlflow.create_experiment(self.experiment, artifact_location=location)
+            return mlflow.create_experiment(self.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException:  # created meanwhile by another process on the same server
             experiment = mlflow.get_experiment_by_name(self.experiment)
             if experiment is None:
@@ -323,8 +343,8 @@ class MLflowTracker(BaseTracker):
     def log_dataset(self, dataset):
         """One MLflow dataset input per split (context train / val / test): the folder as source, the content
         fingerprint as digest, the class counts as its profile (shown on the run page under "Datasets")."""
-        from mlflow.data.sources import LocalArtifactDatasetSource
         from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
 
         class CXRDataset(MetaDataset):
             def __init__(self, source, name, digest, profile):
@@ -427,9 +447,10 @@ class MLflowTracker(BaseTracker):
 
     def describe(self):
         where = f"MLflow run {self.run_id} in experiment '{self.experiment}' at {redact(self.tracking_uri)}"
-        if self.tracking_uri.startswith("sqlite:"):
-            where += " (browse with `make mlflow-ui`)"
-        return where
+        url = redact(run_url(self.tracking_uri, self.experiment_id, self.run_id))
+        if is_http(self.tracking_uri):
+            return f"{where}: {url}"
+        return f"{where}: {url} (after `make mlflow-ui`)"
 
 
 def close_run(tracking_uri: str, run_id: str, status: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -190,6 +191,8 @@ def run_experiment(
 
     def log_epoch(epoch: int, row: dict[str, float]) -> None:
         metrics = {k: v for k, v in row.items() if k != "epoch"}
+        if row.get("lr", 0) > 0:  # MLflow draws a constant lr of 0.001 as a flat line labelled 0; -3 reads as 1e-3
+            metrics["log10_lr"] = math.log10(row["lr"])
         with timed(timings, "epoch_logging_s"):
             tracker.log_metrics(metrics, step=epoch)
         for key, value in metrics.items():
@@ -207,7 +210,8 @@ def run_experiment(
         with timed(timings, "tracker_start_s"):
             try:
                 tracker.start_run(RunInfo(run_name, config, tags, group=group or cfg["tracking"]["group"],
-                                          job_type=job_type, parents=dict(parents or {}), description=description))
+                                          job_type=job_type, parents=dict(parents or {}),
+                                          description=description or _describe_run(cfg, data)))
             except TrackerError:
                 _remove_if_empty(run_dir)  # nothing was trained: leave no empty run folder behind
                 raise
@@ -295,6 +299,12 @@ def run_experiment(
             final_word(run_name, status, tracker, problems), timings["total_s"], run_dir, tracker.describe())
     return RunResult(run_name, run_dir, status, fit, test_report, params, tags, artifacts, tracker, timings, record,
                      problems)
+
+
+def _describe_run(cfg: dict[str, Any], data: CXRData) -> str:
+    return (f"CustomCXRNet, config {cfg.get('config_name', '?')}: {cfg['training']['epochs']} epochs at "
+            f"{cfg['data']['image_size']} px, {cfg['training']['optimizer']} lr {cfg['training']['lr']:g}, on {data.source} "
+            f"data {data.fingerprint} ({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images).")
 
 
 def dataset_lineage(data: CXRData) -> dict[str, Any]:
