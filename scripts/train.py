@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Train CustomCXRNet and track the run: `python scripts/train.py --config configs/quick.yaml --tracker mlflow`."""
+"""Train CustomCXRNet and track the run: `python scripts/train.py --config configs/quick.yaml --tracker mlflow`.
+
+--resume <run folder | MLflow run id | W&B run id> continues an interrupted run from its last epoch, in the same
+folder and the same tracked runs (docs/user-guide.md).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from cxrtrack import signals
 from cxrtrack.cli import EXIT_RUN_FAILED, add_common_arguments, run_main, setup_logging
 from cxrtrack.config import load_config
 from cxrtrack.tracking import KILLED
-from cxrtrack.training.run import run_experiment
 
 
 def main() -> int:
@@ -21,6 +24,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--run-name")
+    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run: its folder (outputs/<run>), its MLflow "
+                                                        "run id or its W&B run id (RESUME= in make)")
     args = parser.parse_args()
     setup_logging(args.verbose)
 
@@ -28,7 +33,17 @@ def main() -> int:
              "data.batch_size": args.batch_size, "training.lr": args.lr, "data.image_size": args.image_size,
              "run_name": args.run_name}
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
-    result = run_experiment(cfg)
+    # torch, torchvision and the trackers are imported only now, after the flags and the config were checked
+    from cxrtrack.training import resume as resuming
+    from cxrtrack.training.run import run_experiment
+
+    point = None
+    if args.resume:
+        point = resuming.load(args.resume, cfg["output_dir"])
+        cfg = resuming.resume_config(point, args.epochs, args.tracker)
+        if args.data:
+            cfg["data"]["path"] = args.data
+    result = run_experiment(cfg, resume=point)
     if result.status == KILLED:
         return signals.exit_status()  # 130 for Ctrl-C, 143 for SIGTERM
     return 0 if result.complete else EXIT_RUN_FAILED  # a tracker does not hold all of it: the last line says what

@@ -223,6 +223,9 @@ class MLflowTracker(BaseTracker):
         if run.resume.get(self.name):  # reopen an existing run (status back to RUNNING); its params are kept
             active = mlflow.start_run(run_id=run.resume[self.name], tags=tags,
                                       log_system_metrics=bool(self.cfg.get("system_metrics")))
+            self.run_id = active.info.run_id
+            self._log_new_params(run.config)
+            return
         else:
             active = mlflow.start_run(
                 experiment_id=self.experiment_id,
@@ -235,6 +238,18 @@ class MLflowTracker(BaseTracker):
             )
         self.run_id = active.info.run_id
         self.log_params(run.config)
+
+    def _log_new_params(self, config: dict[str, Any]) -> None:
+        """A reopened run: MLflow refuses to change a param, so only the new ones are logged; a value that differs
+        (``--epochs`` extending a resumed run) is recorded as the tag ``resumed.<param>``."""
+        stored = self._mlflow.MlflowClient(tracking_uri=self.tracking_uri).get_run(self.run_id).data.params
+        flat = {k: _param_value(v) for k, v in flatten(config).items()}
+        new = {k: v for k, v in flat.items() if k not in stored}
+        if new:
+            self._mlflow.log_params(new, synchronous=self._sync)
+        changed = {f"resumed.{k}": v for k, v in flat.items() if k in stored and stored[k] != v}
+        if changed:
+            self._mlflow.set_tags(changed)
 
     def _experiment_id(self) -> str:
         """The experiment's id, created if needed. A SQLite store is opened (its schema created or upgraded) and

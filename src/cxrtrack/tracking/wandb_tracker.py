@@ -144,6 +144,9 @@ class WandbTracker(BaseTracker):
             group=run.group,
             job_type=run.job_type,
         )
+        resuming = run.resume.get(self.name)
+        if resuming:  # the same run id: online W&B continues the run; offline writes a new folder with that id
+            init.update(id=resuming, resume="must" if self.mode == "online" else "allow")
         try:
             with scrubbed_argv():
                 self.run = wandb.init(mode=self.mode, settings=self._settings(), **init)
@@ -153,6 +156,8 @@ class WandbTracker(BaseTracker):
             log.warning("W&B: could not reach the server (%s: %s); logging this run offline instead.",
                         type(exc).__name__, str(exc).splitlines()[0][:200])
             self.mode = "offline"
+            if resuming:
+                init["resume"] = "allow"
             with scrubbed_argv():
                 self.run = wandb.init(mode="offline", settings=self._settings(), **init)
         self._run_dir = Path(self.run.settings.sync_dir)
@@ -162,6 +167,10 @@ class WandbTracker(BaseTracker):
         # would also put tables and images on it, drawn as single-point charts
         self.run.define_metric("epoch", hidden=True)
         self._defined: set[str] = set()
+        if resuming:
+            log.info("W&B: continuing run %s%s.", resuming,
+                     f" offline in a new folder {self._run_dir} (the same run id: `make wandb-sync` appends it to the "
+                     f"run)" if self.mode == "offline" else "")
         if self.mode == "offline":
             reason = "no API key is configured, so " if auto else ""
             log.info("W&B: %slogging offline to %s; upload it later with `make wandb-sync`.", reason, self._run_dir)

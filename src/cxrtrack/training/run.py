@@ -37,6 +37,7 @@ from cxrtrack.tracking.base import RunInfo, display_name
 from cxrtrack.tracking.readback import RunRecord
 from cxrtrack.training import plots
 from cxrtrack.training.evaluate import TestReport, report_on_test
+from cxrtrack.training.resume import RUNS_FILE, ResumePoint, write_runs_file
 from cxrtrack.training.trainer import EpochCallback, FitResult, Trainer, build_criterion
 from cxrtrack.utils import atomic_write, seed_everything, select_device, timed
 
@@ -135,13 +136,15 @@ def run_experiment(
     job_type: str = "train",
     parents: dict[str, str] | None = None,
     description: str | None = None,
+    resume: ResumePoint | None = None,
 ) -> RunResult:
     """Train, evaluate and track one run of ``cfg``.
 
     ``data`` lets callers that run many experiments (tuning, repeated runs) decode the images once:
     a :class:`DataCache` (or an already built :class:`CXRData` matching ``cfg``). ``callbacks`` are
     called after every epoch besides the trackers' (e.g. Optuna pruning). ``group``, ``job_type``,
-    ``parents`` and ``description`` place the tracked run in a hierarchy (see :class:`RunInfo`).
+    ``parents`` and ``description`` place the tracked run in a hierarchy (see :class:`RunInfo`). ``resume`` (a
+    :class:`~cxrtrack.training.resume.ResumePoint`) continues an interrupted run in its folder and tracked runs.
 
     How it ends: a :class:`RunResult` for a FINISHED or KILLED run (``result.problems`` lists what a tracker
     does not hold yet, e.g. calls waiting in a spool); a FAILED run raises after its trackers were closed
@@ -160,7 +163,17 @@ def run_experiment(
             data = build_data(cfg["data"], cfg["seed"])
 
     model = build_model(cfg["model"], cfg["data"])
-    run_name, run_dir = claim_run_dir(cfg)
+    if resume is not None:
+        trained_on = (resume.state.get("dataset") or {}).get("fingerprint")
+        if trained_on and trained_on != data.fingerprint:
+            raise CXRError(f"{resume.run_name} was trained on data with fingerprint {trained_on}; the data found now "
+                           f"({data.location.root}) has fingerprint {data.fingerprint}. A run resumes on the same data only: "
+                           f"point DATA= at it, or start a new run.")
+        run_name, run_dir = resume.run_name, resume.run_dir
+        log.info("Resuming %s after epoch %d in %s (tracked runs: %s).", run_name, resume.epoch, run_dir,
+                 ", ".join(f"{display_name(k)} {v}" for k, v in resume.tracker_ids().items()) or "none")
+    else:
+        run_name, run_dir = claim_run_dir(cfg)
     files = RunFiles(run_dir)
 
     summary = data.summary()
@@ -201,6 +214,14 @@ def run_experiment(
     trainer = Trainer(model, loaders, cfg["training"], device, run_dir / "checkpoints" / "best.pt",
                       checkpoint_extra, build_criterion(cfg["training"], data.train.labels, device),
                       callbacks=(log_epoch, *callbacks))
+    if resume is not None:
+        trainer.resume_from = resume.state
+        for row in resume.state["history"]:  # logged before the interruption: the record holds the whole run
+            for key, value in row.items():
+                if key != "epoch":
+                    record.metrics.setdefault(key, []).append((int(row["epoch"]), value))
+            if row.get("lr", 0) > 0:
+                record.metrics.setdefault("log10_lr", []).append((int(row["epoch"]), math.log10(row["lr"])))
 
     artifacts: dict[str, Path] = {}
     images: dict[str, Path] = {}
@@ -211,10 +232,16 @@ def run_experiment(
             try:
                 tracker.start_run(RunInfo(run_name, config, tags, group=group or cfg["tracking"]["group"],
                                           job_type=job_type, parents=dict(parents or {}),
-                                          description=description or _describe_run(cfg, data)))
+                                          description=description or _describe_run(cfg, data),
+                                          resume=resume.tracker_ids() if resume is not None else {}))
             except TrackerError:
-                _remove_if_empty(run_dir)  # nothing was trained: leave no empty run folder behind
+                if resume is None:
+                    _remove_if_empty(run_dir)  # nothing was trained: leave no empty run folder behind
                 raise
+        try:  # where the tracked runs are, for --resume (tracked.json is only written at the end)
+            write_runs_file(run_dir, run_name, {t.name: t.run_ref() for t in tracker.trackers})
+        except OSError as exc:
+            files.lost_file(RUNS_FILE, exc)
         tracker.log_dataset(dataset_lineage(data))
         montage = files.write("samples/train_batch_augmented.png", lambda tmp: _train_batch_montage(data, cfg["data"], tmp))
         if montage is not None:
