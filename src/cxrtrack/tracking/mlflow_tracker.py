@@ -163,6 +163,10 @@ class MLflowTracker(BaseTracker):
 
         from cxrtrack.provenance import RedactingFilter
 
+        # MLflow's own INFO lines (database set-up, system-metrics monitor start/stop) say nothing a user acts on:
+        # warnings and errors only, unless -v asked for debug logging. The project logs what matters in its format.
+        if logging.getLogger().level > logging.DEBUG and logging.getLogger("mlflow").level in (logging.NOTSET, logging.INFO):
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         # MLflow logs through its own handler, not the project's: redact its records too (a URL, a secret value).
         for handler in logging.getLogger("mlflow").handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
@@ -426,18 +430,24 @@ class MLflowTracker(BaseTracker):
             output = model(torch.from_numpy(input_example)).numpy()
         name = self.cfg.get("registered_model_name") or None
         registered = name if plan is None or plan.get("register") else None
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            input_example=input_example,
-            signature=infer_signature(input_example, output),
-            registered_model_name=registered,
-            # the training checkpoint rides along, so `make evaluate MODEL=models:/CustomCXRNet@champion` can use it
-            extra_files=[str(checkpoint)],
-            # workaround(mlflow): requirements stated, not inferred: inference runs a ~9 s subprocess per run
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
-            metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
-        )
+        from mlflow.utils import logging_utils
+
+        logging_utils.disable_logging()  # its "Registered model ... Created version" prints: our one line says it
+        try:
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=input_example,
+                signature=infer_signature(input_example, output),
+                registered_model_name=registered,
+                # the training checkpoint rides along, so `make evaluate MODEL=models:/CustomCXRNet@champion` can use it
+                extra_files=[str(checkpoint)],
+                # workaround(mlflow): requirements stated, not inferred: inference runs a ~9 s subprocess per run
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
+                metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
+            )
+        finally:
+            logging_utils.enable_logging()
         self.model_uri = info.model_uri
         if not registered:
             if plan is not None:
