@@ -451,7 +451,7 @@ class MLflowTracker(BaseTracker):
         self.model_uri = info.model_uri
         if not registered:
             if plan is not None:
-                log.info("MLflow: model logged to the run, not registered: %s (tracking.register=true registers it).",
+                log.info("MLflow: model logged to the run, not registered: %s (--set tracking.register=true registers it).",
                          plan.get("reason"))
             return
         version = str(info.registered_model_version)

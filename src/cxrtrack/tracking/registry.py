@@ -39,7 +39,7 @@ def should_register(cfg: dict[str, Any], data_source: str) -> tuple[bool, str]:
     if setting is True:
         return True, "tracking.register=true"
     if setting is False:
-        return False, f"tracking.register=false (config {cfg.get('config_name', '?')})"
+        return False, f"tracking.register=false in config {cfg.get('config_name', '?')}"
     if data_source == "synthetic":
         return False, "the data is the generated synthetic set (tracking.register=auto registers real data only)"
     return True, f"tracking.register=auto and the data is real ({data_source})"
