@@ -49,6 +49,9 @@ class Flaky(BaseTracker):
     def log_image(self, path, name, caption=None):
         self._take("log_image", path.name, name, caption)
 
+    def log_table(self, name, rows):
+        self._take("log_table", name, rows)
+
     def log_predictions(self, predictions):
         self._take("log_predictions", predictions.y_pred.tolist(), predictions.paths)
 
@@ -85,14 +88,16 @@ def test_calls_go_to_the_spool_while_down_and_are_sent_in_order_when_it_answers(
     spooling.log_metrics({"loss": 0.25}, 3)
     spooling.log_artifact(tmp_path / "history.json")
     spooling.log_predictions(predictions())
-    assert [r["seq"] for r in spooling.spool.records()] == [1, 2, 3, 4]
+    spooling.log_table("study/trials", [{"trial": np.int64(0), "value": 0.5, "state": "COMPLETE"}])
+    assert [r["seq"] for r in spooling.spool.records()] == [1, 2, 3, 4, 5]
     flaky.down = False
     spooling.end_run("FINISHED")  # the last chance: the spool is sent first, then the status
     assert [c[0] for c in flaky.got] == ["start_run", "log_metrics", "log_metrics", "log_metrics", "log_artifact",
-                                         "log_predictions", "end_run"]
+                                         "log_predictions", "log_table", "end_run"]
     assert [c[2] for c in flaky.got if c[0] == "log_metrics"] == [1, 2, 3]
     assert ("log_artifact", "history.json", b"changed after the call", None) in flaky.got
-    assert spooling.spool.pending() == [] and spooling.replayed == spooling.spooled == 4
+    assert ("log_table", "study/trials", [{"trial": 0, "value": 0.5, "state": "COMPLETE"}]) in flaky.got
+    assert spooling.spool.pending() == [] and spooling.replayed == spooling.spooled == 5
 
 
 def test_a_store_down_at_the_end_keeps_everything_and_the_status_last(tmp_path):
@@ -160,3 +165,17 @@ def test_a_spool_on_a_full_disk_is_a_loss_the_group_reports(tmp_path):
         problems = group.problems()["flaky"]
         assert "not saved" in problems and "could not write to the spool" in problems, problems
         assert not list((spooling.spool.root / "files").glob("*/*/big.bin"))  # no half-copied file left
+
+
+def test_the_wrapped_backend_gets_the_whole_run_description(tmp_path):
+    """Everything in RunInfo reaches the store behind the spool (a study reopens its parent run by ``resume``)."""
+    got = []
+    flaky = Flaky()
+    flaky.start_run = got.append
+    run = RunInfo("run-1", {"a": 1}, {"t": "v"}, group="g", job_type="study", parents={"flaky": "p"},
+                  description="d", resume={"flaky": "run-id"})
+    SpoolingTracker(flaky, tmp_path / "outputs").start_run(run)
+    sent = got[0]
+    assert sent.resume == {"flaky": "run-id"} and sent.parents == {"flaky": "p"}
+    assert (sent.group, sent.job_type, sent.description, sent.config) == ("g", "study", "d", {"a": 1})
+    assert sent.tags["t"] == "v" and len(sent.tags) == 2  # plus the spool's own tag

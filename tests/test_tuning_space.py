@@ -115,7 +115,7 @@ def test_invalid_sweep_files_name_the_key(tmp_path, space, fragment):
 @pytest.mark.parametrize("params, fragment", [
     ({"training.lrr": [0.001]}, "Did you mean 'training.lr'"),  # not a config key
     ({"data.batch_size": {"distribution": "uniform", "low": 8, "high": 32}}, "must be of type integer"),
-    ({"model.dropout_dense": {"distribution": "uniform", "low": 0.1, "high": 1.5}}, "Dropout rates must be in [0, 1)"),
+    ({"model.dropout_dense": {"distribution": "uniform", "low": 0.1, "high": 1.5}}, "must be a number between 0 and 1"),
     ({"training.lr": {"distribution": "log_uniform", "low": 0.0, "high": 0.1}}, "lower bound must be above 0"),
     ({"training.lr": {"distribution": "gaussian", "low": 0.0, "high": 0.1}}, "distribution 'gaussian'"),
     ({"tracking.tracker": ["mlflow", "wandb"]}, "cannot be searched"),

@@ -260,13 +260,13 @@ OPTIONAL_TYPES: dict[tuple[str, ...], tuple[type, ...]] = {
     ("run_name",): (str,),
     ("data", "path"): (str,),
     ("training", "grad_clip_norm"): (int, float),
+    ("tracking", "group"): (str,),
     ("tracking", "mlflow", "tracking_uri"): (str,),
     ("tracking", "mlflow", "artifact_location"): (str,),
     ("tracking", "mlflow", "registered_model_name"): (str,),
     ("tracking", "wandb", "project"): (str,),
     ("tracking", "wandb", "entity"): (str,),
     ("tracking", "wandb", "registry"): (str,),
-    ("tracking", "group"): (str,),
 }
 
 # name: (low, high, low_inclusive, high_inclusive) for numbers; the rule is stated in the error.

@@ -229,7 +229,7 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                             "met": verify["median_s"] <= 0.10 * raw_finish})
     meta = report["meta"]
     limit = 300 if meta.get("quick") else 1200
-    if meta.get("wall_s") is not None:
+    if meta.get("wall_s") is not None and meta.get("complete", True):  # an interrupted compare has no total
         targets.append({"target": f"whole compare ({'QUICK' if meta.get('quick') else 'default'}) <= {limit // 60} min",
                         "measured": f"{meta['wall_s'] / 60:.1f} min", "met": meta["wall_s"] <= limit})
     return targets

@@ -24,6 +24,7 @@ already writes every call to a local transaction log that ``wandb sync`` uploads
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -188,6 +189,8 @@ def send_record(backend: BaseTracker, spool: Spool, record: dict[str, Any]) -> N
         backend.log_artifact(root / a["path"], a["artifact_path"])
     elif method == "log_image":
         backend.log_image(root / a["path"], a["name"], a["caption"])
+    elif method == "log_table":
+        backend.log_table(a["name"], a["rows"])
     elif method == "log_predictions":
         with np.load(root / a["arrays"]) as z:
             predictions = Predictions(tuple(a["class_names"]), z["y_true"], z["y_pred"], z["probs"], list(a["paths"]),
@@ -237,8 +240,7 @@ class SpoolingTracker(BaseTracker):
         """Starting is never spooled: a store that cannot start a run fails before anything is trained."""
         self._run = run
         self.spool = Spool(self.output_dir / run.name / "spool" / self.name)
-        self.inner.start_run(RunInfo(run.name, run.config, {**run.tags, SPOOL_TAG: str(self.spool.root.resolve())},
-                                     run.group, run.job_type, run.parents, run.description, run.resume))
+        self.inner.start_run(dataclasses.replace(run, tags={**run.tags, SPOOL_TAG: str(self.spool.root.resolve())}))
 
     def end_run(self, status: str = "FINISHED") -> None:
         if self.spooling:
@@ -283,6 +285,10 @@ class SpoolingTracker(BaseTracker):
     def log_image(self, path, name, caption=None):
         self._forward("log_image", {"name": name, "caption": caption}, lambda: self.inner.log_image(path, name, caption),
                       files={"path": Path(path)})
+
+    def log_table(self, name, rows):
+        rows = [dict(r) for r in rows]
+        self._forward("log_table", {"name": name, "rows": rows}, lambda: self.inner.log_table(name, rows))
 
     def log_predictions(self, predictions: Predictions):
         p = predictions

@@ -103,11 +103,17 @@ def open_storage(url: str):
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES))
         except Exception as exc:  # noqa: BLE001
             # Workers starting at once on a new database race to create Optuna's tables: one wins, the others
-            # see a duplicate key; opening again then finds the tables.
-            if attempt == 2 or "IntegrityError" not in type(exc).__name__ + str(exc):
+            # see a duplicate key (IntegrityError) or, on PostgreSQL, a table that "already exists"
+            # (DuplicateTable); opening again then finds the tables.
+            if attempt == 2 or not _creation_race(exc):
                 raise _storage_error(url, exc) from None
             time.sleep(1 + attempt)
     raise AssertionError("unreachable")
+
+
+def _creation_race(exc: Exception) -> bool:
+    text = type(exc).__name__ + " " + str(exc)
+    return any(mark in text for mark in ("IntegrityError", "DuplicateTable", "UniqueViolation", "already exists"))
 
 
 def _storage_error(url: str, exc: Exception) -> ConfigError:
