@@ -52,13 +52,14 @@ def main() -> int:
     if port_in_use(port):
         raise CXRError(f"Port {port} on 127.0.0.1 is already in use (another MLflow UI or another program): pick a free "
                        f"one with make mlflow-ui PORT={port + 1}, or stop what is listening on {port}.")
-    from cxrtrack.tracking.mlflow_tracker import run_url, sqlite_path
+    from cxrtrack.tracking.mlflow_tracker import curves_url, run_url, sqlite_path
 
     db = sqlite_path(args.uri)
     if db is not None and db.exists():
         latest = latest_run(args.uri)
         if latest:
-            print(f"Latest run {latest[2]}: {run_url(args.uri, latest[0], latest[1], port)}")
+            print(f"Latest run {latest[2]}: {run_url(args.uri, latest[0], latest[1], port)}\n"
+                  f"Its experiment's train/val curves: {curves_url(args.uri, latest[0], port)}")
     print(f"MLflow UI: http://127.0.0.1:{port}  (store: {args.uri}; Ctrl-C to stop)", flush=True)
     mlflow_exe = Path(sys.executable).with_name("mlflow")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -102,6 +102,11 @@ def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg
     assert (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{tb.run_id}?workflowType=machine_learning"
             in b.tracker.describe())
     assert run.data.tags["mlflow.note.content"].startswith("CustomCXRNet, config quick: 3 epochs")
+    view = json.loads(client.get_experiment(run.info.experiment_id).tags["mlflow.sharedViewState.cxrtrack-curves-v1"])
+    overlaid = [c["selectedMetricKeys"] for c in view["compareRunCharts"]]
+    assert ["train/loss", "val/loss"] in overlaid and ["train/acc", "val/acc"] in overlaid
+    assert set(sum(overlaid, [])) <= set(b.record.metrics)  # every charted key is one the run logs
+    assert "viewStateShareKey=cxrtrack-curves-v1" in b.tracker.describe()
 
     # 4. Dataset lineage: one input per split, digest = the content fingerprint, class counts as the profile.
     run = client.get_run(tb.run_id)

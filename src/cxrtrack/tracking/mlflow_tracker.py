@@ -48,10 +48,41 @@ HOST_TAG, PID_TAG, START_TAG = "cxrtrack.host", "cxrtrack.pid", "cxrtrack.proces
 # MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, prompts); "custom_model_development"
 # (the value its own "experiment type" switch writes) opens it on the runs table and the training charts.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_PORT = 5000  # `make mlflow-ui` (PORT=... to change)
+# The experiment's Chart view opened on train and val of each quantity overlaid in one chart: MLflow's own "shared
+# view" (an experiment tag mlflow.sharedViewState.<key> holding the page's state as JSON, opened with
+# ?viewStateShareKey=<key>). The run page draws one metric per chart and keeps its layout in the browser only.
+CURVES_VIEW = "cxrtrack-curves-v1"
+
+
+def _line_chart(uuid: str, title: str, keys: list[str]) -> dict[str, Any]:
+    return {"uuid": uuid, "type": "LINE", "runsCountToCompare": 10, "metricSectionId": "cxrtrack-curves",
+            "deleted": False, "isGenerated": False, "displayName": title, "metricKey": keys[0], "selectedMetricKeys": keys,
+            "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {}, "xAxisKey": "step",
+            "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [], "ignoreOutliers": False,
+            "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True}
+
+
+def curves_view_state() -> str:
+    charts = [_line_chart("cxrtrack-loss", "loss: train (solid), val (dashed)", ["train/loss", "val/loss"]),
+              _line_chart("cxrtrack-acc", "accuracy: train (solid), val (dashed)", ["train/acc", "val/acc"]),
+              _line_chart("cxrtrack-f1", "macro-F1: train (solid), val (dashed)", ["train/f1_macro", "val/f1_macro"]),
+              _line_chart("cxrtrack-lr", "learning rate (log10)", ["log10_lr"])]
+    return json.dumps({"compareRunCharts": charts, "isAccordionReordered": True,
+                       "compareRunSections": [{"uuid": "cxrtrack-curves", "name": "Training curves (train and val overlaid)",
+                                               "display": True, "isReordered": True}]})
+
+
+def curves_url(tracking_uri: str, experiment_id: str | None, port: int = UI_PORT) -> str:
+    base = tracking_uri.rstrip("/") if is_http(tracking_uri) else f"http://127.0.0.1:{port}"
+    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+            f"&viewStateShareKey={CURVES_VIEW}")
+
+
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
                    "mlflow.note.content": "CustomCXRNet chest X-ray classifier (cxrtrack): one run per training; "
-                                          "registered versions in Models > CustomCXRNet (aliases champion, latest-<source>)."}
-UI_PORT = 5000  # `make mlflow-ui` (PORT=... to change)
+                                          "registered versions in Models > CustomCXRNet (aliases champion, latest-<source>).",
+                   f"mlflow.sharedViewState.{CURVES_VIEW}": curves_view_state()}
 
 
 def run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None, port: int = UI_PORT) -> str:
@@ -274,9 +305,10 @@ class MLflowTracker(BaseTracker):
         mlflow = self._mlflow
         experiment = mlflow.get_experiment_by_name(self.experiment)
         if experiment is not None:
-            if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an older version, or by hand
-                mlflow.MlflowClient(tracking_uri=self.tracking_uri).set_experiment_tag(
-                    experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+            for key, value in EXPERIMENT_TAGS.items():  # made by an older version, or by hand: never overwritten
+                if key not in experiment.tags:
+                    client.set_experiment_tag(experiment.experiment_id, key, value)
             return experiment.experiment_id
         location = self.cfg.get("artifact_location")
         if location is None and self.tracking_uri.startswith("sqlite:"):
@@ -473,9 +505,9 @@ class MLflowTracker(BaseTracker):
     def describe(self):
         where = f"MLflow run {self.run_id} in experiment '{self.experiment}' at {redact(self.tracking_uri)}"
         url = redact(run_url(self.tracking_uri, self.experiment_id, self.run_id))
-        if is_http(self.tracking_uri):
-            return f"{where}: {url}"
-        return f"{where}: {url} (after `make mlflow-ui`)"
+        curves = redact(curves_url(self.tracking_uri, self.experiment_id))
+        after = "" if is_http(self.tracking_uri) else " (after `make mlflow-ui`)"
+        return f"{where}: {url}{after}; train/val curves: {curves}"
 
 
 def close_run(tracking_uri: str, run_id: str, status: str) -> bool:
