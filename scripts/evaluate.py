@@ -34,12 +34,13 @@ def main() -> int:
                        "--run-id ...).")
     from cxrtrack.tracking.fetch import kind_of
 
-    kind_of(ref)  # a reference that is none of the accepted kinds fails here, before torch is imported
+    # what the flag says, else what the reference looks like (an unknown kind fails here, before torch is imported)
+    kind = "checkpoint" if args.checkpoint else "mlflow-run" if args.run_id else kind_of(ref)
     # torch, torchvision and scikit-learn are imported only now, after the flags were checked
     from cxrtrack.tracking.fetch import resolve
     from cxrtrack.training.report_back import evaluate_and_report
 
-    checkpoint, origin = resolve(ref, args.tracking_uri)
+    checkpoint, origin = resolve(ref, args.tracking_uri, kind)
     report, out, told = evaluate_and_report(checkpoint, origin, args.data, args.out, args.tracking_uri,
                                             report_back=not args.no_report_back)
     print(report.report)

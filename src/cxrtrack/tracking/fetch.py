@@ -105,11 +105,11 @@ def wandb_artifact_checkpoint(ref: str, dest: str | Path | None = None, api=None
                   "run_path": "/".join(getattr(run, "path", []) or []) or None}
 
 
-def resolve(ref: str, tracking_uri: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint file, what it came from) for any accepted reference."""
+def resolve(ref: str, tracking_uri: str | None = None, kind: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint file, what it came from) for any accepted reference (``kind`` when the caller knows it)."""
     from cxrtrack.tracking.mlflow_tracker import resolve_tracking_uri
 
-    kind = kind_of(ref)
+    kind = kind or kind_of(ref)
     if kind == "checkpoint":
         return Path(ref), {"kind": kind}
     if kind == "wandb-artifact":
