@@ -132,3 +132,25 @@ def test_console_command_dispatches_to_the_scripts(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
     assert 'cxrtrack = "cxrtrack.console:main"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_online_resume_asks_wandb_to_continue_the_same_run(tmp_path, monkeypatch):
+    """Online, a resumed run is wandb.init(id=<run id>, resume="must") (offline is tested for real in test_resume.py)."""
+    from cxrtrack.tracking.base import RunInfo
+
+    calls = []
+
+    class Run:
+        id, url, entity = "abc123", "https://wandb.ai/team/cxr/runs/abc123", "team"
+        settings = SimpleNamespace(sync_dir=str(tmp_path / "run"))
+
+        def define_metric(self, *a, **k):
+            pass
+
+    fake = SimpleNamespace(init=lambda **kw: calls.append(kw) or Run(), Settings=lambda **kw: kw)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    tracker = WandbTracker("cxr", {"mode": "online", "dir": str(tmp_path)})
+    tracker._wandb = fake
+    tracker.start_run(RunInfo("r1", {}, resume={"wandb": "abc123"}))
+    assert calls[0]["id"] == "abc123" and calls[0]["resume"] == "must" and calls[0]["mode"] == "online"
+    assert tracker.run_ref()["run_id"] == "abc123"
