@@ -37,8 +37,10 @@ def find_tracked_runs(checkpoint: Path, origin: dict[str, Any], run_name: str | 
     """backend -> run reference of the runs that trained the model: from the reference itself (an MLflow run or
     registered version) and from the run's ``tracked.json`` beside its checkpoint (outputs/<run>/)."""
     runs: dict[str, dict[str, Any]] = {}
+    from cxrtrack.config import RUN_NAME_PATTERN
+
     candidates = [checkpoint.resolve().parent.parent / "tracked.json"]
-    if run_name:
+    if run_name and RUN_NAME_PATTERN.fullmatch(run_name):  # a checkpoint's name never leads outside outputs/
         candidates.append(Path("outputs") / run_name / "tracked.json")
     for path in candidates:
         try:
