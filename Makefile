@@ -51,6 +51,7 @@ help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 	@echo
 	@echo "DATA defaults to the downloaded Kaggle data (make download), else a generated synthetic set."
+	@echo "Training targets also take EXPERIMENT=, TAGS=a=b,c=d and RESUME=<run folder | run id>; unknown variables are refused."
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -78,7 +79,7 @@ mlflow-train: ## Full training run (configs/train.yaml) tracked in MLflow
 wandb-train: ## Full training run (configs/train.yaml) tracked in W&B
 	$(PY) scripts/train.py --config configs/train.yaml --tracker wandb $(TRAIN_ARGS)
 
-train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG=...]
+train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG= EXPERIMENT= TAGS=a=b,c=d RESUME=outputs/<run>]
 	$(PY) scripts/train.py --config $(call shq,$(value CONFIG)) --tracker $(call shq,$(value TRACKER)) $(TRAIN_ARGS)
 
 # CONFIG= given by the user (command line or environment), else empty: tune and compare have their own defaults.
