@@ -98,3 +98,12 @@ def test_unknown_command_line_variables_are_rejected(tmp_path, recorder):
     proc, argv = make(tmp_path, recorder, "train-custom", "EPOCH=3")
     assert proc.returncode != 0 and argv == []  # nothing ran
     assert "unknown variable EPOCH" in proc.stderr and "EPOCHS" in proc.stderr
+
+
+def test_experiment_tags_and_resume_reach_the_script_as_data(tmp_path, recorder):
+    proc, argv = make(tmp_path, recorder, "train-custom", "EXPERIMENT=my exp`x`", "TAGS=team=rad,owner=a'b",
+                      "RESUME=outputs/run 1")
+    assert proc.returncode == 0, proc.stderr
+    assert argv[argv.index("--resume") + 1] == "outputs/run 1"
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert sets == ["experiment=my exp`x`", "tracking.tags.team=rad", "tracking.tags.owner=a'b"]
