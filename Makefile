@@ -17,9 +17,18 @@ TRACKER     ?= mlflow
 # from expanding them into the recipes' environment. A backquote, quote, $(...) or ; in DATA or RUN_NAME
 # is therefore part of the name. ARGS is split into words on spaces (by make, not by the shell).
 # (`unexport` after the defaults above: it defines a variable, so a later `?=` would not assign it.)
-USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID OUT OUTPUTS PORT MLFLOW_URI \
-               TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS FOLDS SEEDS SIZES
+USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID MODEL OUT OUTPUTS PORT MLFLOW_URI \
+               TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS EXPERIMENT TAGS RESUME FOLDS SEEDS SIZES
 unexport $(USER_VARS)
+
+# A misspelt variable (`make train-custom EPOCH=3`) must not be ignored while a 40-epoch run starts: any variable
+# given on the command line that this Makefile does not know stops make before a target runs.
+KNOWN_VARS  := $(USER_VARS) PY VENV PYTHON MLFLOW_TRACKING_URI
+comma       := ,
+UNKNOWN_VARS := $(filter-out $(KNOWN_VARS),$(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v))))
+ifneq ($(strip $(UNKNOWN_VARS)),)
+$(error unknown variable $(UNKNOWN_VARS)$(foreach v,$(UNKNOWN_VARS),$(if $(filter $(v)%,$(KNOWN_VARS)), (did you mean $(firstword $(filter $(v)%,$(KNOWN_VARS)))?))). Nothing was run. Known variables: $(sort $(USER_VARS)) (see `make help`))
+endif
 uri          = $(if $(filter command line environment,$(origin MLFLOW_URI)),$(value MLFLOW_URI),$(MLFLOW_URI))
 shq          = '$(subst ','\'',$(1))'
 opt          = $(if $(value $(1)),$(2) $(call shq,$(value $(1))))
@@ -28,8 +37,10 @@ opt          = $(if $(value $(1)),$(2) $(call shq,$(value $(1))))
 # FOLDS=k cross-validates on train/, SEEDS=n repeats with n seeds.
 DATA_ARG    = $(call opt,DATA,--data)
 TRAIN_ARGS  = $(DATA_ARG) $(call opt,EPOCHS,--epochs) $(call opt,BATCH_SIZE,--batch-size) $(call opt,LR,--lr) \
-              $(call opt,IMAGE_SIZE,--image-size) $(call opt,RUN_NAME,--run-name) \
+              $(call opt,IMAGE_SIZE,--image-size) $(call opt,RUN_NAME,--run-name) $(call opt,RESUME,--resume) \
               $(call opt,FOLDS,--folds) $(call opt,SEEDS,--seeds) \
+              $(if $(value EXPERIMENT),--set $(call shq,experiment=$(value EXPERIMENT))) \
+              $(foreach tag,$(subst $(comma), ,$(value TAGS)),--set $(call shq,tracking.tags.$(tag))) \
               $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 .PHONY: help install download mlflow-quick wandb-quick both-quick mlflow-train wandb-train train-custom \
@@ -42,6 +53,7 @@ help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 	@echo
 	@echo "DATA defaults to the downloaded Kaggle data (make download), else a generated synthetic set."
+	@echo "Training targets also take EXPERIMENT=, TAGS=a=b,c=d and RESUME=<run folder | run id>; unknown variables are refused."
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -69,7 +81,7 @@ mlflow-train: ## Full training run (configs/train.yaml) tracked in MLflow
 wandb-train: ## Full training run (configs/train.yaml) tracked in W&B
 	$(PY) scripts/train.py --config configs/train.yaml --tracker wandb $(TRAIN_ARGS)
 
-train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG=... FOLDS=5 SEEDS=3]
+train-custom: ## Your settings: make train-custom EPOCHS=50 BATCH_SIZE=64 LR=0.0005 TRACKER=both [CONFIG= FOLDS=5 SEEDS=3 EXPERIMENT= TAGS=a=b,c=d RESUME=outputs/<run>]
 	$(PY) scripts/train.py --config $(call shq,$(value CONFIG)) --tracker $(call shq,$(value TRACKER)) $(TRAIN_ARGS)
 
 # CONFIG= given by the user (command line or environment), else empty: tune and compare have their own defaults.
@@ -90,12 +102,8 @@ wandb-tune: ## Quick sweep from a W&B sweep file: W&B-server sweep online, local
 tune-benchmark: ## Measure per-trial overhead and trials/minute with 1 and 2 workers (writes outputs/tune/benchmark.md)
 	$(PY) scripts/tune_benchmark.py $(DATA_ARG) $(call opt,TRIALS,--trials)
 
-mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 (PORT=... to change; same store as the runs)
-	@uri=$(call shq,$(uri)); shown=$$(printf '%s' "$$uri" | sed -E 's#://[^/@]*@#://***@#'); \
-	case "$$uri" in http://*|https://*) \
-	  echo "Runs go to the tracking server $$shown: open it in your browser."; exit 0;; esac; \
-	echo "MLflow UI: http://127.0.0.1:"$(call shq,$(value PORT))"  (store: $$shown; Ctrl-C to stop)"; \
-	MLFLOW_DISABLE_TELEMETRY=true $(VENV)/bin/mlflow ui --backend-store-uri "$$uri" --host 127.0.0.1 --port $(call shq,$(value PORT)) --workers 1
+mlflow-ui: ## Open the MLflow UI at http://127.0.0.1:5000 and print the latest run's page (PORT=... to change)
+	@$(PY) scripts/mlflow_ui.py --uri $(call shq,$(uri)) --port $(call shq,$(value PORT))
 
 wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	@runs=$$(ls -d wandb/offline-run-* 2>/dev/null); \
@@ -105,8 +113,9 @@ wandb-sync: ## Upload offline W&B runs (needs network and `wandb login`)
 	  echo "       .venv/bin/wandb login (or set WANDB_API_KEY), then make wandb-sync again. Nothing was lost:"; \
 	  echo "       the offline runs stay in ./wandb until they are uploaded."; exit 1; }
 
-evaluate: ## Evaluate on the test split: make evaluate CHECKPOINT=outputs/<run>/checkpoints/best.pt | RUN_ID=<mlflow run> (a CV run's: its ensemble or retrain)
-	$(PY) scripts/evaluate.py $(call opt,CHECKPOINT,--checkpoint) $(call opt,RUN_ID,--run-id) $(DATA_ARG) $(call opt,OUT,--out)
+evaluate: ## Evaluate on the test split and log it back to the run: MODEL=models:/CustomCXRNet@champion | wandb:<e>/<p>/customcxrnet:champion | CHECKPOINT=<best.pt> | RUN_ID=<mlflow run>
+	$(PY) scripts/evaluate.py $(call opt,MODEL,--model) $(call opt,CHECKPOINT,--checkpoint) $(call opt,RUN_ID,--run-id) $(DATA_ARG) \
+		$(call opt,OUT,--out)
 
 replay: ## Send tracker calls spooled during an outage (outputs/*/spool) in order; close runs of killed processes
 	$(PY) scripts/replay.py $(call opt,OUTPUTS,--outputs)

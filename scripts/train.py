@@ -3,6 +3,8 @@
 
 --folds k cross-validates (k child runs under one parent, a final model from the folds); --seeds n runs n
 seeds and reports the mean +- std of the test metrics (docs/model-quality.md).
+--resume <run folder | MLflow run id | W&B run id> continues an interrupted run from its last epoch, in the same
+folder and the same tracked runs (docs/user-guide.md).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 
 from cxrtrack import signals
 from cxrtrack.cli import EXIT_RUN_FAILED, add_common_arguments, run_main, setup_logging
-from cxrtrack.config import load_config
+from cxrtrack.config import ConfigError, load_config
 from cxrtrack.tracking import KILLED
 
 
@@ -26,6 +28,8 @@ def main() -> int:
     parser.add_argument("--run-name")
     parser.add_argument("--folds", type=int, help="k-fold cross-validation on train/ (training.cv_folds; FOLDS= in make)")
     parser.add_argument("--seeds", type=int, help="run n seeds, report mean +- std of the test metrics (SEEDS= in make)")
+    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run: its folder (outputs/<run>), its MLflow "
+                                                        "run id or its W&B run id (RESUME= in make)")
     args = parser.parse_args()
     setup_logging(args.verbose)
 
@@ -33,10 +37,23 @@ def main() -> int:
              "data.batch_size": args.batch_size, "training.lr": args.lr, "data.image_size": args.image_size,
              "run_name": args.run_name, "training.cv_folds": args.folds, "training.seeds": args.seeds}
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
-    # torch and the training stack are imported only once the flags and the config are valid
-    from cxrtrack.selection import run
+    if args.resume and (args.folds or args.seeds):
+        raise ConfigError("--resume continues one interrupted run; it cannot be combined with --folds or --seeds "
+                          "(FOLDS=/SEEDS=). Resume without them, or start the cross-validation or seed study again.")
+    # torch, torchvision and the trackers are imported only now, after the flags and the config were checked
+    if args.resume:
+        from cxrtrack.training import resume as resuming
+        from cxrtrack.training.run import run_experiment
 
-    result = run(cfg)
+        point = resuming.load(args.resume, cfg["output_dir"])
+        cfg = resuming.resume_config(point, args.epochs, args.tracker)
+        if args.data:
+            cfg["data"]["path"] = args.data
+        result = run_experiment(cfg, resume=point)
+    else:
+        from cxrtrack.selection import run
+
+        result = run(cfg)
     if result.status == KILLED:
         return signals.exit_status()  # 130 for Ctrl-C, 143 for SIGTERM
     return 0 if result.complete else EXIT_RUN_FAILED  # a tracker does not hold all of it: the last line says what

@@ -236,7 +236,8 @@ def test_evaluate_writes_where_the_user_says_or_under_outputs_never_where_a_chec
                           cwd=work, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "escape").exists()
-    assert (work / "outputs" / "eval-escape" / "test_metrics.json").is_file()  # the name is cleaned, kept under outputs/
+    # the name is cleaned, kept under outputs/ (and suffixed with the evaluated data's fingerprint)
+    assert [p.name for p in (work / "outputs").glob("eval-escape-*/test_metrics.json")] == ["test_metrics.json"]
 
 
 def test_the_reliability_doc_lists_every_case_and_names_only_real_tests():

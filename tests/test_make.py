@@ -66,11 +66,16 @@ def test_evaluate_and_replay_variables_are_data(tmp_path, recorder):
 
 def test_mlflow_ui_takes_the_uri_as_data_and_never_prints_its_password(tmp_path, recorder):
     t = tmp_path
-    proc, argv = make(t, recorder, "mlflow-ui", env={"MLFLOW_TRACKING_URI": f"http://bob:pw-S3cret@h`touch {t}/pwn1`:5000"})
+    uri = f"http://bob:pw-S3cret@h`touch {t}/pwn1`:5000"
+    proc, argv = make(t, recorder, "mlflow-ui", env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr
-    assert "Runs go to the tracking server http://***@h" in proc.stdout and "pw-S3cret" not in proc.stdout + proc.stderr
+    assert argv == ["scripts/mlflow_ui.py", "--uri", uri, "--port", "5000"]
+    real = subprocess.run([sys.executable, "scripts/mlflow_ui.py", "--uri", uri], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert real.returncode == 0, real.stderr
+    assert "Runs go to the tracking server http://***@h" in real.stdout and "pw-S3cret" not in real.stdout + real.stderr
     proc, argv = make(t, recorder, "mlflow-ui", f"MLFLOW_URI=sqlite:///{t}/a'b$(touch {t}/pwn2).db")
-    assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{t}/a'b$(touch {t}/pwn2).db"
+    assert argv[argv.index("--uri") + 1] == f"sqlite:///{t}/a'b$(touch {t}/pwn2).db"
     assert not any(p.name.startswith("pwn") for p in t.iterdir())
 
 
@@ -85,3 +90,33 @@ def test_folds_seeds_and_the_speed_benchmark_variables_are_data(tmp_path, record
     proc, argv = make(t, recorder, "mlflow-train")  # unset: no flag at all, the config decides
     assert "--folds" not in argv and "--seeds" not in argv
     assert not any(p.name.startswith("pwn") for p in t.iterdir())
+
+
+def test_mlflow_ui_on_a_busy_port_says_which_port_to_use(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(["make", "-s", "mlflow-ui", f"PORT={port}", f"PY={sys.executable}",
+                               f"MLFLOW_URI=sqlite:///{tmp_path}/mlflow.db"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 2
+    assert f"Port {port} on 127.0.0.1 is already in use" in proc.stderr and f"PORT={port + 1}" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started
+
+
+def test_unknown_command_line_variables_are_rejected(tmp_path, recorder):
+    proc, argv = make(tmp_path, recorder, "train-custom", "EPOCH=3")
+    assert proc.returncode != 0 and argv == []  # nothing ran
+    assert "unknown variable EPOCH" in proc.stderr and "EPOCHS" in proc.stderr
+
+
+def test_experiment_tags_and_resume_reach_the_script_as_data(tmp_path, recorder):
+    proc, argv = make(tmp_path, recorder, "train-custom", "EXPERIMENT=my exp`x`", "TAGS=team=rad,owner=a'b",
+                      "RESUME=outputs/run 1")
+    assert proc.returncode == 0, proc.stderr
+    assert argv[argv.index("--resume") + 1] == "outputs/run 1"
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert sets == ["experiment=my exp`x`", "tracking.tags.team=rad", "tracking.tags.owner=a'b"]

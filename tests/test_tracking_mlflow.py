@@ -56,7 +56,7 @@ def mlflow_run(tmp_path_factory, tiny_data_root):
             "tracking.tracker": "mlflow", "tracking.mlflow.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
             "tracking.mlflow.artifact_location": str(tmp / "mlartifacts"),
             "tracking.mlflow.system_metrics_interval": 1,
-            "tracking.tags": {"note": f"key={SECRET}", "team": "radiology"},
+            "tracking.tags": {"note": f"key={SECRET}", "team": "radiology"}, "tracking.register": True,
         })
         result = run_experiment(cfg)
     finally:

@@ -149,6 +149,8 @@ def _check_against(schema: Mapping[str, Any], cfg: Mapping[str, Any], prefix: st
             if not isinstance(value, Mapping):
                 raise ConfigError(f"Setting '{dotted}' in {source} must be a section (mapping), not {value!r}.")
             _check_against(default, value, dotted + ".", source)
+        elif tuple(dotted.split(".")) in AUTO_OR_BOOL and (isinstance(value, bool) or value == "auto"):
+            pass
         elif not _type_ok(default, value):
             raise ConfigError(
                 f"Setting '{dotted}' in {source} is {value!r} ({type(value).__name__}); it must be of type "
@@ -249,7 +251,12 @@ _CHOICES = {
     ("data", "pipeline"): ("auto", "per_image", "batched"),
     ("training", "cv_final"): ("ensemble", "retrain"),
     ("evaluation", "tta"): ("none", "hflip"),
+    ("tracking", "register"): ("auto", True, False),
+    ("tracking", "champion_mode"): ("max", "min"),
 }
+
+# Settings that take "auto" or a boolean.
+AUTO_OR_BOOL = {("tracking", "register")}
 
 
 _MONITOR_MODES = {"val/loss": "min", "val/acc": "max", "val/f1_macro": "max"}
@@ -265,6 +272,7 @@ OPTIONAL_TYPES: dict[tuple[str, ...], tuple[type, ...]] = {
     ("tracking", "mlflow", "registered_model_name"): (str,),
     ("tracking", "wandb", "project"): (str,),
     ("tracking", "wandb", "entity"): (str,),
+    ("tracking", "wandb", "registry"): (str,),
 }
 
 # name: (low, high, low_inclusive, high_inclusive) for numbers; the rule is stated in the error.
@@ -387,7 +395,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise _bad(keys, value, "it must not be empty (use null for the default)")
     for keys, choices in _CHOICES.items():
         value = get_dotted(cfg, keys)
-        if isinstance(value, bool) or value not in choices:
+        if (isinstance(value, bool) and keys not in AUTO_OR_BOOL) or value not in choices:
             raise ConfigError(
                 f"Setting '{'.'.join(keys)}' is {value!r}; choose one of {', '.join(map(str, choices))}."
             )
@@ -426,6 +434,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
             f"training.monitor {monitor!r} improves when it goes {'down' if _MONITOR_MODES[monitor] == 'min' else 'up'}: "
             f"set training.monitor_mode={_MONITOR_MODES[monitor]} (it is {mode!r}, which would keep the worst checkpoint)."
         )
+    champion = cfg["tracking"]["champion_metric"]
+    if not (champion.startswith("test/") and len(champion) > 5):
+        raise _bad(("tracking", "champion_metric"), champion, "name a test metric such as test/f1_macro, test/acc or "
+                                                              "test/roc_auc_ovr_macro (models are compared on the test split)")
     rates = cfg["model"]["dropout_conv"]
     if not (isinstance(rates, list) and len(rates) == 3
             and all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1 for r in rates)):

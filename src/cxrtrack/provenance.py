@@ -16,9 +16,10 @@ _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|
 # user:password@ in a URL; greedy up to the last "@" of the authority, so a password holding "@" is masked whole
 _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s?#]*@", re.IGNORECASE)
 _SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
-# A query parameter whose name looks like a credential: ?token=..., &api_key=..., &sig=...
-_URL_QUERY_SECRET = re.compile(r"([?&][^=&#\s]*(?:key|token|secret|password|passwd|credential|auth|sig)[^=&#\s]*=)[^&#\s]+",
-                               re.IGNORECASE)
+# A query parameter whose name looks like a credential: ?token=..., &api_key=..., &sig=... (not the MLflow UI's
+# viewStateShareKey, the name of a shared chart layout stored in the experiment: the project prints it)
+_URL_QUERY_SECRET = re.compile(r"([?&](?!viewStateShareKey=)[^=&#\s]*(?:key|token|secret|password|passwd|credential|auth|sig)"
+                               r"[^=&#\s]*=)[^&#\s]+", re.IGNORECASE)
 
 
 def _secret_values() -> set[str]:

@@ -257,7 +257,8 @@ def decode_files(files: list[tuple[Path, int]], size: int, relative_to: Path, wo
             return digest, None, str(exc)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(tqdm(pool.map(work, files), total=len(files), desc=f"decode {desc}", unit="img", leave=False))
+        results = list(tqdm(pool.map(work, files), total=len(files), desc=f"decode {desc}", unit="img", leave=False,
+                            disable=None))  # a bar on a terminal only
 
     images, labels, paths, skipped, digests = [], [], [], [], {}
     for (path, label), (digest, tensor, error) in zip(files, results, strict=True):

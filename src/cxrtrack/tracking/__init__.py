@@ -14,6 +14,8 @@ from typing import Any
 # MLflow reads this once, when it is first imported: no usage telemetry unless the user opts in.
 # workaround(mlflow): MLflow sends usage telemetry by default; opted out before its first import
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's per-file download/upload progress bars (hundreds of lines in a log file): off unless the user set it.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # The same rule for W&B's error reporting (crash reports sent to W&B), read when its service starts.
 os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 

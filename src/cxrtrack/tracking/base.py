@@ -115,6 +115,11 @@ class BaseTracker(ABC):
     def log_model(self, model, checkpoint: Path, input_example: np.ndarray, metadata: dict[str, Any]) -> None:
         """The trained model in the backend's model store (registry / versioned artifact)."""
 
+    def log_dataset(self, dataset: dict[str, Any]) -> None:  # noqa: B027 - optional, a no-op by default
+        """The data the run trained and was tested on, as the backend's dataset lineage (plain values only):
+        ``name``, ``source``, ``fingerprint`` (content digest), ``root`` (folder), ``test_split`` and ``splits``
+        (split -> class name -> image count)."""
+
     def flush(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Write out what the backend has queued (asynchronous logging, collected files) now."""
 
@@ -153,7 +158,7 @@ class Call:
     error: str | None = None
 
 
-_WHAT = {"log_params": "params", "set_tags": "tags", "log_summary": "final metrics", "log_predictions": "the predictions table",
+_WHAT = {"log_dataset": "the dataset lineage", "log_params": "params", "set_tags": "tags", "log_summary": "final metrics", "log_predictions": "the predictions table",
          "log_model": "the model", "end_run": "the final status", "start_run": "the run itself"}
 _DISPLAY = {"mlflow": "MLflow", "wandb": "W&B"}
 
@@ -290,6 +295,9 @@ class TrackerGroup(BaseTracker):
 
     def flush(self) -> None:
         self._call("flush")
+
+    def log_dataset(self, dataset):
+        self._call("log_dataset", dataset)
 
     def log_table(self, name, rows):
         self._call("log_table", name, rows)

@@ -21,6 +21,7 @@ killed process can be found and closed (:func:`close_orphans`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -44,6 +45,54 @@ _MAX_PARAM_VALUE = 6000  # MLflow's limit for one param value (characters)
 PING_TIMEOUT = 3.0  # seconds: a server that does not answer /health in this time is reported at once
 # Tags that identify the process that owns a run: a run left RUNNING by a process that is gone was killed.
 HOST_TAG, PID_TAG, START_TAG = "cxrtrack.host", "cxrtrack.pid", "cxrtrack.process_start"
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, prompts); "custom_model_development"
+# (the value its own "experiment type" switch writes) opens it on the runs table and the training charts.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+UI_PORT = 5000  # `make mlflow-ui` (PORT=... to change)
+# The experiment's Chart view opened on train and val of each quantity overlaid in one chart: MLflow's own "shared
+# view" (an experiment tag mlflow.sharedViewState.<key> holding the page's state as JSON, opened with
+# ?viewStateShareKey=<key>). The run page draws one metric per chart and keeps its layout in the browser only.
+CURVES_VIEW = "cxrtrack-curves-v1"
+
+
+def _line_chart(uuid: str, title: str, keys: list[str]) -> dict[str, Any]:
+    return {"uuid": uuid, "type": "LINE", "runsCountToCompare": 10, "metricSectionId": "cxrtrack-curves",
+            "deleted": False, "isGenerated": False, "displayName": title, "metricKey": keys[0], "selectedMetricKeys": keys,
+            "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {}, "xAxisKey": "step",
+            "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [], "ignoreOutliers": False,
+            "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True}
+
+
+def curves_view_state() -> str:
+    charts = [_line_chart("cxrtrack-loss", "loss: train (solid), val (dashed)", ["train/loss", "val/loss"]),
+              _line_chart("cxrtrack-acc", "accuracy: train (solid), val (dashed)", ["train/acc", "val/acc"]),
+              _line_chart("cxrtrack-f1", "macro-F1: train (solid), val (dashed)", ["train/f1_macro", "val/f1_macro"]),
+              _line_chart("cxrtrack-lr", "learning rate (log10)", ["log10_lr"])]
+    return json.dumps({"compareRunCharts": charts, "isAccordionReordered": True,
+                       "compareRunSections": [{"uuid": "cxrtrack-curves", "name": "Training curves (train and val overlaid)",
+                                               "display": True, "isReordered": True}]})
+
+
+def curves_url(tracking_uri: str, experiment_id: str | None, port: int = UI_PORT) -> str:
+    base = tracking_uri.rstrip("/") if is_http(tracking_uri) else f"http://127.0.0.1:{port}"
+    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+            f"&viewStateShareKey={CURVES_VIEW}")
+
+
+EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
+                   "mlflow.note.content": "CustomCXRNet chest X-ray classifier (cxrtrack): one run per training; "
+                                          "registered versions in Models > CustomCXRNet (aliases champion, latest-<source>).",
+                   f"mlflow.sharedViewState.{CURVES_VIEW}": curves_view_state()}
+
+
+def run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None, port: int = UI_PORT) -> str:
+    """The run page in the MLflow UI: the server itself for an http store, else `make mlflow-ui`'s address.
+
+    ``workflowType=machine_learning``: MLflow 3.17's UI keeps a global GenAI / Model-training switch (default GenAI)
+    that wins over the experiment's ``mlflow.experimentKind`` tag; this query parameter opens the page in Model
+    training mode (runs, metrics, models) whatever the switch says."""
+    base = tracking_uri.rstrip("/") if is_http(tracking_uri) else f"http://127.0.0.1:{port}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def resolve_tracking_uri(configured: str | None) -> str:
@@ -132,6 +181,7 @@ class MLflowTracker(BaseTracker):
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.model_uri: str | None = None
+        self.registered: dict[str, Any] | None = None  # name, version, aliases of the version this run registered
         # Asynchronous logging: metric and param calls are queued and written by MLflow's own thread,
         # so a slow store never holds up a training step; end_run waits for the queue.
         self._sync = not cfg.get("async_logging", False)
@@ -144,6 +194,10 @@ class MLflowTracker(BaseTracker):
 
         from cxrtrack.provenance import RedactingFilter
 
+        # MLflow's own INFO lines (database set-up, system-metrics monitor start/stop) say nothing a user acts on:
+        # warnings and errors only, unless -v asked for debug logging. The project logs what matters in its format.
+        if logging.getLogger().level > logging.DEBUG and logging.getLogger("mlflow").level in (logging.NOTSET, logging.INFO):
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         # MLflow logs through its own handler, not the project's: redact its records too (a URL, a secret value).
         for handler in logging.getLogger("mlflow").handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
@@ -204,6 +258,9 @@ class MLflowTracker(BaseTracker):
         if run.resume.get(self.name):  # reopen an existing run (status back to RUNNING); its params are kept
             active = mlflow.start_run(run_id=run.resume[self.name], tags=tags,
                                       log_system_metrics=bool(self.cfg.get("system_metrics")))
+            self.run_id = active.info.run_id
+            self._log_new_params(run.config)
+            return
         else:
             active = mlflow.start_run(
                 experiment_id=self.experiment_id,
@@ -216,6 +273,18 @@ class MLflowTracker(BaseTracker):
             )
         self.run_id = active.info.run_id
         self.log_params(run.config)
+
+    def _log_new_params(self, config: dict[str, Any]) -> None:
+        """A reopened run: MLflow refuses to change a param, so only the new ones are logged; a value that differs
+        (``--epochs`` extending a resumed run) is recorded as the tag ``resumed.<param>``."""
+        stored = self._mlflow.MlflowClient(tracking_uri=self.tracking_uri).get_run(self.run_id).data.params
+        flat = {k: _param_value(v) for k, v in flatten(config).items()}
+        new = {k: v for k, v in flat.items() if k not in stored}
+        if new:
+            self._mlflow.log_params(new, synchronous=self._sync)
+        changed = {f"resumed.{k}": v for k, v in flat.items() if k in stored and stored[k] != v}
+        if changed:
+            self._mlflow.set_tags(changed)
 
     def _experiment_id(self) -> str:
         """The experiment's id, created if needed. A SQLite store is opened (its schema created or upgraded) and
@@ -236,6 +305,10 @@ class MLflowTracker(BaseTracker):
         mlflow = self._mlflow
         experiment = mlflow.get_experiment_by_name(self.experiment)
         if experiment is not None:
+            client = mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+            for key, value in EXPERIMENT_TAGS.items():  # made by an older version, or by hand: never overwritten
+                if key not in experiment.tags:
+                    client.set_experiment_tag(experiment.experiment_id, key, value)
             return experiment.experiment_id
         location = self.cfg.get("artifact_location")
         if location is None and self.tracking_uri.startswith("sqlite:"):
@@ -243,7 +316,7 @@ class MLflowTracker(BaseTracker):
         elif location is not None and "://" not in str(location):
             location = Path(location).expanduser().resolve().as_uri()
         try:
-            return mlflow.create_experiment(self.experiment, artifact_location=location)
+            return mlflow.create_experiment(self.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException:  # created meanwhile by another process on the same server
             experiment = mlflow.get_experiment_by_name(self.experiment)
             if experiment is None:
@@ -318,6 +391,32 @@ class MLflowTracker(BaseTracker):
     def log_artifact(self, path, artifact_path=None):
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
+    def log_dataset(self, dataset):
+        """One MLflow dataset input per split (context train / val / test): the folder as source, the content
+        fingerprint as digest, the class counts as its profile (shown on the run page under "Datasets")."""
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        class CXRDataset(MetaDataset):
+            def __init__(self, source, name, digest, profile):
+                self._profile = profile
+                super().__init__(source, name=name, digest=digest)
+
+            @property
+            def profile(self):
+                return self._profile
+
+            def to_dict(self):  # MetaDataset leaves the profile out of what is stored
+                return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+        source = LocalArtifactDatasetSource(Path(dataset["root"]).resolve().as_uri())
+        for split, counts in dataset["splits"].items():
+            profile = {"num_images": int(sum(counts.values())), **{str(k): int(v) for k, v in counts.items()}}
+            self._mlflow.log_input(
+                CXRDataset(source, f"{dataset['name']}-{split}", dataset["fingerprint"], profile), context=split,
+                tags={"source": dataset["source"], "fingerprint": dataset["fingerprint"],
+                      "test_split": str(dataset.get("test_split", ""))})
+
     def log_image(self, path, name, caption=None):
         self._mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent) if "/" in name else None)
 
@@ -342,11 +441,18 @@ class MLflowTracker(BaseTracker):
         self._mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{name}.json")
 
     def log_model(self, model, checkpoint, input_example, metadata):
-        """Log with the MLflow PyTorch flavor (signature + input example) and register it."""
+        """Log with the MLflow PyTorch flavor (signature + input example, the checkpoint as an extra file); register
+        it when the run's plan says so (``metadata["registry"]``, see :mod:`cxrtrack.tracking.registry`), with tags,
+        a description and the ``latest-<source>`` / ``champion`` aliases. Without a plan (a tuning study's best
+        model) it is registered under ``registered_model_name`` as before, without aliases."""
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
 
+        from cxrtrack.tracking.registry import REGISTRY_KEY, apply_mlflow_lifecycle
+
+        metadata = dict(metadata)
+        plan = metadata.pop(REGISTRY_KEY, None)
         # The pt2 format (torch.export) specialises a batch dimension of 1: the example needs >= 2 rows
         # for the logged model to accept any batch size.
         # workaround(mlflow): pt2 (the default format) needs an input_example, and a batch of >= 2 rows
@@ -354,30 +460,54 @@ class MLflowTracker(BaseTracker):
             input_example = np.concatenate([input_example, input_example])
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).numpy()
-        registered = self.cfg.get("registered_model_name") or None
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            input_example=input_example,
-            signature=infer_signature(input_example, output),
-            registered_model_name=registered,
-            # workaround(mlflow): requirements stated, not inferred: inference runs a ~9 s subprocess per run
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
-            metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
-        )
+        name = self.cfg.get("registered_model_name") or None
+        registered = name if plan is None or plan.get("register") else None
+        from mlflow.utils import logging_utils
+
+        logging_utils.disable_logging()  # its "Registered model ... Created version" prints: our one line says it
+        try:
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=input_example,
+                signature=infer_signature(input_example, output),
+                registered_model_name=registered,
+                # the training checkpoint rides along, so `make evaluate MODEL=models:/CustomCXRNet@champion` can use it
+                extra_files=[str(checkpoint)],
+                # workaround(mlflow): requirements stated, not inferred: inference runs a ~9 s subprocess per run
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
+                metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
+            )
+        finally:
+            logging_utils.enable_logging()
         self.model_uri = info.model_uri
-        if registered:
-            log.info("MLflow: registered model '%s' version %s", registered, info.registered_model_version)
+        if not registered:
+            if plan is not None:
+                log.info("MLflow: model logged to the run, not registered: %s (--set tracking.register=true registers it).",
+                         plan.get("reason"))
+            return
+        version = str(info.registered_model_version)
+        if plan is None:
+            log.info("MLflow: registered model '%s' version %s", registered, version)
+            return
+        done = apply_mlflow_lifecycle(mlflow.MlflowClient(tracking_uri=self.tracking_uri), registered, version, plan)
+        self.registered = {"name": registered, **done}
+        mlflow.set_tags({"registered_model": f"{registered}/{version}", "registered_aliases": ",".join(done["aliases"])})
+        champion = ("now the champion" if done["champion"] else
+                    f"champion stays version {done['champion_version']}")
+        log.info("MLflow: registered '%s' version %s (aliases %s; %s: %s).", registered, version,
+                 ", ".join(done["aliases"]), champion, done["why"])
 
     def run_ref(self):
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "run_id": self.run_id,
-                "model_uri": self.model_uri}
+                "model_uri": self.model_uri, "registered": self.registered}
 
     def describe(self):
         where = f"MLflow run {self.run_id} in experiment '{self.experiment}' at {redact(self.tracking_uri)}"
-        if self.tracking_uri.startswith("sqlite:"):
-            where += " (browse with `make mlflow-ui`)"
-        return where
+        url = redact(run_url(self.tracking_uri, self.experiment_id, self.run_id))
+        curves = redact(curves_url(self.tracking_uri, self.experiment_id))
+        after = "" if is_http(self.tracking_uri) else " (after `make mlflow-ui`)"
+        return f"{where}: {url}{after}; train/val curves: {curves}"
 
 
 def close_run(tracking_uri: str, run_id: str, status: str) -> bool:

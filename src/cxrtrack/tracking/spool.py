@@ -202,6 +202,8 @@ def send_record(backend: BaseTracker, spool: Spool, record: dict[str, Any]) -> N
         with np.load(root / a["input_example"]) as z:
             example = z["input_example"]
         backend.log_model(load_model(root / a["checkpoint"]), root / a["checkpoint"], example, a["metadata"])
+    elif method == "log_dataset":
+        backend.log_dataset(a["dataset"])
     elif method == "end_run":
         backend.end_run(a["status"])
     else:
@@ -272,6 +274,9 @@ class SpoolingTracker(BaseTracker):
 
     def set_tags(self, tags):
         self._forward("set_tags", {"tags": dict(tags)}, lambda: self.inner.set_tags(tags))
+
+    def log_dataset(self, dataset):
+        self._forward("log_dataset", {"dataset": dict(dataset)}, lambda: self.inner.log_dataset(dataset))
 
     def log_artifact(self, path, artifact_path=None):
         self._forward("log_artifact", {"artifact_path": artifact_path}, lambda: self.inner.log_artifact(path, artifact_path),

@@ -81,6 +81,28 @@ def resolve_mode(configured: str) -> str:
     return "online" if api_key_configured() else "offline"
 
 
+def _shown(path: Path) -> str:
+    """A path as the user can type it from here: relative when it is under the current folder."""
+    import shlex
+
+    try:
+        text = str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        text = str(path)
+    return shlex.quote(text)
+
+
+def leet_command(run_dir: Path | None) -> str:
+    """``wandb leet <run>`` as a command that works when pasted: the wandb of this Python (``.venv/bin/wandb``),
+    not a bare ``wandb`` that is only on the PATH inside an activated venv."""
+    import shutil
+
+    exe = Path(sys.executable).with_name("wandb")
+    on_path = shutil.which("wandb")
+    shown = "wandb" if on_path and Path(on_path).resolve() == exe.resolve() else _shown(exe) if exe.exists() else "wandb"
+    return f"{shown} leet {_shown(run_dir) if run_dir else ''}".strip()
+
+
 class WandbTracker(BaseTracker):
     name = "wandb"
 
@@ -122,6 +144,9 @@ class WandbTracker(BaseTracker):
             group=run.group,
             job_type=run.job_type,
         )
+        resuming = run.resume.get(self.name)
+        if resuming:  # the same run id: online W&B continues the run; offline writes a new folder with that id
+            init.update(id=resuming, resume="must" if self.mode == "online" else "allow")
         try:
             with scrubbed_argv():
                 self.run = wandb.init(mode=self.mode, settings=self._settings(), **init)
@@ -131,13 +156,21 @@ class WandbTracker(BaseTracker):
             log.warning("W&B: could not reach the server (%s: %s); logging this run offline instead.",
                         type(exc).__name__, str(exc).splitlines()[0][:200])
             self.mode = "offline"
+            if resuming:
+                init["resume"] = "allow"
             with scrubbed_argv():
                 self.run = wandb.init(mode="offline", settings=self._settings(), **init)
         self._run_dir = Path(self.run.settings.sync_dir)
         self._run_id = self.run.id
         self._url = self.run.url if self.mode == "online" else None
-        self.run.define_metric("epoch")
-        self.run.define_metric("*", step_metric="epoch")
+        # the epoch axis only for the per-epoch metrics (defined as each first appears in log_metrics): a "*" rule
+        # would also put tables and images on it, drawn as single-point charts
+        self.run.define_metric("epoch", hidden=True)
+        self._defined: set[str] = set()
+        if resuming:
+            log.info("W&B: continuing run %s%s.", resuming,
+                     f" offline in a new folder {self._run_dir} (the same run id: `make wandb-sync` appends it to the "
+                     f"run)" if self.mode == "offline" else "")
         if self.mode == "offline":
             reason = "no API key is configured, so " if auto else ""
             log.info("W&B: %slogging offline to %s; upload it later with `make wandb-sync`.", reason, self._run_dir)
@@ -213,6 +246,9 @@ class WandbTracker(BaseTracker):
         self.run.config.update(params, allow_val_change=True)  # nested: W&B shows sections as groups
 
     def log_metrics(self, metrics, step):
+        for key in metrics.keys() - self._defined:
+            self.run.define_metric(key, step_metric="epoch")
+            self._defined.add(key)
         self.run.log({**metrics, "epoch": step})
 
     def log_summary(self, metrics):
@@ -230,6 +266,25 @@ class WandbTracker(BaseTracker):
         # run keeps them even if outputs/ is deleted before `wandb sync`).
         name = Path(path).name if artifact_path is None else f"{artifact_path}/{Path(path).name}"
         self._files.append((Path(path), name))
+
+    def log_dataset(self, dataset):
+        """A ``dataset`` artifact that references the data folder (file:// reference: W&B records each file's
+        checksum, no image is uploaded), with the fingerprint and class counts as metadata. Online the run
+        ``use_artifact``s it (an input in the lineage graph); offline W&B refuses ``use_artifact``, so the run
+        logs it instead (it appears among the run's logged artifacts after `make wandb-sync`)."""
+        wandb = self._wandb
+        metadata = {"source": dataset["source"], "fingerprint": dataset["fingerprint"], "root": dataset["root"],
+                    "test_split": dataset.get("test_split"), "splits": dataset["splits"],
+                    "used_as": "input" if self.mode != "offline" else "logged (offline: use_artifact is online only)"}
+        artifact = wandb.Artifact(dataset["name"], type="dataset", metadata=metadata,
+                                  description=f"{dataset['source']} chest X-ray images, fingerprint {dataset['fingerprint']} "
+                                              f"(a reference to {dataset['root']}; no image copied)")
+        artifact.add_reference(Path(dataset["root"]).resolve().as_uri(), name="images", max_objects=100_000)
+        aliases = [f"fp-{dataset['fingerprint']}"]
+        if self.mode == "offline":
+            self.run.log_artifact(artifact, aliases=aliases)
+        else:
+            self.run.use_artifact(artifact, aliases=aliases)
 
     def log_image(self, path, name, caption=None):
         self.run.log({name.removesuffix(".png"): self._wandb.Image(str(path), caption=caption)})
@@ -259,12 +314,51 @@ class WandbTracker(BaseTracker):
         self.run.log({name: self._wandb.Table(dataframe=pd.DataFrame(rows))})
 
     def log_model(self, model, checkpoint, input_example, metadata):
+        """The checkpoint as a versioned ``model`` artifact. Aliases mean what they mean in the MLflow registry
+        (:mod:`cxrtrack.tracking.registry`): ``latest-<source>`` always; ``champion`` only online, when the new
+        version beats the current ``champion`` version (read from the server) on the same dataset fingerprint;
+        online and registering, the version is also linked to the W&B registry. Offline there is no server to
+        read the champion from, so it is not moved (and `make wandb-sync` does not move it either)."""
+        from cxrtrack.tracking.registry import CHAMPION, REGISTRY_KEY, beats, latest_alias, version_tags
+
         wandb = self._wandb
+        metadata = dict(metadata)
+        plan = metadata.pop(REGISTRY_KEY, None)
         name = self.cfg.get("model_artifact_name") or "customcxrnet"
-        artifact = wandb.Artifact(name, type="model", metadata=metadata,
-                                  description="CustomCXRNet best checkpoint (state_dict + hyperparameters)")
+        aliases = ["latest", "best", f"epoch-{metadata.get('best_epoch')}"]
+        description = "CustomCXRNet best checkpoint (state_dict + hyperparameters)"
+        if plan is not None:
+            metadata.update({k: v for k, v in version_tags(plan).items() if k not in metadata})
+            metadata["registered"] = bool(plan["register"])
+            aliases.append(latest_alias(plan["source"]))
+            description = plan["description"]
+            if plan["register"] and self.mode == "online":
+                moved, why = beats(plan, self._current_champion(name))
+                if moved:
+                    aliases.append(CHAMPION)
+                log.info("W&B: %s", f"'{name}' is the new champion ({why})" if moved else f"champion not moved: {why}")
+            elif plan["register"]:
+                log.info("W&B: offline, so the champion alias is not moved (it needs the server's current champion); "
+                         "aliases: %s.", ", ".join(aliases))
+        artifact = wandb.Artifact(name, type="model", metadata=metadata, description=description)
         artifact.add_file(str(checkpoint), name="best.pt")
-        self.run.log_artifact(artifact, aliases=["latest", "best", f"epoch-{metadata.get('best_epoch')}"])
+        self.run.log_artifact(artifact, aliases=aliases)
+        if plan is not None and plan["register"] and self.mode == "online" and self.cfg.get("registry"):
+            try:  # the W&B registry (online only); a failure leaves the artifact in the project
+                artifact.wait()
+                self.run.link_artifact(artifact, self.cfg["registry"], aliases=[a for a in aliases if a != "best"])
+            except Exception as exc:  # noqa: BLE001
+                log.warning("W&B: could not link the model to the registry %s (%s).", self.cfg["registry"], exc)
+
+    def _current_champion(self, name: str) -> dict[str, str] | None:
+        """The metadata of the artifact version aliased ``champion`` on the server (online), or None."""
+        try:
+            api = self._wandb.Api()
+            entity = self.cfg.get("entity") or self.run.entity
+            found = api.artifact(f"{entity}/{self.project}/{name}:champion", type="model")
+        except Exception:  # noqa: BLE001 - no champion yet (W&B raises CommError) or unreachable: treat as none
+            return None
+        return {k: str(v) for k, v in (found.metadata or {}).items()}
 
     def run_ref(self):
         return {"mode": self.mode, "project": self.project, "run_id": self._run_id,
@@ -272,5 +366,5 @@ class WandbTracker(BaseTracker):
 
     def describe(self):
         if self.mode == "offline":
-            return f"W&B offline run in {self.run_dir} (inspect: wandb leet {self.run_dir}; upload: make wandb-sync)"
+            return f"W&B offline run in {self.run_dir} (inspect: {leet_command(self.run_dir)}; upload: make wandb-sync)"
         return f"W&B {self.mode} run in project '{self.project}'" + (f" at {self._url}" if self._url else "")

@@ -11,7 +11,7 @@ import json
 import logging
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ class TestReport:
     report: str
     predictions: Predictions
     loss: float
+    data: dict[str, Any] = field(default_factory=dict)  # what was evaluated: source, fingerprint, root, counts
 
     def tracked_metrics(self) -> dict[str, float]:
         return {"test/loss": self.loss, **{f"test/{k}": v for k, v in self.metrics.items()}}
@@ -138,13 +139,19 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     return model.to(device).eval(), ckpt
 
 
-def default_eval_dir(ckpt: dict[str, Any], checkpoint: str | Path) -> Path:
-    """``outputs/eval-<run name>`` under the current project: never the folder a checkpoint says (a checkpoint
-    from elsewhere, or altered, must not choose where files are written)."""
+def default_eval_dir(ckpt: dict[str, Any], checkpoint: str | Path, fingerprint: str | None = None) -> Path:
+    """``outputs/eval-<run name>-<data fingerprint>`` under the current project: never the folder a checkpoint says (a
+    checkpoint from elsewhere, or altered, must not choose where files are written). A folder of an earlier
+    evaluation is never overwritten: the new one gets a ``-2``, ``-3``, ... suffix."""
     name = str(ckpt.get("run_name") or Path(checkpoint).stem)
     if not RUN_NAME_PATTERN.fullmatch(name):
         name = re.sub(r"[^\w.+=@,-]", "_", name).lstrip("._-")[:128] or "checkpoint"
-    return Path("outputs") / f"eval-{name}"
+    base = Path("outputs") / (f"eval-{name}-{fingerprint[:8]}" if fingerprint else f"eval-{name}")
+    for n in range(1, 1000):
+        out = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not out.exists():
+            return out
+    return base
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, out_dir: str | Path | None = None,
@@ -178,7 +185,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ou
     labels = data.train.labels + (data.val.labels if cv and data.val is not None else [])
     criterion = build_criterion(cfg["training"], labels, dev)
     model = with_tta(model, cfg["evaluation"]["tta"])
-    out = Path(out_dir) if out_dir else default_eval_dir(ckpt, checkpoint)
+    out = Path(out_dir) if out_dir else default_eval_dir(ckpt, checkpoint, data.fingerprint)
     report, _ = report_on_test(model, data.loaders(cfg["data"]["batch_size"])["test"], data, criterion, dev, out,
                                cfg["evaluation"]["n_prediction_images"])
+    report.data = {"source": data.source, "fingerprint": data.fingerprint, "root": str(data.location.root),
+                   "n_test": len(data.test), "trained_on": trained_on.get("fingerprint"), "run_name": ckpt.get("run_name")}
     return report, out

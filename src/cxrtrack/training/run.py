@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,12 +33,13 @@ from cxrtrack.data.transforms import denormalize
 from cxrtrack.errors import CXRError, RunFailedError, TrackerError
 from cxrtrack.models import build_model
 from cxrtrack.provenance import environment_tags, git_info, scrub_secrets
-from cxrtrack.tracking import FAILED, FINISHED, TrackerGroup, build_tracker
+from cxrtrack.tracking import FAILED, FINISHED, TrackerGroup, build_tracker, registry
 from cxrtrack.tracking.base import RunInfo, display_name
 from cxrtrack.tracking.readback import RunRecord
 from cxrtrack.training import plots
 from cxrtrack.training.evaluate import TestReport, report_on_test
 from cxrtrack.training.recipe import Recipe, resolved_settings
+from cxrtrack.training.resume import RUNS_FILE, ResumePoint, write_runs_file
 from cxrtrack.training.trainer import EpochCallback, FitResult, Trainer, build_criterion
 from cxrtrack.utils import atomic_write, seed_everything, select_device, timed
 
@@ -136,13 +138,15 @@ def run_experiment(
     job_type: str = "train",
     parents: dict[str, str] | None = None,
     description: str | None = None,
+    resume: ResumePoint | None = None,
 ) -> RunResult:
     """Train, evaluate and track one run of ``cfg``.
 
     ``data`` lets callers that run many experiments (tuning, repeated runs) decode the images once:
     a :class:`DataCache` (or an already built :class:`CXRData` matching ``cfg``). ``callbacks`` are
     called after every epoch besides the trackers' (e.g. Optuna pruning). ``group``, ``job_type``,
-    ``parents`` and ``description`` place the tracked run in a hierarchy (see :class:`RunInfo`).
+    ``parents`` and ``description`` place the tracked run in a hierarchy (see :class:`RunInfo`). ``resume`` (a
+    :class:`~cxrtrack.training.resume.ResumePoint`) continues an interrupted run in its folder and tracked runs.
 
     How it ends: a :class:`RunResult` for a FINISHED or KILLED run (``result.problems`` lists what a tracker
     does not hold yet, e.g. calls waiting in a spool); a FAILED run raises after its trackers were closed
@@ -161,7 +165,17 @@ def run_experiment(
             data = build_data(cfg["data"], cfg["seed"])
 
     model = build_model(cfg["model"], cfg["data"])
-    run_name, run_dir = claim_run_dir(cfg)
+    if resume is not None:
+        trained_on = (resume.state.get("dataset") or {}).get("fingerprint")
+        if trained_on and trained_on != data.fingerprint:
+            raise CXRError(f"{resume.run_name} was trained on data with fingerprint {trained_on}; the data found now "
+                           f"({data.location.root}) has fingerprint {data.fingerprint}. A run resumes on the same data only: "
+                           f"point DATA= at it, or start a new run.")
+        run_name, run_dir = resume.run_name, resume.run_dir
+        log.info("Resuming %s after epoch %d in %s (tracked runs: %s).", run_name, resume.epoch, run_dir,
+                 ", ".join(f"{display_name(k)} {v}" for k, v in resume.tracker_ids().items()) or "none")
+    else:
+        run_name, run_dir = claim_run_dir(cfg)
     files = RunFiles(run_dir)
 
     summary = data.summary()
@@ -179,6 +193,7 @@ def run_experiment(
         **{str(k): str(v) for k, v in safe_cfg["tracking"]["tags"].items()},
     }
     record = RunRecord(name=run_name, params=params, tags=tags)
+    record.extra["dataset"] = dataset_lineage(data)
     log.info("Run %s: CustomCXRNet with %s parameters on %s; tracking: %s",
              run_name, f"{model.num_parameters():,}", device, ", ".join(tracker.names) or "none")
 
@@ -192,6 +207,8 @@ def run_experiment(
 
     def log_epoch(epoch: int, row: dict[str, float]) -> None:
         metrics = {k: v for k, v in row.items() if k != "epoch"}
+        if row.get("lr", 0) > 0:  # MLflow draws a constant lr of 0.001 as a flat line labelled 0; -3 reads as 1e-3
+            metrics["log10_lr"] = math.log10(row["lr"])
         with timed(timings, "epoch_logging_s"):
             tracker.log_metrics(metrics, step=epoch)
         for key, value in metrics.items():
@@ -200,6 +217,14 @@ def run_experiment(
     trainer = Trainer(model, loaders, cfg["training"], device, run_dir / "checkpoints" / "best.pt",
                       checkpoint_extra, build_criterion(cfg["training"], data.train.labels, device),
                       callbacks=(log_epoch, *callbacks), recipe=Recipe(cfg, len(data.class_names)))
+    if resume is not None:
+        trainer.resume_from = resume.state
+        for row in resume.state["history"]:  # logged before the interruption: the record holds the whole run
+            for key, value in row.items():
+                if key != "epoch":
+                    record.metrics.setdefault(key, []).append((int(row["epoch"]), value))
+            if row.get("lr", 0) > 0:
+                record.metrics.setdefault("log10_lr", []).append((int(row["epoch"]), math.log10(row["lr"])))
 
     artifacts: dict[str, Path] = {}
     images: dict[str, Path] = {}
@@ -209,10 +234,18 @@ def run_experiment(
         with timed(timings, "tracker_start_s"):
             try:
                 tracker.start_run(RunInfo(run_name, config, tags, group=group or cfg["tracking"]["group"],
-                                          job_type=job_type, parents=dict(parents or {}), description=description))
+                                          job_type=job_type, parents=dict(parents or {}),
+                                          description=description or _describe_run(cfg, data),
+                                          resume=resume.tracker_ids() if resume is not None else {}))
             except TrackerError:
-                _remove_if_empty(run_dir)  # nothing was trained: leave no empty run folder behind
+                if resume is None:
+                    _remove_if_empty(run_dir)  # nothing was trained: leave no empty run folder behind
                 raise
+        try:  # where the tracked runs are, for --resume (tracked.json is only written at the end)
+            write_runs_file(run_dir, run_name, {t.name: t.run_ref() for t in tracker.trackers})
+        except OSError as exc:
+            files.lost_file(RUNS_FILE, exc)
+        tracker.log_dataset(dataset_lineage(data))
         montage = files.write("samples/train_batch_augmented.png",
                               lambda tmp: _train_batch_montage(example_batch(data, loaders), cfg["data"], tmp))
         if montage is not None:
@@ -266,11 +299,15 @@ def run_experiment(
             if test_report is not None and cfg["tracking"]["log_model"]:
                 # the model holds the best checkpoint (_final_evaluation loaded it)
                 example = next(iter(loaders["test"]))[0][:2].cpu().numpy().astype(np.float32)
+                plan = registry.build_plan(cfg, source=data.source, fingerprint=data.fingerprint, run_name=run_name,
+                                           git_commit=tags.get("git_commit", "unknown"),
+                                           test_metrics=test_report.tracked_metrics())
                 # as it predicted the test split: the checkpointed weights, with TTA when evaluation.tta asks
                 tracker.log_model(trainer.recipe.predictor(trainer.model).cpu().eval(), fit.checkpoint, example, {
                     "best_epoch": fit.best_epoch, "dataset_source": data.source,
                     "dataset_fingerprint": data.fingerprint, "image_size": data.image_size,
                     **{k: v for k, v in test_report.tracked_metrics().items() if "/" in k},
+                    registry.REGISTRY_KEY: plan,
                 })
                 record.models.append("CustomCXRNet")
         # The run's own record lost on a full disk is a failed run, whatever training did.
@@ -294,6 +331,19 @@ def run_experiment(
             final_word(run_name, status, tracker, problems), timings["total_s"], run_dir, tracker.describe())
     return RunResult(run_name, run_dir, status, fit, test_report, params, tags, artifacts, tracker, timings, record,
                      problems)
+
+
+def _describe_run(cfg: dict[str, Any], data: CXRData) -> str:
+    return (f"CustomCXRNet, config {cfg.get('config_name', '?')}: {cfg['training']['epochs']} epochs at "
+            f"{cfg['data']['image_size']} px, {cfg['training']['optimizer']} lr {cfg['training']['lr']:g}, on {data.source} "
+            f"data {data.fingerprint} ({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images).")
+
+
+def dataset_lineage(data: CXRData) -> dict[str, Any]:
+    """What the trackers record as the run's dataset inputs (plain values): see BaseTracker.log_dataset."""
+    return {"name": f"cxr-{data.source}", "source": data.source, "fingerprint": data.fingerprint,
+            "root": str(data.location.root), "test_split": data.test_split,
+            "splits": {split: getattr(data, split).class_counts() for split in ("train", "val", "test")}}
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -341,7 +391,7 @@ def _failure(run_name: str, run_dir: Path, fit: FitResult, files: RunFiles, trac
 def _write_run_record(files: RunFiles, record: RunRecord, tracker: TrackerGroup, timings: dict[str, float], t0: float) -> None:
     """tracked.json (what the trackers were sent, with each backend's run reference) and timings.json."""
     timings["total_s"] = time.perf_counter() - t0
-    record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers},
+    record.extra = {**record.extra, "runs": {t.name: t.run_ref() for t in tracker.trackers},
                     "unsaved": {display_name(k): v for k, v in tracker.problems().items()}}
     files.text("tracked.json", record.to_json())
     files.text("timings.json", json.dumps({"trackers": tracker.names, **timings, "calls": tracker.call_summary()}, indent=2))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -128,6 +129,12 @@ def build_criterion(train_cfg: dict[str, Any], train_labels: list[int], device: 
                                label_smoothing=train_cfg.get("label_smoothing", 0.0))
 
 
+def _numpy_state() -> list[Any]:
+    """NumPy's global RNG state as plain types and a tensor (``torch.load(weights_only=True)`` refuses arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss)]
+
+
 class Trainer:
     def __init__(
         self,
@@ -155,13 +162,18 @@ class Trainer:
         self.best_epoch: int | None = None
         self.recipe = recipe if recipe is not None else Recipe()  # EMA/SWA, mixup, TTA, speed options
         self.recipe.attach(self.model, self.optimizer, cfg["epochs"], device)
+        # last.pt, beside best.pt: everything needed to continue after the last complete epoch (--resume)
+        self.last_path = self.checkpoint_path.with_name("last.pt")
+        self.resume_from: dict[str, Any] | None = None  # a loaded last.pt: fit() continues after its epoch
 
     # -- one pass ---------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         total_loss, seen, correct, y_true, y_pred = 0.0, 0, 0, [], []
         start = time.perf_counter()
-        bar = tqdm(self.loaders["train"], desc=f"epoch {epoch}/{self.cfg['epochs']}", unit="batch", leave=False)
+        # a bar on a terminal only (disable=None); in a log file or CI the one line per epoch below is the progress
+        bar = tqdm(self.loaders["train"], desc=f"epoch {epoch}/{self.cfg['epochs']}", unit="batch", leave=False,
+                   disable=None)
         for batch, (images, labels) in enumerate(bar, 1):
             with signals.critical():  # Ctrl-C / SIGTERM: this batch finishes, then the loop stops
                 images, labels = images.to(self.device), labels.to(self.device)
@@ -233,14 +245,69 @@ class Trainer:
         torch.save(state, buffer)
         atomic_write(self.checkpoint_path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))  # never half-written
 
+    # -- resume ---------------------------------------------------------------------------------------
+    def save_last(self, epoch: int, history: list[dict[str, float]], best: float | None, best_epoch: int | None,
+                  best_metrics: dict[str, float], stale: int) -> None:
+        """``last.pt``: weights, optimizer, scheduler, the loop's own state and every RNG state after ``epoch``, so
+        that a resumed run continues exactly where this one stopped (the same shuffling and augmentation)."""
+        train_loader = self.loaders["train"]
+        generator = getattr(train_loader, "generator", None)
+        state = {
+            "model_state": self.model.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict() if self.scheduler is not None else None,
+            # the recipe's running averages (EMA/SWA weights, the SWA scheduler): a resumed run keeps averaging
+            "averaged_state": self.recipe.averaged.state_dict() if self.recipe.averaged is not None else None,
+            "swa_scheduler_state": (self.recipe.swa_scheduler.state_dict()
+                                    if self.recipe.swa_scheduler is not None else None),
+            "epoch": epoch, "history": history, "best": best, "best_epoch": best_epoch, "best_metrics": best_metrics,
+            "stale": stale,
+            "rng": {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state(),
+                    "loader": generator.get_state() if generator is not None else None,
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            **self.checkpoint_extra,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write(self.last_path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model_state"])
+        self.optimizer.load_state_dict(state["optimizer_state"])
+        if self.scheduler is not None and state.get("scheduler_state") is not None:
+            self.scheduler.load_state_dict(state["scheduler_state"])
+        if self.recipe.averaged is not None and state.get("averaged_state") is not None:
+            self.recipe.averaged.load_state_dict(state["averaged_state"])
+        if self.recipe.swa_scheduler is not None and state.get("swa_scheduler_state") is not None:
+            self.recipe.swa_scheduler.load_state_dict(state["swa_scheduler_state"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        kind, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+        torch.set_rng_state(rng["torch"])
+        generator = getattr(self.loaders["train"], "generator", None)
+        if generator is not None and rng.get("loader") is not None:
+            generator.set_state(rng["loader"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     def fit(self) -> FitResult:
         history: list[dict[str, float]] = []
         best, best_epoch, best_metrics, stale = None, None, {}, 0
         status, stopped_early, error, stop_reason = FINISHED, False, None, None
         patience = self.cfg["early_stopping_patience"]
         self.best_epoch = None
+        first = 1
+        if self.resume_from is not None:
+            state = self.resume_from
+            self._restore(state)
+            history, best, best_epoch = list(state["history"]), state["best"], state["best_epoch"]
+            best_metrics, stale, first = dict(state["best_metrics"]), state["stale"], state["epoch"] + 1
+            self.best_epoch = best_epoch
+            log.info("Resuming after epoch %d (best %s so far: %s at epoch %s).", state["epoch"], self.monitor,
+                     f"{best:.4f}" if best is not None else "none", best_epoch)
         try:
-            for epoch in range(1, self.cfg["epochs"] + 1):
+            for epoch in range(first, self.cfg["epochs"] + 1):
                 lr = self.optimizer.param_groups[0]["lr"]
                 start = time.perf_counter()
                 train = self.train_one_epoch(epoch)
@@ -284,6 +351,7 @@ class Trainer:
                         self.scheduler.step(score)
                     elif self.scheduler is not None:
                         self.scheduler.step()
+                    self.save_last(epoch, history, best, best_epoch, best_metrics, stale)
                     for callback in self.callbacks:
                         callback(epoch, row)
                 if patience and val_metrics and stale >= patience:
