@@ -213,9 +213,11 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         med, lo, hi = (entry["fit_ratio"][k] for k in ("median", "min", "max"))
         measured = f"{(med - 1) * 100:+.1f} % (range {(lo - 1) * 100:+.1f} to {(hi - 1) * 100:+.1f} %)"
         # repeats that disagree by more than ten times the target measure the machine's load, not the tracker
-        noisy = hi - lo > NOISY_SPREAD
-        if noisy:
-            measured += "; the repeats disagree too much to judge (a busy machine): rerun on a quiet one, more REPEATS"
+        noisy = hi - lo > NOISY_SPREAD or entry["fit_ratio"]["n"] < 2
+        if entry["fit_ratio"]["n"] < 2:
+            measured += "; one repeat has no spread to judge it by, so no verdict: use REPEATS=3 or more"
+        elif noisy:
+            measured += "; the repeats disagree too much to judge, so no verdict (a busy machine): rerun on a quiet one, more REPEATS"
         targets.append({"target": f"training-loop overhead of {tracker} <= 1 % (median of repeats)",
                         "measured": measured, "met": None if noisy else med <= 1.01})
     for backend, result in report.get("latency", {}).items():
