@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cxrtrack.benchmark.analysis import verdict  # noqa: E402
 from cxrtrack.benchmark.latency import OPS  # noqa: E402
 
 PLOTS = {
@@ -231,7 +232,8 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     meta = report["meta"]
     out.append(("Targets", "The issue's performance targets, measured in this compare (not pass/fail tests).",
                 ["target", "measured", "met"],
-                [[t["target"], t["measured"], "yes" if t["met"] else "NO"] for t in report.get("targets", [])]))
+                [[t["target"], t["measured"], {True: "yes", False: "NO", None: "inconclusive"}[t["met"]]]
+                 for t in report.get("targets", [])]))
     results = report.get("results", {})
     keys = ["test/acc", "test/f1_macro", "test/recall_covid19", "test/recall_normal", "test/recall_viral_pneumonia",
             "test/roc_auc_ovr_macro"]
@@ -483,7 +485,7 @@ def terminal_summary(report: dict, width: int = 100) -> str:
             if isinstance(r, dict) and r.get("ops") else f"{b} {'skipped' if 'skipped' in r else 'FAILED'}"
             for b, r in lat.items()))
     for t in report.get("targets", []):
-        lines.append(f"[{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['measured']}")
+        lines.append(f"[{verdict(t['met'])}] {t['target']}: {t['measured']}")
     lines = [line if len(line) <= width else line[: width - 3] + "..." for line in lines]
     return "\n".join(lines)
 
