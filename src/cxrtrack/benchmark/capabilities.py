@@ -79,9 +79,7 @@ def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: s
     row("Dataset lineage",
         lambda: cell(YES if m.extra.get("dataset_inputs") else NO,
                      f"run inputs: {m.extra.get('dataset_inputs') or 'none logged by this project'}"),
-        lambda: cell(YES if "use_artifact" in w.extra.get("record_types", []) else NO,
-                     "a used dataset artifact in the run" if "use_artifact" in w.extra.get("record_types", [])
-                     else "no used (input) artifact recorded by this project"))
+        lambda: _wandb_lineage(w))
     row("Offline run that syncs later", lambda: _mlflow_without_store(work), lambda: _wandb_offline_sync(w),
         mlflow_needs_run=False)
     row("Local UI", lambda: _mlflow_ui(server_uri, screenshot), lambda: _wandb_ui(work), False, False)
@@ -203,3 +201,13 @@ def _async(latency: dict[str, Any], sync_key: str, async_key: str | None) -> dic
     if not s:
         return cell(FAILED, "latency of W&B logging was not measured")
     return cell(YES, f"always: run.log hands the row to W&B's service process (median {s['raw']['median_s'] * 1e3:.2f} ms)")
+
+
+def _wandb_lineage(w) -> dict[str, Any]:
+    if "use_artifact" in w.extra.get("record_types", []):
+        return cell(YES, "a used dataset artifact in the run")
+    logged = w.extra.get("dataset_artifacts") or []
+    if logged:  # offline, W&B refuses use_artifact ("Cannot use artifact when in offline mode")
+        return cell(YES, f"dataset artifact(s) {logged} (a reference to the folder, no copy) logged by the run; "
+                         f"recording it as the run's input (use_artifact) needs the server ({OFFLINE})")
+    return cell(NO, "no dataset artifact in the run")

@@ -145,13 +145,19 @@ class _Sampler(threading.Thread):
             self.stop_event.wait(self.interval)
 
 
+REGISTERED_MODEL = "CustomCXRNet-compare"
+
+
 def train_command(project_root: Path, config: Path, tracker: str, run_name: str, stores: Stores,
                   data: str | None, extra_sets: list[str]) -> list[str]:
     command = [sys.executable, str(project_root / "scripts" / "train.py"), "--config", str(config),
                "--tracker", tracker, "--run-name", run_name]
     if data:
         command += ["--data", str(data)]
-    for item in [*stores.overrides(), *extra_sets]:
+    # A full training registers its model, and the compare measures that cost, so its runs register although the
+    # quick config does not; under a name of their own, so a user's store never gets compare runs as CustomCXRNet.
+    registry = ["tracking.register=true", f"tracking.mlflow.registered_model_name={REGISTERED_MODEL}"]
+    for item in [*stores.overrides(), *registry, *extra_sets]:
         command += ["--set", item]
     return command
 

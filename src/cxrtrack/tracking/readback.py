@@ -169,12 +169,14 @@ def read_wandb(run_dir: str | Path, step_key: str = "epoch") -> RunRecord:
         for key, value in flat.items():
             if key != step_key and "." not in key and isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics.setdefault(key, []).append((int(step), float(value)))
-    artifacts, models, aliases = [], [], {}
+    artifacts, models, aliases, datasets = [], [], {}, []
     for r in records:
         if r["type"] != "artifact":
             continue
         art = r["artifact"]
-        if art["type"] == "model":
+        if art["type"] == "dataset":
+            datasets.append(art["name"])
+        elif art["type"] == "model":
             models.append(art["name"])
             aliases[art["name"]] = art.get("aliases", [])
         elif art["type"] == "run-files":
@@ -200,7 +202,7 @@ def read_wandb(run_dir: str | Path, step_key: str = "epoch") -> RunRecord:
         system_metrics=system,
         extra={"run_dir": str(run_dir), "state": info.get("state"), "exit_code": info.get("exit_code"),
                "group": run_info.get("run_group"), "job_type": run_info.get("job_type"), "model_aliases": aliases,
-               "record_types": sorted({r["type"] for r in records})},
+               "record_types": sorted({r["type"] for r in records}), "dataset_artifacts": datasets},
     )
 
 
