@@ -128,11 +128,13 @@ speed-benchmark: ## Images/s of the training step: channels-last, torch.compile,
 	$(PY) scripts/benchmark_speed.py $(call opt,REPEATS,--repeats) $(call opt,SIZES,--sizes) \
 		$(foreach word,$(value ARGS),$(call shq,$(word)))
 
-test: ## Run the test suite (no network; a few minutes)
-	$(PY) -m pytest
+# pytest-xdist runs one test file per worker, one worker per core: the suite waits on servers, signals and
+# subprocesses much of the time, so two workers on two cores take ~10 min where one takes ~15.
+test: ## Run the test suite (no network; ~10 min on 2 cores)
+	$(PY) -m pytest -n auto --dist loadfile
 
 test-fast: ## Run the tests not marked slow
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n auto --dist loadfile -m "not slow"
 
 lint: ## Check the code with ruff
 	$(VENV)/bin/ruff check src scripts tests

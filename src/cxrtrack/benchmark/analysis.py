@@ -161,7 +161,7 @@ def _footprint(runs: list[dict], trackers: list[str], imports: dict[str, Any]) -
 
 
 def fmt_s_plain(seconds: float) -> str:
-    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1e3:.0f} ms"
+    return f"{seconds:.2f} s" if abs(seconds) >= 1 else f"{seconds * 1e3:.0f} ms"
 
 
 def fmt_us(seconds: float) -> str:

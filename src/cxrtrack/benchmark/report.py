@@ -36,9 +36,9 @@ COLORS = {"none": "#888888", "mlflow": "#0194e2", "wandb": "#f5a623", "both": "#
 def fmt_s(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    if value < 1e-3:
+    if abs(value) < 1e-3:  # (a tracked run can be faster than none: negative extra seconds)
         return f"{value * 1e6:.0f} µs"
-    if value < 1:
+    if abs(value) < 1:
         return f"{value * 1e3:.1f} ms"
     return f"{value:.2f} s"
 

@@ -343,7 +343,9 @@ def dataset_lineage(data: CXRData) -> dict[str, Any]:
     """What the trackers record as the run's dataset inputs (plain values): see BaseTracker.log_dataset."""
     return {"name": f"cxr-{data.source}", "source": data.source, "fingerprint": data.fingerprint,
             "root": str(data.location.root), "test_split": data.test_split,
-            "splits": {split: getattr(data, split).class_counts() for split in ("train", "val", "test")}}
+            # a retrain on all of train/ has no validation split
+            "splits": {split: getattr(data, split).class_counts() for split in ("train", "val", "test")
+                       if getattr(data, split) is not None}}
 
 
 def _remove_if_empty(folder: Path) -> None:
