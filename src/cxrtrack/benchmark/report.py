@@ -100,7 +100,7 @@ def plot_fixed_costs(report: dict, path: Path) -> bool:
         return False
     parts = ["import", "start", "epoch_logging", "report_upload", "model_export", "finish"]
     colors = plt.cm.tab10(np.arange(len(parts)))
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(bars) + 1.6))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(bars) + 2.0))
     left = np.zeros(len(bars))
     for part, color in zip(parts, colors, strict=True):
         values = np.array([(c.get(part) or {}).get("median") or 0.0 for _, c in bars])
@@ -108,7 +108,8 @@ def plot_fixed_costs(report: dict, path: Path) -> bool:
         left += values
     ax.set_yticks(np.arange(len(bars)), [name for name, _ in bars])
     ax.set_xlabel("seconds per run (median)")
-    ax.legend(fontsize=8, ncols=3, loc="lower right")
+    # below the axes: inside, it hid the end of the longest bar
+    ax.legend(fontsize=8, ncols=len(parts), loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     ax.set_title("Tracker costs in one run, by kind of call")
     _save(fig, path)
     return True
