@@ -163,18 +163,19 @@ class Compare:
         plan = self.plan
         order = interleaved(plan.trackers, plan.repeats)
         self.report["runs"] = []
+
+        def run(tracker: str, repeat: int, name: str) -> RunMeasurement:
+            command = train_command(plan.project_root, plan.config, tracker, name, self.stores, plan.data,
+                                    [f"tracking.group={self.group}", *plan.extra_sets])
+            return measure_run(command, tracker, repeat, name, self.stores, self.dir / "logs")
+
         # One untimed run first: the first process after a pause pays for cold file caches and a CPU that has
         # not ramped up, and without this that cost would always land on the first tracker in the order.
-        warmup = measure_run(train_command(plan.project_root, plan.config, "none", "warmup", self.stores, plan.data,
-                                           [f"tracking.group={self.group}", *plan.extra_sets]),
-                             "none", 0, "warmup", self.stores, self.dir / "logs")
+        warmup = run("none", 0, "warmup")
         self.report["meta"]["warmup_s"] = round(warmup.wall_s, 2)
         log.info("compare: warm-up run (not measured): %.1f s, %s", warmup.wall_s, "ok" if warmup.ok else warmup.error)
         for i, (repeat, tracker) in enumerate(order, 1):
-            name = f"{tracker}-r{repeat}"
-            command = train_command(plan.project_root, plan.config, tracker, name, self.stores, plan.data,
-                                    [f"tracking.group={self.group}", *plan.extra_sets])
-            m = measure_run(command, tracker, repeat, name, self.stores, self.dir / "logs")
+            m = run(tracker, repeat, f"{tracker}-r{repeat}")
             self.runs.append(m)
             self.report["runs"].append(as_dict(m))
             state = "ok" if m.ok else f"FAILED ({m.error})"
