@@ -77,6 +77,21 @@ def predictions():
                        ["x.png", "y.png"], np.zeros((2, 4, 4), np.uint8))
 
 
+def test_the_end_of_run_drain_happens_on_a_machine_booted_seconds_ago(tmp_path, monkeypatch):
+    """time.monotonic() counts from boot on Linux: a machine up for less than reconnect_interval must still get the
+    end-of-run last chance (it was skipped when "never tried" was encoded as 0.0)."""
+    clock = [5.0]  # five seconds after boot
+    monkeypatch.setattr("cxrtrack.tracking.spool.time.monotonic", lambda: clock[0])
+    flaky, spooling = started(tmp_path, interval=3600)
+    flaky.down = True
+    spooling.log_metrics({"loss": 0.5}, 1)
+    clock[0] += 1.0
+    flaky.down = False
+    spooling.end_run("FINISHED")
+    assert [c[0] for c in flaky.got] == ["start_run", "log_metrics", "end_run"]
+    assert spooling.spool.pending() == []
+
+
 def test_calls_go_to_the_spool_while_down_and_are_sent_in_order_when_it_answers(tmp_path):
     flaky, spooling = started(tmp_path, interval=3600)  # no reconnect before the end
     artifact = tmp_path / "history.json"

@@ -224,7 +224,7 @@ class SpoolingTracker(BaseTracker):
         self.spooling = False
         self.spooled = 0  # calls written to the spool in this process
         self.replayed = 0  # of which sent to the store later in this process
-        self._last_attempt = 0.0
+        self._last_attempt: float | None = None  # monotonic time of the last reconnect attempt (None: never)
         self._run: RunInfo | None = None
 
     def __getattr__(self, item):  # only called for attributes this wrapper does not have
@@ -244,8 +244,7 @@ class SpoolingTracker(BaseTracker):
 
     def end_run(self, status: str = "FINISHED") -> None:
         if self.spooling:
-            self._last_attempt = 0.0  # the last chance in this process: try now, whatever the interval
-            self._reconnect()
+            self._reconnect(force=True)  # the last chance in this process: try now, whatever the interval
         if not self.spooling:
             try:
                 self.inner.end_run(status)
@@ -337,9 +336,12 @@ class SpoolingTracker(BaseTracker):
         self.spool.append(method, args, files, arrays)
         self.spooled += 1
 
-    def _reconnect(self) -> None:
-        """If ``reconnect_interval`` has passed since the last attempt and the backend answers, send the spool."""
-        if time.monotonic() - self._last_attempt < self.reconnect_interval:
+    def _reconnect(self, force: bool = False) -> None:
+        """If ``reconnect_interval`` has passed since the last attempt (or ``force``) and the backend answers, send
+        the spool. (``time.monotonic`` counts from an arbitrary point, the machine's boot on Linux: "never tried" is
+        ``None``, not 0.0, or a machine up for less than the interval would never try.)"""
+        last = self._last_attempt
+        if not force and last is not None and time.monotonic() - last < self.reconnect_interval:
             return
         self._last_attempt = time.monotonic()
         ping = getattr(self.inner, "ping", None)
