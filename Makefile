@@ -18,7 +18,8 @@ TRACKER     ?= mlflow
 # is therefore part of the name. ARGS is split into words on spaces (by make, not by the shell).
 # (`unexport` after the defaults above: it defines a variable, so a later `?=` would not assign it.)
 USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID MODEL OUT OUTPUTS PORT MLFLOW_URI \
-               TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS EXPERIMENT TAGS RESUME FOLDS SEEDS SIZES
+               TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS EXPERIMENT TAGS RESUME FOLDS SEEDS SIZES \
+               THREADS CONCURRENCY
 unexport $(USER_VARS)
 
 # A misspelt variable (`make train-custom EPOCH=3`) must not be ignored while a 40-epoch run starts: any variable
@@ -38,13 +39,13 @@ opt          = $(if $(value $(1)),$(2) $(call shq,$(value $(1))))
 DATA_ARG    = $(call opt,DATA,--data)
 TRAIN_ARGS  = $(DATA_ARG) $(call opt,EPOCHS,--epochs) $(call opt,BATCH_SIZE,--batch-size) $(call opt,LR,--lr) \
               $(call opt,IMAGE_SIZE,--image-size) $(call opt,RUN_NAME,--run-name) $(call opt,RESUME,--resume) \
-              $(call opt,FOLDS,--folds) $(call opt,SEEDS,--seeds) \
+              $(call opt,FOLDS,--folds) $(call opt,SEEDS,--seeds) $(call opt,THREADS,--threads) \
               $(if $(value EXPERIMENT),--set $(call shq,experiment=$(value EXPERIMENT))) \
               $(foreach tag,$(subst $(comma), ,$(value TAGS)),--set $(call shq,tracking.tags.$(tag))) \
               $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 .PHONY: help install download mlflow-quick wandb-quick both-quick mlflow-train wandb-train train-custom \
-        mlflow-tune wandb-tune tune-benchmark mlflow-ui wandb-sync evaluate replay compare speed-benchmark test test-fast \
+        mlflow-tune wandb-tune tune-benchmark mlflow-ui wandb-sync evaluate replay compare speed-benchmark threads-benchmark test test-fast \
         lint clean clean-runs
 
 help: ## Show this help
@@ -53,7 +54,8 @@ help: ## Show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 	@echo
 	@echo "DATA defaults to the downloaded Kaggle data (make download), else a generated synthetic set."
-	@echo "Training targets also take EXPERIMENT=, TAGS=a=b,c=d and RESUME=<run folder | run id>; unknown variables are refused."
+	@echo "Training targets also take EXPERIMENT=, TAGS=a=b,c=d, RESUME=<run folder | run id> and THREADS=<n | auto>;"
+	@echo "unknown variables are refused."
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -90,7 +92,8 @@ USER_CONFIG = $(if $(filter command line environment,$(origin CONFIG)),$(value C
 # Tuning: CONFIG= is the config every trial starts from (default: the quick one), SPACE= the search space.
 TUNE_ARGS   = --config $(call shq,$(or $(USER_CONFIG),configs/tune/quick.yaml)) $(DATA_ARG) $(call opt,TRIALS,--trials) \
               $(call opt,WORKERS,--workers) $(call opt,STUDY,--study) $(call opt,STORAGE,--storage) \
-              $(call opt,EPOCHS,--epochs) $(foreach word,$(value ARGS),$(call shq,$(word)))
+              $(call opt,EPOCHS,--epochs) $(if $(value THREADS),--set $(call shq,threads=$(value THREADS))) \
+              $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 mlflow-tune: ## Quick Optuna search (~3 min): parent + nested trial runs in MLflow [TRIALS= WORKERS= STUDY= STORAGE= CONFIG= SPACE=]
 	$(PY) scripts/tune.py --tracker mlflow --space $(call shq,$(or $(value SPACE),configs/mlflow/hyperparameters.yaml)) $(TUNE_ARGS)
@@ -126,6 +129,10 @@ compare: ## Measure MLflow vs W&B on one training: make compare [QUICK=1] [REPEA
 
 speed-benchmark: ## Images/s of the training step: channels-last, torch.compile, bf16, batched augmentation (writes outputs/speed/)
 	$(PY) scripts/benchmark_speed.py $(call opt,REPEATS,--repeats) $(call opt,SIZES,--sizes) \
+		$(foreach word,$(value ARGS),$(call shq,$(word)))
+
+threads-benchmark: ## Images/s of 1, 2, 3 trainings at once per thread setting (writes outputs/threads/) [CONCURRENCY=1,2,3 REPEATS=]
+	$(PY) scripts/benchmark_threads.py $(DATA_ARG) $(call opt,CONCURRENCY,--concurrency) $(call opt,REPEATS,--repeats) \
 		$(foreach word,$(value ARGS),$(call shq,$(word)))
 
 # pytest-xdist runs one test file per worker, one worker per core: the suite waits on servers, signals and

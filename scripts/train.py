@@ -14,7 +14,13 @@ import argparse
 from cxrtrack import signals
 from cxrtrack.cli import EXIT_RUN_FAILED, add_common_arguments, run_main, setup_logging
 from cxrtrack.config import ConfigError, load_config
+from cxrtrack.threads import apply_threads
 from cxrtrack.tracking import KILLED
+
+
+def _threads_flag(value: str | None):
+    """--threads as the config takes it: "auto" or an integer (the config says what is wrong with anything else)."""
+    return int(value) if value is not None and value.strip().isdigit() else value
 
 
 def main() -> int:
@@ -28,6 +34,7 @@ def main() -> int:
     parser.add_argument("--run-name")
     parser.add_argument("--folds", type=int, help="k-fold cross-validation on train/ (training.cv_folds; FOLDS= in make)")
     parser.add_argument("--seeds", type=int, help="run n seeds, report mean +- std of the test metrics (SEEDS= in make)")
+    parser.add_argument("--threads", help="CPU threads for torch: auto or a number (threads; THREADS= in make)")
     parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run: its folder (outputs/<run>), its MLflow "
                                                         "run id or its W&B run id (RESUME= in make)")
     args = parser.parse_args()
@@ -35,11 +42,13 @@ def main() -> int:
 
     flags = {"data.path": args.data, "tracking.tracker": args.tracker, "training.epochs": args.epochs,
              "data.batch_size": args.batch_size, "training.lr": args.lr, "data.image_size": args.image_size,
-             "run_name": args.run_name, "training.cv_folds": args.folds, "training.seeds": args.seeds}
+             "run_name": args.run_name, "training.cv_folds": args.folds, "training.seeds": args.seeds,
+             "threads": _threads_flag(args.threads)}
     cfg = load_config(args.config, args.overrides, {k: v for k, v in flags.items() if v is not None})
     if args.resume and (args.folds or args.seeds):
         raise ConfigError("--resume continues one interrupted run; it cannot be combined with --folds or --seeds "
                           "(FOLDS=/SEEDS=). Resume without them, or start the cross-validation or seed study again.")
+    apply_threads(cfg["threads"])  # before torch is imported: OpenMP reads its settings once, when it starts
     # torch, torchvision and the trackers are imported only now, after the flags and the config were checked
     if args.resume:
         from cxrtrack.training import resume as resuming

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from cxrtrack.cli import EXIT_INTERRUPTED, add_common_arguments, run_main, setup_logging
+from cxrtrack.threads import apply_threads, cpu_count
 from cxrtrack.tracking import KILLED
 from cxrtrack.tuning.space import BaseConfig
 
@@ -38,6 +40,10 @@ def main() -> int:
 
     values = {k: v for k, v in {"data.path": args.data, "training.epochs": args.epochs}.items() if v is not None}
     base = BaseConfig(args.config, list(args.overrides), values)
+    threads = base.load()["threads"]
+    if args.workers > 1 and threads == "auto":  # N workers x one thread per core each would oversubscribe the CPU
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // args.workers)))
+    apply_threads(threads)  # before torch is imported (the workers inherit the environment)
     if args.tracker == "wandb" and args.engine != "optuna":
         from cxrtrack.tuning.wandb_sweep import online_requested, tune_online
 

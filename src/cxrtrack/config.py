@@ -151,6 +151,8 @@ def _check_against(schema: Mapping[str, Any], cfg: Mapping[str, Any], prefix: st
             _check_against(default, value, dotted + ".", source)
         elif tuple(dotted.split(".")) in AUTO_OR_BOOL and (isinstance(value, bool) or value == "auto"):
             pass
+        elif tuple(dotted.split(".")) in AUTO_OR_INT and (isinstance(value, int) or value == "auto"):
+            pass  # the range is checked in validate
         elif not _type_ok(default, value):
             raise ConfigError(
                 f"Setting '{dotted}' in {source} is {value!r} ({type(value).__name__}); it must be of type "
@@ -257,6 +259,8 @@ _CHOICES = {
 
 # Settings that take "auto" or a boolean.
 AUTO_OR_BOOL = {("tracking", "register")}
+# Settings that take "auto" or a positive integer.
+AUTO_OR_INT = {("threads",): 1024}
 
 
 _MONITOR_MODES = {"val/loss": "min", "val/acc": "max", "val/f1_macro": "max"}
@@ -284,7 +288,7 @@ _RANGES: dict[tuple[str, ...], tuple[float, float, bool, bool]] = {
     ("data", "num_workers"): (0, 64, True, True),
     ("data", "decode_workers"): (1, 64, True, True),
     ("data", "val_fraction"): (0, 1, False, False),
-    ("data", "test_fraction"): (0, 1, False, False),
+    ("data", "test_fraction"): (0, 1, True, False),
     ("data", "normalize_mean"): (-10, 10, True, True),
     ("data", "normalize_std"): (0, 10, False, True),
     ("data", "max_file_mb"): (0, 4096, False, True),
@@ -399,6 +403,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(
                 f"Setting '{'.'.join(keys)}' is {value!r}; choose one of {', '.join(map(str, choices))}."
             )
+    for keys, high in AUTO_OR_INT.items():
+        value = get_dotted(cfg, keys)
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high):
+            raise _bad(keys, value, f"it must be auto or an integer from 1 to {high}")
     for keys in _RANGES:
         value = get_dotted(cfg, keys)
         if value is not None or keys not in OPTIONAL_TYPES:

@@ -97,7 +97,7 @@ class CXRData:
     source: str  # "kaggle" | "synthetic" | "local"
     fingerprint: str
     skipped: list[SkippedFile]
-    test_split: str  # "official" or "carved" (flat layout: no official test split)
+    test_split: str  # "official", "carved" (flat layout: no official test split) or "none" (test_fraction 0)
     image_size: int
     class_names: tuple[str, ...] = CLASS_NAMES
 
@@ -361,6 +361,10 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> CXRData:
         _check_classes(test, location.test_dir, test_skipped + test.skipped)
         digests.update(test.digests)
         test_split = "official"
+    elif data_cfg["test_fraction"] == 0:  # cross-validation on every image; the test split is held out elsewhere
+        log.info("%s has no official test/ split and data.test_fraction is 0: no test split (nothing is tested).",
+                 location.train_dir)
+        test, test_split = train_all.subset([]), "none"
     else:
         log.warning(
             "%s has no official test/ split: holding out a stratified %.0f%% of it (seed %d) as the test split.",

@@ -51,9 +51,6 @@ from cxrtrack.utils import seed_everything, select_device, timed, write_text_ato
 
 log = logging.getLogger(__name__)
 
-VAL_METRICS = ("val/loss", "val/acc", "val/f1_macro")
-
-
 @dataclass
 class CVResult:
     run_name: str
@@ -221,11 +218,18 @@ def run_cv(
         for key, s in stats.items():
             summary[f"cv/{key}_mean"], summary[f"cv/{key}_std"] = s["mean"], s["std"]
         summary.update({"cv/folds_completed": len(folds), "cv/chosen_epoch": epoch or math.nan})
+        oof = out_of_fold(folds, splits, pool) if len(folds) == k and not stopped else None
+        if oof is not None:
+            summary.update({f"cv/oof/{key}": v for key, v in oof_metrics(oof, data.class_names).items()})
+            artifacts["cv/oof_predictions.csv"] = write_oof(oof, data.class_names, run_dir / "oof_predictions.csv")
         rows = [{"fold": i, "run_name": r.run_name, "n_train": r.params.get("dataset.n_train"),
                  "n_val": r.params.get("dataset.n_val"), "best_epoch": r.fit.best_epoch,
-                 **{key: r.fit.best_metrics.get(key) for key in VAL_METRICS}} for i, r in enumerate(folds, 1)]
+                 **{key: r.fit.best_metrics.get(key) for key in stats if key.startswith("val/")}}
+                for i, r in enumerate(folds, 1)]
+        # no test split to evaluate (a tuning trial, or data.test_fraction 0): the fold ensemble, never retrained
+        tested = cfg["evaluation"]["run_test"] and len(data.test) > 0
         if status == FINISHED and not stopped and epoch is not None:
-            final = cfg["training"]["cv_final"] if cfg["evaluation"]["run_test"] else "ensemble"
+            final = cfg["training"]["cv_final"] if tested else "ensemble"
             checkpoint = run_dir / "checkpoints" / "best.pt"
             with timed(timings, "final_model_s"):
                 if final == "retrain":
@@ -238,7 +242,7 @@ def run_cv(
                     save_ensemble([r.fit.checkpoint for r in folds], checkpoint, safe_cfg, data, name, stats, epoch, k)
             if checkpoint is not None:
                 artifacts["checkpoints/best.pt"] = checkpoint
-            if status == FINISHED and cfg["evaluation"]["run_test"]:
+            if status == FINISHED and tested:
                 with timed(timings, "test_eval_s"):
                     test_report, paths, model = _final_evaluation(checkpoint, cfg, data, pool, device, run_dir)
                 summary.update(test_report.tracked_metrics())
@@ -278,9 +282,54 @@ def run_cv(
                     best_score=score, status=status, stopped_early=bool(stopped), checkpoint=checkpoint,
                     best_metrics={key: s["mean"] for key, s in stats.items() if key.startswith("val/")},
                     stop_reason=stopped.get("reason"))
-    _log_outcome(name, status, stats, epoch, final, test_report, run_dir, tracker)
+    _log_outcome(name, status, stats, epoch, final, test_report, run_dir, tracker, summary)
     return CVResult(name, run_dir, status, folds, stats, epoch, final, fit, test_report, retrain, record, summary,
                     tracker, timings)
+
+
+@dataclass
+class OutOfFold:
+    """Every train/ image predicted once, by the fold model that did not train on it (its selected epoch)."""
+
+    y_true: np.ndarray
+    probs: np.ndarray
+    fold: np.ndarray
+    paths: list[str]
+
+
+def out_of_fold(folds: list[RunResult], splits, pool) -> OutOfFold | None:
+    """The folds' validation predictions pooled (None when a fold kept none, e.g. it never improved)."""
+    if any(r.fit.val_output is None for r in folds):
+        return None
+    vals = [r.fit.val_output for r in folds]
+    return OutOfFold(np.concatenate([v.y_true for v in vals]), np.concatenate([v.probs for v in vals]),
+                     np.concatenate([np.full(len(v.y_true), i) for i, v in enumerate(vals, 1)]),
+                     [str(pool.paths[j]) for _, va in splits[:len(folds)] for j in va])
+
+
+OOF_KEYS = ("acc", "f1_macro", "roc_auc_ovr_macro")
+
+
+def oof_metrics(oof: OutOfFold, class_names) -> dict[str, float]:
+    """Accuracy, macro-F1, macro ROC-AUC and per-class recall of the pooled out-of-fold predictions: one figure over
+    every train/ image (the fold means weigh ~50-image folds alike and are noisier per class)."""
+    from cxrtrack.training.metrics import classification_metrics
+
+    m = classification_metrics(oof.y_true, oof.probs.argmax(1), oof.probs, tuple(class_names))
+    return {key: v for key, v in m.items() if key in OOF_KEYS or key.startswith("recall_") and key != "recall_macro"}
+
+
+def write_oof(oof: OutOfFold, class_names, path: Path) -> Path:
+    """oof_predictions.csv: path, fold, label, prediction and the probability of every class, one row per image."""
+    import pandas as pd
+
+    from cxrtrack.data.dataset import slug
+
+    frame = pd.DataFrame({"path": oof.paths, "fold": oof.fold, "label": [class_names[i] for i in oof.y_true],
+                          "predicted": [class_names[i] for i in oof.probs.argmax(1)],
+                          **{f"p_{slug(name)}": oof.probs[:, i] for i, name in enumerate(class_names)}})
+    write_text_atomic(path, frame.to_csv(index=False))
+    return path
 
 
 def _ckpt_cv(stats: dict[str, dict[str, Any]], epoch: int | None, k: int) -> dict[str, Any]:
@@ -360,10 +409,14 @@ def _write_cv_files(run_dir: Path, safe_cfg, stats, epoch, mean_curve, rows, fin
     return {"cv_summary.json": out, "config.yaml": config}
 
 
-def _log_outcome(name, status, stats, epoch, final, test_report, run_dir, tracker) -> None:
+def _log_outcome(name, status, stats, epoch, final, test_report, run_dir, tracker, summary) -> None:
     parts = [f"{key} {s['mean']:.4f} ± {s['std']:.4f}" for key, s in stats.items() if key.startswith("val/")]
     log.info("Cross-validation %s %s: %s over %d folds (sample std); chosen epoch %s; final model: %s.",
              name, status, ", ".join(parts), len(stats.get("best_epoch", {}).get("values", [])), epoch, final or "none")
+    oof = [f"{key.removeprefix('cv/oof/')} {v:.3f}" for key, v in summary.items() if key.startswith("cv/oof/")]
+    if oof:
+        log.info("Out-of-fold (every train/ image predicted once by the fold that did not train on it): %s.",
+                 ", ".join(oof))
     if test_report is not None:
         m = test_report.metrics
         log.info("Test (%s, evaluated once): loss %.4f acc %.3f macro-F1 %.3f ROC-AUC %.3f", final, test_report.loss,

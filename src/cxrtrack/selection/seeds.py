@@ -56,8 +56,10 @@ class SeedsResult:
 
 
 def _validation(run) -> dict[str, float]:
-    """A seed's validation numbers: its best epoch's, or its cross-validation's means."""
-    return {k: v for k, v in run.fit.best_metrics.items() if k.startswith("val/")}
+    """A seed's validation numbers: its best epoch's, or its cross-validation's fold means and pooled out-of-fold
+    metrics (``oof/acc``, ``oof/recall_covid19``, ...)."""
+    oof = {k.removeprefix("cv/"): v for k, v in getattr(run, "summary", {}).items() if k.startswith("cv/oof/")}
+    return {**{k: v for k, v in run.fit.best_metrics.items() if k.startswith("val/")}, **oof}
 
 
 def run_seeds(
@@ -115,7 +117,7 @@ def run_seeds(
                    **(r.test.tracked_metrics() if r.test is not None else {})}
             rows.append(row)
             for key, value in row.items():
-                if isinstance(value, float) and key.startswith(("test/", "val/")):
+                if isinstance(value, float) and key.startswith(("test/", "val/", "oof/")):
                     values.setdefault(key, []).append(value)
         stats = {key: mean_std(v) for key, v in values.items()}
         summary = {"seeds/completed": float(len(runs))}
@@ -134,7 +136,7 @@ def run_seeds(
     record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers}, "total_s": time.perf_counter() - t0}
     write_text_atomic(run_dir / "tracked.json", record.to_json())
     result = SeedsResult(name, run_dir, status, seeds, runs, stats, summary, record, tracker)
-    for key in ("test/acc", "test/f1_macro", "test/roc_auc_ovr_macro"):
+    for key in ("test/acc", "test/f1_macro", "test/roc_auc_ovr_macro", "oof/acc", "oof/f1_macro"):
         if key in stats:
             log.info("Seed study %s: %s", name, result.line(key))
     return result

@@ -64,8 +64,10 @@ def resolved_settings(cfg: dict[str, Any], device: torch.device) -> dict[str, st
     """What the ``auto`` settings became on this machine (tracked beside the config as ``resolved.*``)."""
     from cxrtrack.data.loading import resolve_pipeline
 
+    from cxrtrack.threads import resolved_threads
+
     return {"pipeline": resolve_pipeline(cfg["data"], device),
-            "precision": resolve_precision(cfg["training"]["precision"], device)}
+            "precision": resolve_precision(cfg["training"]["precision"], device), **resolved_threads()}
 
 
 class Recipe:

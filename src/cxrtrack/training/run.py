@@ -269,7 +269,7 @@ def run_experiment(
                 artifacts["checkpoints/best.pt"] = fit.checkpoint
                 summary_metrics = {"best_epoch": fit.best_epoch, **{f"best_{k}": v for k, v in fit.best_metrics.items()},
                                    "epochs_completed": len(fit.history)}
-                if fit.status == FINISHED and cfg["evaluation"]["run_test"] and not files.lost:
+                if fit.status == FINISHED and cfg["evaluation"]["run_test"] and len(data.test) and not files.lost:
                     try:
                         test_report, paths = _final_evaluation(trainer, data, fit, cfg, run_dir)
                     except OSError as exc:

@@ -28,11 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cxrtrack import signals
+from cxrtrack import CLASS_NAMES, signals
 from cxrtrack.errors import NonFiniteLossError
 from cxrtrack.signals import Terminated
 from cxrtrack.tracking import FAILED, FINISHED, KILLED
-from cxrtrack.training.metrics import epoch_metrics
+from cxrtrack.training.metrics import epoch_metrics, recall_per_class
 from cxrtrack.training.recipe import Recipe
 from cxrtrack.utils import atomic_write
 
@@ -65,6 +65,7 @@ class FitResult:
     best_metrics: dict[str, float] = field(default_factory=dict)
     error: BaseException | None = None
     stop_reason: str | None = None  # why training ended before the last epoch (early stopping, a callback)
+    val_output: EvalOutput | None = None  # the selected epoch's validation predictions (not kept across a resume)
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -295,6 +296,7 @@ class Trainer:
         history: list[dict[str, float]] = []
         best, best_epoch, best_metrics, stale = None, None, {}, 0
         status, stopped_early, error, stop_reason = FINISHED, False, None, None
+        best_val: EvalOutput | None = None
         patience = self.cfg["early_stopping_patience"]
         self.best_epoch = None
         first = 1
@@ -312,7 +314,7 @@ class Trainer:
                 start = time.perf_counter()
                 train = self.train_one_epoch(epoch)
                 swa_lr = self.recipe.after_epoch(epoch, self.loaders["train"])
-                val_metrics = {}
+                val_metrics, val = {}, None
                 if self.loaders.get("val") is not None:  # none: a retrain on all of train/ (the last epoch is kept)
                     val = self.evaluate(self.loaders["val"])
                     if not math.isfinite(val.loss):
@@ -336,6 +338,10 @@ class Trainer:
                         self.save_checkpoint(epoch, score, row)
                         best, best_epoch, stale, mark = score, epoch, 0, " *best*"
                         best_metrics = {k: v for k, v in row.items() if k.startswith("val/")}
+                        if val is not None:  # per-class recall of the selected epoch (cross-validation reports it)
+                            best_metrics.update({f"val/{k}": v for k, v in
+                                                 recall_per_class(val.y_true, val.y_pred, CLASS_NAMES).items()})
+                        best_val = val
                         self.best_epoch = best_epoch
                     else:
                         stale += 1
@@ -378,4 +384,4 @@ class Trainer:
             log.error("Training failed in epoch %d (%s: %s); the best checkpoint so far is kept.",
                       len(history) + 1, type(exc).__name__, exc)
         return FitResult(history, best_epoch, best, status, stopped_early, self.checkpoint_path, best_metrics, error,
-                         stop_reason)
+                         stop_reason, best_val)
