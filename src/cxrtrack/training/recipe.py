@@ -63,7 +63,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def resolved_settings(cfg: dict[str, Any], device: torch.device) -> dict[str, str]:
     """What the ``auto`` settings became on this machine (tracked beside the config as ``resolved.*``)."""
     from cxrtrack.data.loading import resolve_pipeline
-
     from cxrtrack.threads import resolved_threads
 
     return {"pipeline": resolve_pipeline(cfg["data"], device),
