@@ -13,8 +13,8 @@ import yaml
 
 from cxrtrack.errors import ConfigError
 from cxrtrack.tuning.optuna_search import make_sampler
-from cxrtrack.tuning.space import BaseConfig, check_spec, load_spec, parse_space
-from cxrtrack.tuning.wandb_sweep import parse_sweep
+from cxrtrack.tuning.space import BaseConfig, check_spec, parse_space
+from cxrtrack.tuning.sweep_format import load_spec, parse_sweep
 from tests.conftest import CONFIGS, ROOT
 
 BASE = BaseConfig(str(CONFIGS / "tune" / "quick.yaml"))

@@ -2,7 +2,8 @@
 
 One :class:`StudySpec` serves both front ends. It is read either from this project's own YAML format
 (``configs/mlflow/hyperparameters.yaml``, :func:`parse_space`) or from a W&B sweep file
-(``configs/wandb/sweep.yaml``, :mod:`cxrtrack.tuning.wandb_sweep`); Optuna then runs it.
+(``configs/wandb/sweep.yaml``, :mod:`cxrtrack.tuning.sweep_format`, whose ``load_spec`` reads either); Optuna
+then runs it.
 
 Parameters are dotted config keys (``training.lr``, ``data.augment.rotation``): each trial is the
 base config with the sampled values set, checked by the same :func:`cxrtrack.config.load_config` as
@@ -374,18 +375,6 @@ def _parse_pruner(raw: Any, where: str) -> PrunerSpec:
                                   f"{2 if key == 'reduction_factor' else 0}), not {value!r}.")
             setattr(spec, key, value)
     return spec
-
-
-def load_spec(path: str | Path) -> StudySpec:
-    """Read a search-space file in either format: W&B's (``parameters:``) or this project's (``params:``)."""
-    data = read_yaml_mapping(path)
-    wandb_like = ("parameters" in data or isinstance(data.get("metric"), dict) or data.get("method") == "bayes"
-                  or any(k in data for k in ("run_cap", "early_terminate", "program", "command")))
-    if "params" not in data and wandb_like:
-        from cxrtrack.tuning.wandb_sweep import parse_sweep
-
-        return parse_sweep(data, str(path))
-    return parse_space(data, str(path))
 
 
 def trial_values(spec: StudySpec, base_cfg: dict[str, Any], study: str, run_name: str, sampled: dict[str, Any],

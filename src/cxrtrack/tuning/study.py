@@ -41,7 +41,8 @@ from cxrtrack.tuning.optuna_search import (
     safe_url,
     tally,
 )
-from cxrtrack.tuning.space import BaseConfig, StudySpec, check_spec, load_spec
+from cxrtrack.tuning.space import BaseConfig, StudySpec, check_spec
+from cxrtrack.tuning.sweep_format import load_spec
 
 log = logging.getLogger(__name__)
 
