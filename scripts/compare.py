@@ -34,7 +34,7 @@ def main() -> int:
     setup_logging()
     logging.getLogger("cxrtrack.benchmark").setLevel(logging.INFO)
 
-    from cxrtrack.benchmark.compare import Compare, ComparePlan, install_sigterm_as_interrupt
+    from cxrtrack.benchmark.compare import Compare, ComparePlan
     from cxrtrack.benchmark.report import terminal_summary
 
     extra = {"out_root": Path(args.out).resolve()} if args.out else {}
@@ -43,7 +43,6 @@ def main() -> int:
     plan = ComparePlan.make(ROOT, args.config, args.repeats, args.trackers, args.quick, data=args.data,
                             mlflow_uri=args.mlflow_uri, extra_sets=args.overrides,
                             log_report=not args.no_log_report, **extra)
-    install_sigterm_as_interrupt()
     compare = Compare(plan)
     report = compare.run()
     print(terminal_summary(report))

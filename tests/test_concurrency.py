@@ -10,8 +10,8 @@ import sys
 import mlflow
 import pytest
 
+from cxrtrack.benchmark.server import MLflowServer
 from tests.conftest import CONFIGS, ROOT
-from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_four_processes_on_a_fresh_sqlite_store(tmp_path, tiny_data_root):
 
 
 def test_four_processes_against_one_server(tmp_path, tiny_data_root):
-    server = MlflowServer(tmp_path / "server").start()
+    server = MLflowServer(tmp_path / "server").start()
     try:
         procs = start_four(tmp_path, tiny_data_root, server.uri, [])
         assert_all_finished(tmp_path, procs, server.uri)

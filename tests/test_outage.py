@@ -16,18 +16,17 @@ import time
 
 import pytest
 
+from cxrtrack.benchmark.server import MLflowServer, free_port
 from cxrtrack.errors import TrackerError
 from cxrtrack.tracking import FINISHED, build_tracker
 from cxrtrack.tracking.readback import diff_records, read_mlflow, total_lost
 from cxrtrack.training.run import run_experiment
 from tests.conftest import ROOT
-from tests.mlflow_server import MlflowServer, free_port
 
 
 @pytest.fixture
 def server(tmp_path):
-    srv = MlflowServer(tmp_path / "server")
-    srv.start()
+    srv = MLflowServer(tmp_path / "server").start()
     yield srv
     srv.kill()
 

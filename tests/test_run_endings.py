@@ -342,6 +342,25 @@ def test_a_signal_inside_a_critical_step_waits_for_it_and_a_second_one_does_not(
     assert signal.getsignal(signal.SIGTERM) is not signals._handler  # handlers restored
 
 
+def test_one_signal_handler_a_block_inside_another_changes_nothing():
+    """The scripts (cli.run_main), the compare and a tuning session each ask for the handler: an inner block keeps
+    the outer one's handler and state (a process already stopping stays so: a second SIGTERM while it closes its
+    runs does not cut that short), and the outer one restores what was there before."""
+    from cxrtrack import signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.sigterm_as_interrupt():
+        with pytest.raises(signals.Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        with signals.sigterm_as_interrupt():  # e.g. a tuning session's block, entered while the process stops
+            assert signals.received() == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGTERM)  # asked again while closing: logged, not raised
+            time.sleep(0.05)
+        assert signal.getsignal(signal.SIGTERM) is signals._handler
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_locked_sqlite_store_costs_one_stall_and_loses_no_epoch(tiny_cfg, tmp_path):
     """Another process holds the SQLite store locked (BEGIN EXCLUSIVE) for longer than MLflow's own 20 s busy
     timeout: that epoch's metrics go to the spool instead of being dropped, later probes see the lock in 0.5 s,

@@ -13,8 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from cxrtrack.benchmark.server import MLflowServer, free_port
 from tests.conftest import CONFIGS, ROOT, wandb_leet
-from tests.mlflow_server import MlflowServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def hits_in_files(root: Path) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = MlflowServer(tmp_path_factory.mktemp("secrets") / "server").start()
+    srv = MLflowServer(tmp_path_factory.mktemp("secrets") / "server").start()
     yield srv
     srv.kill()
 
@@ -83,7 +83,7 @@ def test_planted_credentials_reach_no_store_file_or_terminal(tmp_path, tiny_data
 
     hits = [("terminal", s) for s in SECRETS if s in terminal]
     hits += [("store record", s) for s in SECRETS for r in records if s in str(r)]
-    for root in (server.root, local, tmp_path / "wandb", tmp_path / "outputs",
+    for root in (server.folder, local, tmp_path / "wandb", tmp_path / "outputs",
                  Path(os.environ["WANDB_DATA_DIR"]), Path(os.environ["WANDB_CACHE_DIR"])):
         hits += hits_in_files(root)
     assert hits == [], hits

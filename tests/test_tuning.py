@@ -221,7 +221,7 @@ def test_a_dead_workers_trial_is_failed_retried_and_its_run_closed(tmp_path, tin
 
 
 def load_spec_for(path):
-    from cxrtrack.tuning.space import load_spec
+    from cxrtrack.tuning.sweep_format import load_spec
 
     return load_spec(path)
 

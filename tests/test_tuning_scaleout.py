@@ -7,12 +7,10 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -20,18 +18,13 @@ import optuna
 import pytest
 import yaml
 
+from cxrtrack.benchmark.server import MLflowServer, free_port
 from tests.conftest import CONFIGS, ROOT
 
 pytestmark = pytest.mark.slow
 
 LRS = [0.001, 0.002]
 OPTIMIZERS = ["adam", "sgd"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -76,33 +69,8 @@ def postgres():
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = free_port()
-    folder = tmp_path / "mlflow-server"
-    folder.mkdir()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=folder, stdout=(folder / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, (folder / "server.log").read_text()[-2000:]
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, 15)  # the server and the workers it started (its own process group)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+    with MLflowServer(tmp_path / "mlflow-server") as server:
+        yield server.uri
 
 
 def test_two_processes_share_one_study_in_postgresql_and_one_mlflow_server(tmp_path, tiny_data_root, postgres,

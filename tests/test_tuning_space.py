@@ -13,8 +13,8 @@ import yaml
 
 from cxrtrack.errors import ConfigError
 from cxrtrack.tuning.optuna_search import make_sampler
-from cxrtrack.tuning.space import BaseConfig, check_spec, load_spec, parse_space
-from cxrtrack.tuning.wandb_sweep import parse_sweep
+from cxrtrack.tuning.space import BaseConfig, check_spec, parse_space
+from cxrtrack.tuning.sweep_format import load_spec, parse_sweep
 from tests.conftest import CONFIGS, ROOT
 
 BASE = BaseConfig(str(CONFIGS / "tune" / "quick.yaml"))
@@ -206,3 +206,11 @@ def test_bayes_runs_on_a_gaussian_process_and_on_tpe_when_trials_are_pruned():
     assert isinstance(make_sampler(sweep, 0, 1, 8), optuna.samplers.TPESampler)  # GP would ignore pruned trials
     sweep.pruner.type = "none"
     assert isinstance(make_sampler(sweep, 0, 1, 8), optuna.samplers.GPSampler)
+
+
+def test_every_value_an_integer_range_can_draw_is_checked_not_only_its_bounds():
+    """data.channels takes 1 or 3: a range 1..3 has valid bounds, but a trial could draw 2."""
+    spec = parse_space({"metric": "val/loss", "params": {"data.channels": {"distribution": "int_uniform", "low": 1,
+                                                                            "high": 3}}}, "space.yaml")
+    with pytest.raises(ConfigError, match="parameter 'data.channels'.*'data.channels' is 2; choose one of 1, 3"):
+        check_spec(spec, BASE)

@@ -78,12 +78,13 @@ def critical() -> Iterator[None]:
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` and SIGINT ``KeyboardInterrupt``, except inside
     :func:`critical` sections, which finish first (main thread only: elsewhere Python cannot set handlers).
-    The previous handlers are restored afterwards."""
+    The previous handlers are restored afterwards. The one handler of every entry point (``cli.run_main``), of
+    the compare and of a tuning session: a block inside another changes nothing."""
     global _received, _pending, _depth
-    _received, _pending, _depth = None, None, 0
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is _handler:
         yield
         return
+    _received, _pending, _depth = None, None, 0
     previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield

@@ -24,7 +24,6 @@ import logging
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -35,6 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cxrtrack import signals
 from cxrtrack.benchmark import capabilities, effort
 from cxrtrack.benchmark.runs import RunMeasurement, Stores, as_dict, interleaved, measure_run, train_command
 from cxrtrack.benchmark.server import MLflowServer
@@ -110,6 +110,12 @@ class Compare:
 
     # -- the phases ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Every phase in turn. Ctrl-C, or SIGTERM (timeout, docker, CI; :mod:`cxrtrack.signals`), stops the server
+        it started and writes the partial report."""
+        with signals.sigterm_as_interrupt():
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         from cxrtrack.benchmark.report import write_report
 
         self.report["meta"] = self._meta()
@@ -458,12 +464,4 @@ class Compare:
         }
 
 
-def install_sigterm_as_interrupt() -> None:
-    """SIGTERM (timeout, docker, CI) ends the compare like Ctrl-C: server stopped, partial report written."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
-__all__ = ["Compare", "ComparePlan", "install_sigterm_as_interrupt"]
+__all__ = ["Compare", "ComparePlan"]

@@ -76,7 +76,12 @@ class Workload:
 
 
 class _Bench:
-    """One backend: ``layer_*`` and ``raw_*`` implementations of every op in :data:`OPS`."""
+    """One backend: every op in :data:`OPS` through the layer (``layer_*``, the same for every backend: a
+    :class:`TrackerGroup` as the trainer gets it) and through the raw client (``raw_*``, per backend)."""
+
+    backend = ""  # the tracker name build_tracker knows
+    cfg: dict[str, Any]  # the backend's tracking.<backend> section
+    experiment = "cxr-latency"  # MLflow experiment / W&B project
 
     def __init__(self, work: Workload, store: Path, uri: str | None):
         self.work, self.store, self.uri = work, store, uri
@@ -98,23 +103,9 @@ class _Bench:
         cfg["tracking"][backend] = backend_cfg
         return build_tracker(backend, cfg)
 
-
-class MLflowBench(_Bench):
-    def __init__(self, work, store, uri, asynchronous=False):
-        super().__init__(work, store, uri)
-        import mlflow
-
-        self.mlflow = mlflow
-        self.sync = not asynchronous
-        self.uri = uri or f"sqlite:///{store / 'mlflow.db'}"
-        self.cfg = {**work.cfg["tracking"]["mlflow"], "tracking_uri": self.uri, "async_logging": asynchronous,
-                    "artifact_location": str(store / "mlartifacts"), "registered_model_name": None}
-        self.experiment = "cxr-latency"
-        self.params_strings = {k: "None" if v is None else str(v) for k, v in work.params_flat.items()}
-
-    # layer
+    # the layer
     def _new_group(self) -> TrackerGroup:
-        return self.project_group("mlflow", self.cfg, self.experiment)
+        return self.project_group(self.backend, self.cfg, self.experiment)
 
     def layer_start(self, name):
         self.group = self._new_group()
@@ -136,6 +127,21 @@ class MLflowBench(_Bench):
     def layer_finish(self):
         self.group.end_run(FINISHED)
         return self.group.errors
+
+
+class MLflowBench(_Bench):
+    backend = "mlflow"
+
+    def __init__(self, work, store, uri, asynchronous=False):
+        super().__init__(work, store, uri)
+        import mlflow
+
+        self.mlflow = mlflow
+        self.sync = not asynchronous
+        self.uri = uri or f"sqlite:///{store / 'mlflow.db'}"
+        self.cfg = {**work.cfg["tracking"]["mlflow"], "tracking_uri": self.uri, "async_logging": asynchronous,
+                    "artifact_location": str(store / "mlartifacts"), "registered_model_name": None}
+        self.params_strings = {k: "None" if v is None else str(v) for k, v in work.params_flat.items()}
 
     # raw client: the calls a user of MLflow would write to do the same
     def raw_start(self, name):
@@ -168,6 +174,8 @@ class MLflowBench(_Bench):
 
 
 class WandbBench(_Bench):
+    backend = "wandb"
+
     def __init__(self, work, store, uri, mode="offline"):
         super().__init__(work, store, uri)
         import wandb
@@ -175,39 +183,17 @@ class WandbBench(_Bench):
         self.wandb = wandb
         self.mode = mode
         self.cfg = {**work.cfg["tracking"]["wandb"], "dir": str(store), "mode": mode}
-        self.project = "cxr-latency"
-
-    def _new_group(self) -> TrackerGroup:
-        return self.project_group("wandb", self.cfg, self.project)
-
-    def layer_start(self, name):
-        self.group = self._new_group()
-        self.group.start_run(self.run_info(name))
-
-    def layer_log_metrics(self):
-        self.step += 1
-        self.group.log_metrics(self.work.row, step=self.step)
-
-    def layer_log_params(self, batch):
-        self.group.log_params({"bench": batch})
 
     def layer_artifact(self, path):
         # the layer collects files and logs them as one artifact version: time the call and the upload
-        self.group.log_artifact(path, "bench")
+        super().layer_artifact(path)
         self.group.flush()
-
-    def layer_image(self):
-        self.group.log_image(self.work.image, "plots/training_curves.png")
-
-    def layer_finish(self):
-        self.group.end_run(FINISHED)
-        return self.group.errors
 
     def raw_start(self, name):
         wandb = self.wandb
         tags = self.work.tags
         self.run = wandb.init(
-            mode=self.mode, project=self.project, name=name, dir=str(self.store), job_type="benchmark",
+            mode=self.mode, project=self.experiment, name=name, dir=str(self.store), job_type="benchmark",
             config={**self.work.config, "run_tags": tags},
             tags=[f"{k}:{v}"[:64] for k, v in tags.items() if k in ("dataset_source", "config", "device")],
             settings=wandb.Settings(silent=True, init_timeout=float(self.cfg.get("init_timeout") or 30),

@@ -1,11 +1,15 @@
-"""A real ``mlflow server`` on 127.0.0.1 for the duration of a ``with`` block.
+"""A real ``mlflow server`` on 127.0.0.1 for the duration of a ``with`` block: the one ``make compare`` measures
+and the one the tests run against (outages, concurrency, secrets, scale-out).
 
 It listens on a free port, stores everything under the folder it is given, and is stopped on exit,
-on an exception and on Ctrl-C (its whole process group, so no worker is left behind).
+on an exception and on Ctrl-C (its whole process group, so no worker is left behind). The tests also kill it
+(SIGKILL), pause it (SIGSTOP: it accepts connections and never answers), resume it and start it again on the
+same port.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -42,7 +46,9 @@ class MLflowServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> None:
+    def start(self) -> MLflowServer:
+        """Start the server (again, after :meth:`stop` or :meth:`kill`: same port, same store); returns once it
+        answers."""
         self.folder.mkdir(parents=True, exist_ok=True)
         mlflow = Path(sys.executable).with_name("mlflow")
         command = [
@@ -67,7 +73,7 @@ class MLflowServer:
                                f"{self.folder / 'server.log'}.")
             if self.healthy():
                 self.start_s = time.perf_counter() - start
-                return
+                return self
             time.sleep(0.25)
         self.stop()
         raise CXRError(f"mlflow server did not answer on {self.uri} within {self.start_timeout:.0f} s; see "
@@ -80,18 +86,34 @@ class MLflowServer:
         except OSError:
             return False
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """Stop the server and every process it started (its process group): SIGTERM, then SIGKILL after 15 s;
+        ``kill``: SIGKILL at once, a crash. Returns once its port is free for a restart."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.process.wait(timeout=15)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL if kill else signal.SIGTERM)  # workers that outlived it too
+            self.process.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=15)
         self._log.close()
         self.process = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    time.sleep(0.2)
+            except OSError:
+                return
+
+    def kill(self) -> None:
+        self.stop(kill=True)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server accepts connections and never answers (a hung store)."""
+        os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.process.pid, signal.SIGCONT)

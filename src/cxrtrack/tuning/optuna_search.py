@@ -494,15 +494,6 @@ class Worker:
 # -- worker processes ---------------------------------------------------------------------------------
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (kill, a CI timeout, a cluster scheduler) ends a trial like Ctrl-C: KILLED, queued again."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    with contextlib.suppress(ValueError):  # not the main thread
-        signal.signal(signal.SIGTERM, handler)
-
-
 def run_workers(launch: Launch, workers: int, run_dir: Path) -> int:
     """Start ``workers`` processes on the study and wait for them; returns how many were interrupted."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -552,7 +543,6 @@ def worker_main(argv: list[str] | None = None) -> int:
     setup_logging()
     for handler in logging.getLogger().handlers:
         handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [worker {args.index}] %(message)s", "%H:%M:%S"))
-    _sigterm_as_interrupt()
 
     def main() -> int:
         launch = Launch.from_json(Path(args.worker).read_text())

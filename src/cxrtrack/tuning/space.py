@@ -2,7 +2,8 @@
 
 One :class:`StudySpec` serves both front ends. It is read either from this project's own YAML format
 (``configs/mlflow/hyperparameters.yaml``, :func:`parse_space`) or from a W&B sweep file
-(``configs/wandb/sweep.yaml``, :mod:`cxrtrack.tuning.wandb_sweep`); Optuna then runs it.
+(``configs/wandb/sweep.yaml``, :mod:`cxrtrack.tuning.sweep_format`, whose ``load_spec`` reads either); Optuna
+then runs it.
 
 Parameters are dotted config keys (``training.lr``, ``data.augment.rotation``): each trial is the
 base config with the sampled values set, checked by the same :func:`cxrtrack.config.load_config` as
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from cxrtrack.config import load_config
+from cxrtrack.config import load_config, with_values
 from cxrtrack.errors import ConfigError
 
 METHODS = ("grid", "random", "tpe", "gp")
@@ -88,8 +89,18 @@ class Param:
         step = f" step {self.step}" if self.step else ""
         return f"{kind}{scale} [{self.low}, {self.high}]{step}"
 
+    def checked_values(self, most: int = 1000) -> list[Any]:
+        """The values whose validity implies every draw's: all of them when they are few (choices, or integers and
+        steps in a short range: a setting may take only some, like data.channels), else the two bounds (a setting's
+        numeric range is an interval)."""
+        if self.kind == "categorical":
+            return list(self.choices)
+        if not self.log and (self.kind == "int" or self.step) and (self.high - self.low) / (self.step or 1) < most:
+            return self.grid_values()
+        return self.extremes()
+
     def extremes(self) -> list[Any]:
-        """The values whose validity implies every sample's (for bounds: low and high)."""
+        """The choices, or the two bounds."""
         if self.kind == "categorical":
             return list(self.choices)
         cast = int if self.kind == "int" else float
@@ -190,6 +201,7 @@ def check_spec(spec: StudySpec, base: BaseConfig) -> None:
         base_cfg = base.load()
     except ConfigError as exc:
         raise ConfigError(f"The base config of the study is invalid: {exc}") from None
+    # Every value a trial can get goes through the checks of scripts/train.py (cxrtrack.settings), before any trial.
     if base_cfg["training"]["seeds"] > 1 or any(p.key == "training.seeds" for p in spec.params) \
             or "training.seeds" in spec.fixed:
         raise ConfigError(
@@ -202,7 +214,7 @@ def check_spec(spec: StudySpec, base: BaseConfig) -> None:
                 f"{where}: '{key}' cannot be searched: the tuner sets it for every trial (trackers, output folders, "
                 f"the test split stays unused, the monitored metric is the study's metric). Remove it from the space.")
     fixed = dict(spec.fixed)
-    _check_values(base, where, "", fixed)
+    _check_values(base_cfg, where, "", fixed)
     for p in spec.params:
         if p.kind in ("float", "int"):
             if p.low is None or p.high is None or not p.low < p.high:
@@ -216,18 +228,17 @@ def check_spec(spec: StudySpec, base: BaseConfig) -> None:
                                   f"the range {p.high - p.low!r}.")
         elif not p.choices:
             raise ConfigError(f"{where}: parameter '{p.key}' has an empty list of values; give at least one.")
-        for value in p.extremes():
-            _check_values(base, where, f"parameter '{p.key}' ({p.source}) ", {**fixed, p.key: value})
+        for value in p.checked_values():
+            _check_values(base_cfg, where, f"parameter '{p.key}' ({p.source}) ", {**fixed, p.key: value})
     if spec.method == "grid":
         spec.grid()  # raises for a continuous parameter
 
 
-def _check_values(base: BaseConfig, where: str, what: str, values: dict[str, Any]) -> None:
+def _check_values(base_cfg: dict[str, Any], where: str, what: str, values: dict[str, Any]) -> None:
     try:
-        base.load(values)
+        with_values(base_cfg, values)
     except ConfigError as exc:
-        message = str(exc).replace(" in the command-line overrides", "")
-        raise ConfigError(f"{where}: {what}gives a config that training would refuse: {message}") from None
+        raise ConfigError(f"{where}: {what}gives a config that training would refuse: {exc}") from None
 
 
 # -- this project's format -----------------------------------------------------------------------
@@ -364,18 +375,6 @@ def _parse_pruner(raw: Any, where: str) -> PrunerSpec:
                                   f"{2 if key == 'reduction_factor' else 0}), not {value!r}.")
             setattr(spec, key, value)
     return spec
-
-
-def load_spec(path: str | Path) -> StudySpec:
-    """Read a search-space file in either format: W&B's (``parameters:``) or this project's (``params:``)."""
-    data = read_yaml_mapping(path)
-    wandb_like = ("parameters" in data or isinstance(data.get("metric"), dict) or data.get("method") == "bayes"
-                  or any(k in data for k in ("run_cap", "early_terminate", "program", "command")))
-    if "params" not in data and wandb_like:
-        from cxrtrack.tuning.wandb_sweep import parse_sweep
-
-        return parse_sweep(data, str(path))
-    return parse_space(data, str(path))
 
 
 def trial_values(spec: StudySpec, base_cfg: dict[str, Any], study: str, run_name: str, sampled: dict[str, Any],

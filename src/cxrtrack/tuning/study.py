@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cxrtrack import signals
 from cxrtrack.errors import ConfigError
 from cxrtrack.tracking import FAILED, FINISHED, KILLED, TrackerGroup, build_tracker, tracker_names
 from cxrtrack.tracking.base import RunInfo
@@ -30,7 +31,6 @@ from cxrtrack.tuning.optuna_search import (
     Launch,
     Tally,
     Worker,
-    _sigterm_as_interrupt,
     budget_of,
     check_resume,
     default_storage,
@@ -41,7 +41,8 @@ from cxrtrack.tuning.optuna_search import (
     safe_url,
     tally,
 )
-from cxrtrack.tuning.space import BaseConfig, StudySpec, check_spec, load_spec
+from cxrtrack.tuning.space import BaseConfig, StudySpec, check_spec
+from cxrtrack.tuning.sweep_format import load_spec
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ def tune(space: str | Path, base: BaseConfig, tracker: str = "mlflow", *, study:
                 from cxrtrack.data.dataset import DataCache
 
                 cache = DataCache()
-                _sigterm_as_interrupt()
-                Worker(launch, 0, cache).run()
+                with signals.sigterm_as_interrupt():  # SIGTERM (kill, CI, a scheduler) ends the trial like Ctrl-C
+                    Worker(launch, 0, cache).run()
             else:
                 run_workers(launch, workers, out_dir)
     except KeyboardInterrupt:
