@@ -11,13 +11,17 @@ Used as a context manager, the group ends the run ``FAILED`` on an exception, ``
 
 from __future__ import annotations
 
+import abc
+import functools
+import inspect
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -89,8 +93,10 @@ class BaseTracker(ABC):
         """More (nested) configuration after the start, e.g. values known only later."""
 
     @abstractmethod
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Metrics of one epoch; ``step`` is the epoch number (1-based)."""
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """Metrics of one epoch; ``step`` is the epoch number (1-based). ``timestamp_ms``: when they were computed
+        (milliseconds since the epoch), given when the call is sent later (a spooled call keeps its time);
+        None: now. A backend whose store has no time per point ignores it."""
 
     @abstractmethod
     def log_summary(self, metrics: dict[str, float]) -> None:
@@ -149,6 +155,82 @@ class BaseTracker(ABC):
         return None
 
 
+#: The calls that log to an open run (between :meth:`~BaseTracker.start_run` and :meth:`~BaseTracker.end_run`),
+#: by name. Each takes plain values, paths and arrays, so it can be forwarded (:class:`TrackerGroup`), written to a
+#: journal and sent again later by name (``tracking/spool.py``, whose ``KEPT_AS`` table says which arguments are
+#: files or arrays).
+RUN_CALLS = ("log_params", "log_dataset", "log_metrics", "log_summary", "set_tags", "log_artifact", "log_image",
+             "log_table", "log_predictions", "log_model")
+
+
+@runtime_checkable
+class Pingable(Protocol):
+    """A backend whose store can say quickly whether it answers. The spool asks before it sends what it holds
+    (a backend without it is taken to answer), replay asks before it starts."""
+
+    def ping(self, timeout: float = ...) -> bool:
+        """One bounded probe, no retries: True when the store answers."""
+        ...
+
+
+@runtime_checkable
+class Attachable(Protocol):
+    """A backend that can add to a run some other process (or tracker object) created, found again by that
+    tracker's :meth:`~BaseTracker.run_ref`: ``make replay`` sends a spool's calls to it."""
+
+    def attach(self, ref: dict[str, Any]) -> None:
+        """Make the run of ``ref`` the one this tracker logs to; it is open again until
+        :meth:`~BaseTracker.end_run` sets its final status."""
+        ...
+
+    def abandon(self) -> None:
+        """Let go of the run without giving it a status (the spool keeps ``end_run`` for later)."""
+        ...
+
+
+@functools.cache
+def _signature(method: str) -> inspect.Signature:
+    return inspect.signature(getattr(BaseTracker, method))
+
+
+def call_arguments(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments by name, defaults filled in, as :class:`BaseTracker` declares them:
+    ``("log_metrics", ({"loss": 1.0}, 3), {})`` -> ``{"metrics": {"loss": 1.0}, "step": 3, "timestamp_ms": None}``."""
+    bound = _signature(method).bind(None, *args, **kwargs)  # None stands for self
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    del arguments["self"]
+    return arguments
+
+
+T = TypeVar("T", bound=type)
+
+
+def forwards(*methods: str) -> Callable[[T], T]:
+    """Class decorator for a tracker that wraps others: each of ``methods`` the class does not write itself becomes
+    ``self._call(method, *args, **kwargs)``, with :class:`BaseTracker`'s signature and docstring. The wrappers
+    (:class:`TrackerGroup`, ``SpoolingTracker``) thus take every call of :data:`RUN_CALLS` without listing them."""
+
+    def decorate(cls: T) -> T:
+        for method in methods:
+            if method not in vars(cls):
+                setattr(cls, method, _forwarder(cls, method))
+        abc.update_abstractmethods(cls)
+        return cls
+
+    return decorate
+
+
+def _forwarder(cls: type, method: str) -> Callable[..., Any]:
+    def forward(self, *args, **kwargs):
+        return self._call(method, *args, **kwargs)
+
+    forward.__name__, forward.__qualname__ = method, f"{cls.__qualname__}.{method}"
+    forward.__doc__ = getattr(BaseTracker, method).__doc__
+    forward.__signature__ = _signature(method)  # type: ignore[attr-defined]
+    return forward
+
+
 @dataclass
 class Call:
     """One tracker call that did not reach its store, described for the user (not replayable by itself)."""
@@ -198,8 +280,10 @@ def describe_calls(calls: list[Call]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+@forwards(*RUN_CALLS, "flush")
 class TrackerGroup(BaseTracker):
-    """Fan-out to several backends, each isolated from the others and from training."""
+    """Fan-out to several backends, each isolated from the others and from training. Every call of
+    :data:`RUN_CALLS` (and ``flush``) goes through :meth:`_call`."""
 
     name = "group"
 
@@ -233,7 +317,7 @@ class TrackerGroup(BaseTracker):
         return [t.name for t in self.trackers]
 
     def _call(self, method: str, *args, **kwargs) -> None:
-        step = kwargs.get("step", args[1] if method == "log_metrics" and len(args) > 1 else None)
+        step = call_arguments(method, args, kwargs).get("step")  # log_metrics: the epoch, for the user's summary
         for tracker in self.trackers:
             if self.errors[tracker.name] >= self.max_errors and method != "end_run":
                 # gave up on this backend (it already said why), but always try to close its run
@@ -268,39 +352,6 @@ class TrackerGroup(BaseTracker):
                     f"--tracker none to train without it."
                 ) from exc
             started.append(tracker)
-
-    def log_params(self, params):
-        self._call("log_params", params)
-
-    def log_metrics(self, metrics, step):
-        self._call("log_metrics", metrics, step)
-
-    def log_summary(self, metrics):
-        self._call("log_summary", metrics)
-
-    def set_tags(self, tags):
-        self._call("set_tags", tags)
-
-    def log_artifact(self, path, artifact_path=None):
-        self._call("log_artifact", path, artifact_path)
-
-    def log_image(self, path, name, caption=None):
-        self._call("log_image", path, name, caption)
-
-    def log_predictions(self, predictions):
-        self._call("log_predictions", predictions)
-
-    def log_model(self, model, checkpoint, input_example, metadata):
-        self._call("log_model", model, checkpoint, input_example, metadata)
-
-    def flush(self) -> None:
-        self._call("flush")
-
-    def log_dataset(self, dataset):
-        self._call("log_dataset", dataset)
-
-    def log_table(self, name, rows):
-        self._call("log_table", name, rows)
 
     def end_run(self, status: str = FINISHED) -> None:
         if status not in STATUSES:

@@ -245,7 +245,8 @@ class WandbTracker(BaseTracker):
     def log_params(self, params):
         self.run.config.update(params, allow_val_change=True)  # nested: W&B shows sections as groups
 
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, metrics, step, timestamp_ms=None):
+        # timestamp_ms is not passed on: W&B stamps each history row itself (its offline runs are never spooled)
         for key in metrics.keys() - self._defined:
             self.run.define_metric(key, step_metric="epoch")
             self._defined.add(key)
