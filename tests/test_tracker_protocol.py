@@ -5,7 +5,9 @@ the optional capabilities are declared, and the architecture doc says why each m
 from __future__ import annotations
 
 import inspect
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +88,56 @@ def test_the_architecture_doc_says_why_each_method_exists():
     protocols = [n for p in (Pingable, Attachable) for n in vars(p) if not n.startswith("_")]
     for name in ["name", *public, *protocols]:
         assert re.search(rf"[`.]{name}[(`]", section), f"docs/architecture.md does not say why {name} exists"
+
+
+@pytest.mark.slow
+def test_attached_adds_to_a_finished_mlflow_run_and_leaves_its_status_alone(tmp_path):
+    """`make evaluate` reports back through attached(): the calls reach the closed run, which stays FINISHED with
+    its end time, and nothing else is created in the store (no new run, no reopened run)."""
+    import mlflow
+
+    from cxrtrack.tracking import attached
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_metric(run_id, "eval/x", 0.1, step=1)
+    client.set_terminated(run_id, "FINISHED")
+    ended = client.get_run(run_id).info.end_time
+    report = tmp_path / "metrics.json"
+    report.write_text("{}")
+    for _ in range(2):
+        with attached("mlflow", {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id}) as run:
+            run.log_metrics({"eval/x": 0.5}, run.last_step("eval/x") + 1, timestamp_ms=1234)
+            run.log_table("evaluations/fp", [{"acc": 0.5}])
+            run.log_artifact(report, "evaluations/fp")
+            run.set_tags({"eval.last": "now"})
+            assert mlflow.active_run() is None
+    stored = client.get_run(run_id)
+    assert (stored.info.status, stored.info.end_time) == ("FINISHED", ended)
+    assert sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, "eval/x"))[1:] == \
+        [(2, 0.5, 1234), (3, 0.5, 1234)]
+    assert stored.data.tags["eval.last"] == "now"
+    assert {f.path for f in client.list_artifacts(run_id, "evaluations")} == {"evaluations/fp", "evaluations/fp.json"}
+    table = json.loads(Path(client.download_artifacts(run_id, "evaluations/fp.json", str(tmp_path))).read_text())
+    assert len(table["data"]) == 2  # the second evaluation is appended
+    assert len(client.search_runs([experiment_id])) == 1
+
+
+def test_only_the_tracking_package_imports_the_clients():
+    """docs/architecture.md: training, selection, evaluation and Optuna tuning reach the stores through tracking/.
+    The exceptions are named there: benchmark/ (times the raw clients), the MLflow UI script, the online sweep."""
+    import ast
+
+    allowed = {"src/cxrtrack/tuning/wandb_sweep.py", "scripts/mlflow_ui.py"}
+    found = []
+    for path in sorted([*(ROOT / "src" / "cxrtrack").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith(("src/cxrtrack/tracking/", "src/cxrtrack/benchmark/")) or rel in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{rel}:{node.lineno} {m}" for m in modules if m.split(".")[0] in ("mlflow", "wandb")]
+    assert found == []

@@ -176,15 +176,18 @@ class Pingable(Protocol):
 @runtime_checkable
 class Attachable(Protocol):
     """A backend that can add to a run some other process (or tracker object) created, found again by that
-    tracker's :meth:`~BaseTracker.run_ref`: ``make replay`` sends a spool's calls to it."""
+    tracker's :meth:`~BaseTracker.run_ref`: ``make replay`` sends a spool's calls to it, ``make evaluate`` reports
+    its results back to it (:func:`cxrtrack.tracking.attached`)."""
 
-    def attach(self, ref: dict[str, Any]) -> None:
-        """Make the run of ``ref`` the one this tracker logs to; it is open again until
-        :meth:`~BaseTracker.end_run` sets its final status."""
+    def attach(self, ref: dict[str, Any], reopen: bool = True) -> None:
+        """Make the run of ``ref`` the one this tracker logs to. ``reopen``: the run is open again until
+        :meth:`~BaseTracker.end_run` sets its final status (replay); False: only add to it, its status stays as
+        it is (report back). A backend that cannot tell the two apart reopens."""
         ...
 
     def abandon(self) -> None:
-        """Let go of the run without giving it a status (the spool keeps ``end_run`` for later)."""
+        """Let go of the run without giving it a status: the spool keeps ``end_run`` for later, a report back
+        leaves the status as the training run set it."""
         ...
 
 

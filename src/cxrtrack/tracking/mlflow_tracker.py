@@ -186,13 +186,20 @@ class MLflowTracker(BaseTracker):
                 raise
             return experiment.experiment_id
 
-    def attach(self, ref: dict[str, Any]) -> None:
-        """Re-open an existing run (``run_ref()`` of the process that created it) to send it more: for replay.
-        MLflow marks it RUNNING until :meth:`end_run` sets its final status."""
+    def attach(self, ref: dict[str, Any], reopen: bool = True) -> None:
+        """Log to an existing run (``run_ref()`` of the tracker that created it). ``reopen`` (replay): MLflow marks it
+        RUNNING until :meth:`end_run` sets its final status. Not reopened (``make evaluate`` reporting back): the
+        calls only add to it (each names its run), and its status and end time stay as they are."""
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.tracking_uri)
         self.experiment_id, self.run_id = ref.get("experiment_id"), ref["run_id"]
-        mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+        if reopen:
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+
+    def last_step(self, key: str) -> int:
+        """The highest step of metric ``key`` in this run (0 when it has none): a new point goes after it."""
+        history = self._mlflow.MlflowClient(tracking_uri=self.tracking_uri).get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
 
     def flush(self):
         if not self._sync and self._mlflow is not None:
@@ -235,24 +242,32 @@ class MLflowTracker(BaseTracker):
             monitor.finish()
 
     # -- logging ----------------------------------------------------------------------------------
+    # Each call names its run (run_id=), so it reaches this tracker's run whatever else is open in the process (a
+    # study's parent run) and a run attached without reopening it (report back); only log_dataset and log_model,
+    # whose MLflow calls have no run_id, need the run open in this process.
     def log_params(self, params):
-        self._mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()}, synchronous=self._sync)
+        self._mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()}, synchronous=self._sync,
+                                run_id=self.run_id)
 
     def log_metrics(self, metrics, step, timestamp_ms: int | None = None):
         """``timestamp_ms``: when the metrics were computed (a replayed call keeps its original time)."""
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=self._sync,
-                                 timestamp=timestamp_ms)
+                                 timestamp=timestamp_ms, run_id=self.run_id)
 
     def log_summary(self, metrics):
         # MLflow has no separate summary: final values are metrics; NaN (undefined AUC) is skipped.
         finite = {k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}
-        self._mlflow.log_metrics(finite)
+        self._mlflow.log_metrics(finite, run_id=self.run_id)
 
     def set_tags(self, tags):
-        self._mlflow.set_tags(tags)
+        from mlflow.entities import RunTag
+
+        # what mlflow.set_tags does, with the run named (it has no run_id argument)
+        client = self._mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path, artifact_path=None):
-        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self._mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
 
     def log_dataset(self, dataset):
         """One MLflow dataset input per split (context train / val / test): the folder as source, the content
@@ -281,7 +296,8 @@ class MLflowTracker(BaseTracker):
                       "test_split": str(dataset.get("test_split", ""))})
 
     def log_image(self, path, name, caption=None):
-        self._mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent) if "/" in name else None)
+        self._mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent) if "/" in name else None,
+                                  run_id=self.run_id)
 
     def log_predictions(self, predictions: Predictions):
         """The predictions as an MLflow table artifact (viewable and comparable in the MLflow UI)."""
@@ -295,13 +311,13 @@ class MLflowTracker(BaseTracker):
             "correct": p.y_true == p.y_pred,
             **{f"p_{name}": p.probs[:, i] for i, name in enumerate(p.class_names)},
         })
-        self._mlflow.log_table(table, artifact_file="test/predictions.json")
+        self._mlflow.log_table(table, artifact_file="test/predictions.json", run_id=self.run_id)
 
     def log_table(self, name, rows):
         """An MLflow table (``<name>.json``, shown and comparable in the UI's artifact view)."""
         import pandas as pd
 
-        self._mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{name}.json")
+        self._mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{name}.json", run_id=self.run_id)
 
     def log_model(self, model, checkpoint, input_example, metadata):
         """Log with the MLflow PyTorch flavor (signature + input example, the checkpoint as an extra file); register
