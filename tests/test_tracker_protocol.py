@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from cxrtrack.tracking import TrackerGroup
-from cxrtrack.tracking.base import RUN_CALLS, Attachable, BaseTracker, Pingable
+from cxrtrack.tracking.base import RUN_CALLS, Attachable, BaseTracker, Pingable, RecordingTracker, RunInfo
 from cxrtrack.tracking.mlflow_tracker import MLflowTracker
+from cxrtrack.tracking.readback import RunRecord, diff_records, total_lost
 from cxrtrack.tracking.spool import SpoolingTracker
 from cxrtrack.tracking.wandb_tracker import WandbTracker
 from tests.conftest import ROOT
 from tests.test_spool import Recorder, predictions
 
-BACKENDS = (MLflowTracker, WandbTracker, SpoolingTracker, TrackerGroup)
+BACKENDS = (MLflowTracker, WandbTracker, SpoolingTracker, TrackerGroup, RecordingTracker)
 
 
 def names(function) -> list[str]:
@@ -141,3 +142,67 @@ def test_only_the_tracking_package_imports_the_clients():
                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             found += [f"{rel}:{node.lineno} {m}" for m in modules if m.split(".")[0] in ("mlflow", "wandb")]
     assert found == []
+
+
+# -- tracked.json: the RecordingTracker every group keeps ---------------------------------------------------------
+
+
+def assert_same_record(recorded: RunRecord, sent: RunRecord) -> None:
+    """A group's record and a record written by hand (tracked.json) hold the same items, both ways (the project's
+    own diff, as for a store), with the same run name and dataset lineage."""
+    assert recorded.name == sent.name and recorded.extra.get("dataset") == sent.extra.get("dataset")
+    for a, b in ((sent, recorded), (recorded, sent)):
+        sections = diff_records(a, b, "recorded")
+        assert total_lost(sections) == 0, {k: (v.missing, v.mismatched) for k, v in sections.items() if v.lost}
+        assert len(a.models) == len(b.models) and a.tables == b.tables
+
+
+def test_the_group_records_what_the_run_sent_even_when_every_backend_fails(tmp_path):
+    class Down(Recorder):
+        def _call(self, method, *args, **kwargs):
+            raise ConnectionError("gone")
+
+    group = TrackerGroup([Down()])
+    group.start_run(RunInfo("run-1", {"data": {"image_size": 64}, "training": {"lr": 0.01, "extra": {}}},
+                            {"git_commit": "abc"}))
+    report = tmp_path / "metrics.json"
+    report.write_text("{}")
+    group.log_params({"model": {"num_parameters": 123}})
+    group.log_dataset({"name": "cxr-synthetic", "fingerprint": "f" * 16})
+    for epoch in (1, 2):
+        group.log_metrics({"train/loss": np.float32(1.0 / epoch), "val/acc": 0.5}, step=epoch)
+    group.log_image(report, "samples/train_batch_augmented.png", caption="c")
+    group.log_summary({"best_epoch": 2, "test/roc_auc_ovr_macro": float("nan")})
+    group.log_image(report, "plots/roc_curves.png")
+    group.log_artifact(report, "reports")
+    group.log_artifact(report)
+    group.log_artifact(report, "reports")  # the same file again: the store holds it once
+    group.log_predictions(predictions())
+    group.log_table("cv/folds", [{"fold": 1}, {"fold": 2}])
+    group.log_model(None, report, np.zeros((2, 1)), {})
+    group.set_tags({"cv_final_model": "ensemble"})
+    group.end_run("KILLED")
+
+    record = group.record
+    assert group.errors["mlflow"] == 15  # every call after the start failed in the backend...
+    assert (record.name, record.status) == ("run-1", "KILLED")  # ...and the record has them all
+    assert record.params == {"data.image_size": 64, "training.lr": 0.01, "training.extra": {}, "model.num_parameters": 123}
+    assert record.metrics == {"train/loss": [(1, 1.0), (2, 0.5)], "val/acc": [(1, 0.5), (2, 0.5)]}
+    assert record.summary["best_epoch"] == 2 and np.isnan(record.summary["test/roc_auc_ovr_macro"])
+    assert record.tags == {"git_commit": "abc", "cv_final_model": "ensemble"}
+    assert record.artifacts == ["metrics.json", "reports/metrics.json"]
+    assert record.images == ["plots/roc_curves.png", "samples/train_batch_augmented.png"]
+    assert record.tables == {"test/predictions": 2, "cv/folds": 2} and record.models == ["CustomCXRNet"]
+    assert record.extra == {"dataset": {"name": "cxr-synthetic", "fingerprint": "f" * 16}}
+    assert "recorded" not in group.names and "recorded" not in group.call_times  # not a backend: no run_ref, no cost
+    back = RunRecord.from_json(record.to_json())  # as tracked.json holds it
+    assert_same_record(back, record)
+
+
+def test_a_failing_record_never_stops_the_run(monkeypatch):
+    a = Recorder()
+    group = TrackerGroup([a])
+    monkeypatch.setattr(group.recorder, "log_metrics", lambda *args, **kwargs: 1 / 0)
+    group.log_metrics({"loss": 1.0}, 1)
+    assert a.got == [("log_metrics", {"metrics": {"loss": 1.0}, "step": 1, "timestamp_ms": None})]
+    assert not group.errors

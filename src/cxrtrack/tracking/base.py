@@ -1,4 +1,5 @@
-"""The tracker interface every backend implements, and the fan-out group the trainer talks to.
+"""The tracker interface every backend implements, the fan-out group the trainer talks to, and the recording
+tracker every group keeps (what the run sent: ``tracked.json``).
 
 The trainer only ever sees a :class:`TrackerGroup`. It forwards each call to every backend (none,
 one or several) and isolates them: once a run has started, an exception inside a backend is logged
@@ -26,7 +27,9 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from cxrtrack import signals
+from cxrtrack.config import flatten
 from cxrtrack.errors import TrackerError
+from cxrtrack.tracking.readback import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +286,74 @@ def describe_calls(calls: list[Call]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+PREDICTIONS_TABLE = "test/predictions"  # the name both backends give the table of log_predictions
+
+
+class RecordingTracker(BaseTracker):
+    """A backend that stores nothing anywhere: every call goes into one :class:`RunRecord` (``self.record``), the
+    shape ``readback`` reads a store back into, so what a run sent and what a store holds compare item by item
+    (``readback.diff_records``). Every :class:`TrackerGroup` keeps one (``group.record``: ``tracked.json``), and
+    contract tests use one as a fast stand-in for a store.
+
+    Names as the stores show them: params flattened (``data.image_size``), an artifact as
+    ``<artifact_path>/<file name>``, an image by its name, a table by its name with its number of rows (the
+    predictions as ``test/predictions``), a model as ``model_name``."""
+
+    name = "recorded"
+
+    def __init__(self, model_name: str = "CustomCXRNet"):
+        self.model_name = model_name
+        self.record = RunRecord()
+
+    def start_run(self, run: RunInfo) -> None:
+        self.record = RunRecord(name=run.name, params=flatten(run.config), tags=dict(run.tags))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.record.params.update(flatten(params))
+
+    def log_dataset(self, dataset: dict[str, Any]) -> None:
+        self.record.extra["dataset"] = dict(dataset)
+
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.record.metrics.setdefault(key, []).append((int(step), float(value)))
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        self.record.summary.update(metrics)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.record.tags.update(tags)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        name = f"{artifact_path}/{Path(path).name}" if artifact_path else Path(path).name
+        self.record.artifacts = sorted({*self.record.artifacts, name})
+
+    def log_image(self, path: Path, name: str, caption: str | None = None) -> None:
+        self.record.images = sorted({*self.record.images, name})
+
+    def log_table(self, name: str, rows: list[dict[str, Any]]) -> None:
+        self.record.tables[name] = len(rows)
+
+    def log_predictions(self, predictions: Predictions) -> None:
+        self.record.tables[PREDICTIONS_TABLE] = len(predictions.y_true)
+
+    def log_model(self, model, checkpoint: Path, input_example: np.ndarray, metadata: dict[str, Any]) -> None:
+        self.record.models.append(self.model_name)
+
+    def end_run(self, status: str = FINISHED) -> None:
+        self.record.status = status
+
+
 @forwards(*RUN_CALLS, "flush")
 class TrackerGroup(BaseTracker):
     """Fan-out to several backends, each isolated from the others and from training. Every call of
-    :data:`RUN_CALLS` (and ``flush``) goes through :meth:`_call`."""
+    :data:`RUN_CALLS` (and ``flush``) goes through :meth:`_call`. A :class:`RecordingTracker` beside the backends
+    (not one of ``trackers``) keeps every call as the run's record of what was sent: ``group.record``."""
 
     name = "group"
 
     def __init__(self, trackers: list[BaseTracker] | None = None, max_errors: int = 20):
+        self.recorder = RecordingTracker()  # gets every call first, whatever the backends do with it
         self.trackers = list(trackers or [])
         self.errors: Counter[str] = Counter()
         self.max_errors = max_errors
@@ -319,8 +382,21 @@ class TrackerGroup(BaseTracker):
     def names(self) -> list[str]:
         return [t.name for t in self.trackers]
 
+    @property
+    def record(self) -> RunRecord:
+        """What this run sent to its trackers (``tracked.json``); each backend's ``run_ref()`` is the caller's to add."""
+        return self.recorder.record
+
+    def _record(self, method: str, *args, **kwargs) -> None:
+        try:
+            getattr(self.recorder, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the record must not stop training either
+            log.warning("The record of what was sent (tracked.json) misses a %s call (%s: %s).", method,
+                        type(exc).__name__, exc)
+
     def _call(self, method: str, *args, **kwargs) -> None:
         step = call_arguments(method, args, kwargs).get("step")  # log_metrics: the epoch, for the user's summary
+        self._record(method, *args, **kwargs)
         for tracker in self.trackers:
             if self.errors[tracker.name] >= self.max_errors and method != "end_run":
                 # gave up on this backend (it already said why), but always try to close its run
@@ -336,6 +412,7 @@ class TrackerGroup(BaseTracker):
                     log.warning("%s tracker: %d errors, ignoring it for the rest of this run.", tracker.name, self.max_errors)
 
     def start_run(self, run: RunInfo) -> None:
+        self._record("start_run", run)
         started = []
         for tracker in self.trackers:
             try:
