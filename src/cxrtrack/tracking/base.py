@@ -8,6 +8,11 @@ run is raised (as :class:`~cxrtrack.errors.TrackerError`), because nothing has b
 
 Used as a context manager, the group ends the run ``FAILED`` on an exception, ``KILLED`` on Ctrl-C
 (``KeyboardInterrupt``) and ``FINISHED`` otherwise.
+
+The interface is written down once: :class:`BaseTracker` (what every backend implements), :data:`RUN_CALLS`
+(the calls that log to an open run, which the wrappers forward by name: :func:`forwards`), and the optional
+capabilities as :class:`typing.Protocol` classes, :class:`Pingable` and :class:`Attachable`, which the spool,
+replay and ``make evaluate`` check with ``isinstance``. docs/architecture.md says why each method exists.
 """
 
 from __future__ import annotations
@@ -209,15 +214,15 @@ def call_arguments(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     return arguments
 
 
-T = TypeVar("T", bound=type)
+_Cls = TypeVar("_Cls", bound=type)
 
 
-def forwards(*methods: str) -> Callable[[T], T]:
+def forwards(*methods: str) -> Callable[[_Cls], _Cls]:
     """Class decorator for a tracker that wraps others: each of ``methods`` the class does not write itself becomes
     ``self._call(method, *args, **kwargs)``, with :class:`BaseTracker`'s signature and docstring. The wrappers
     (:class:`TrackerGroup`, ``SpoolingTracker``) thus take every call of :data:`RUN_CALLS` without listing them."""
 
-    def decorate(cls: T) -> T:
+    def decorate(cls: _Cls) -> _Cls:
         for method in methods:
             if method not in vars(cls):
                 setattr(cls, method, _forwarder(cls, method))
