@@ -197,7 +197,7 @@ def test_make_replay_closes_a_run_whose_process_is_gone(tmp_path):
     KILLED by make replay, which says so."""
     import mlflow
 
-    from cxrtrack.tracking.mlflow_tracker import HOST_TAG, PID_TAG, START_TAG
+    from cxrtrack.tracking.mlflow_store import HOST_TAG, PID_TAG, START_TAG
 
     dead = subprocess.Popen(["true"])
     dead.wait()

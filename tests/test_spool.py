@@ -4,12 +4,13 @@ SpoolingTracker. The real faults (a killed server, a full disk) are in test_outa
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 
 from cxrtrack.tracking import TrackerGroup
-from cxrtrack.tracking.base import BaseTracker, Predictions, RunInfo
+from cxrtrack.tracking.base import RUN_CALLS, BaseTracker, Predictions, RunInfo, call_arguments, forwards
 from cxrtrack.tracking.spool import Spool, SpoolError, SpoolingTracker, send_record
 from tests.conftest import fill_disk, small_filesystem
 
@@ -34,7 +35,7 @@ class Flaky(BaseTracker):
     def log_params(self, params):
         self._take("log_params", params)
 
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, metrics, step, timestamp_ms=None):
         self._take("log_metrics", metrics, step)
 
     def log_summary(self, metrics):
@@ -194,3 +195,178 @@ def test_the_wrapped_backend_gets_the_whole_run_description(tmp_path):
     assert sent.resume == {"flaky": "run-id"} and sent.parents == {"flaky": "p"}
     assert (sent.group, sent.job_type, sent.description, sent.config) == ("g", "study", "d", {"a": 1})
     assert sent.tags["t"] == "v" and len(sent.tags) == 2  # plus the spool's own tag
+
+
+# -- the journal is generic: any run call goes in by name and comes back as the same call -------------------------
+
+
+class Recorder(BaseTracker):
+    """Keeps each call with its arguments by name (as send_record passes them)."""
+
+    name = "mlflow"
+
+    def __init__(self):
+        self.got: list[tuple[str, dict]] = []
+
+    def start_run(self, run):
+        pass
+
+    def _call(self, method, *args, **kwargs):
+        self.got.append((method, call_arguments(method, args, kwargs)))
+
+
+Recorder = forwards(*RUN_CALLS, "flush", "end_run")(Recorder)
+
+
+def tiny_checkpoint(path):
+    import torch
+
+    from cxrtrack.models.cxrnet import CustomCXRNet
+
+    model = CustomCXRNet(num_classes=3, in_channels=1, image_size=32)
+    torch.save({"model_hparams": model.hparams, "model_state": model.state_dict()}, path)
+    return model
+
+
+def test_every_run_call_comes_back_from_the_journal_as_it_was_made(tmp_path):
+    """Each call of RUN_CALLS, spooled while the store is down, is sent back with the same arguments by name:
+    files as they were at the call, arrays equal, the model rebuilt from its checkpoint, the metrics' time kept."""
+    flaky, spooling = started(tmp_path, interval=3600)
+    flaky.down = True
+    art = tmp_path / "report.json"
+    art.write_text("as sent")
+    model = tiny_checkpoint(tmp_path / "best.pt")
+    example = np.ones((2, 1, 32, 32), np.float32)
+    calls = [
+        ("log_params", ({"training": {"lr": 0.01}},), {}),
+        ("log_dataset", ({"name": "cxr-x", "splits": {"train": {"a": 1}}},), {}),
+        ("log_metrics", ({"loss": np.float32(0.5)}, 1), {}),
+        ("log_metrics", ({"loss": 0.25},), {"step": 2, "timestamp_ms": 1234}),
+        ("log_summary", ({"best_epoch": 2, "test/auc": float("nan")},), {}),
+        ("set_tags", ({"k": "v"},), {}),
+        ("log_artifact", (art, "reports"), {}),
+        ("log_image", (art,), {"name": "plots/a.png"}),
+        ("log_table", ("cv/folds", [{"fold": np.int64(1), "acc": 0.5}]), {}),
+        ("log_predictions", (predictions(),), {}),
+        ("log_model", (model, tmp_path / "best.pt", example, {"best_epoch": 2}), {}),
+    ]
+    assert sorted({c[0] for c in calls}) == sorted(RUN_CALLS)  # a new run call needs a case here
+    before = int(time.time() * 1000)
+    for method, args, kwargs in calls:
+        getattr(spooling, method)(*args, **kwargs)
+    art.write_text("changed after the call")
+    spooling.end_run("FINISHED")
+
+    recorder = Recorder()
+    for record in spooling.spool.pending():
+        send_record(recorder, spooling.spool, record)
+    assert [m for m, _ in recorder.got] == [c[0] for c in calls] + ["end_run"]
+    got = dict(recorder.got[:2]) | {m: a for m, a in recorder.got[4:]}
+    assert got["log_params"] == {"params": {"training": {"lr": 0.01}}}
+    first, second = recorder.got[2][1], recorder.got[3][1]
+    assert first["metrics"] == {"loss": 0.5} and first["step"] == 1 and first["timestamp_ms"] >= before
+    assert second == {"metrics": {"loss": 0.25}, "step": 2, "timestamp_ms": 1234}
+    assert got["log_summary"]["metrics"]["best_epoch"] == 2 and np.isnan(got["log_summary"]["metrics"]["test/auc"])
+    assert got["log_artifact"]["path"].read_text() == "as sent" and got["log_artifact"]["artifact_path"] == "reports"
+    assert got["log_image"]["path"].name == "report.json" and got["log_image"]["caption"] is None
+    assert got["log_table"] == {"name": "cv/folds", "rows": [{"fold": 1, "acc": 0.5}]}
+    sent, back = predictions(), got["log_predictions"]["predictions"]
+    assert back.class_names == sent.class_names and back.paths == sent.paths
+    for name in ("y_true", "y_pred", "probs", "images"):
+        assert np.array_equal(getattr(back, name), getattr(sent, name)) and getattr(back, name).dtype == getattr(sent, name).dtype
+    rebuilt = got["log_model"]["model"]
+    assert type(rebuilt) is type(model)
+    assert all(np.array_equal(a.detach().numpy(), b.detach().numpy())
+               for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values(), strict=True))
+    assert np.array_equal(got["log_model"]["input_example"], example) and got["log_model"]["metadata"] == {"best_epoch": 2}
+    assert got["end_run"] == {"status": "FINISHED"}
+
+
+# -- journals written before the journal was generic (spool version 1) still replay ----------------------------------
+
+# Written by cxrtrack at f3b6c64 (the spool's first format), byte for byte: a SpoolingTracker in front of a backend
+# that refused every call, then the calls a run makes. Only the run reference in spool.json is filled in by the test.
+V1_JOURNAL = r"""
+{"seq": 1, "method": "log_params", "time_ms": 1796554115344, "args": {"params": {"extra": {"a": 1}}}}
+{"seq": 2, "method": "log_dataset", "time_ms": 1796554115349, "args": {"dataset": {"name": "cxr-synthetic", "source": "synthetic", "fingerprint": "ffffffffffffffff", "root": "/data", "test_split": "folder", "splits": {"train": {"a": 2}}}}}
+{"seq": 3, "method": "log_metrics", "time_ms": 1796554115353, "args": {"metrics": {"loss": 0.5, "acc": 0.25}, "step": 1}}
+{"seq": 4, "method": "log_metrics", "time_ms": 1796554115357, "args": {"metrics": {"loss": 0.25}, "step": 2}}
+{"seq": 5, "method": "log_summary", "time_ms": 1796554115361, "args": {"metrics": {"best_epoch": 2.0, "test/acc": NaN}}}
+{"seq": 6, "method": "set_tags", "time_ms": 1796554115365, "args": {"tags": {"note": "v1"}}}
+{"seq": 7, "method": "log_artifact", "time_ms": 1796554115369, "args": {"artifact_path": "reports", "path": "files/000007/path/history.json"}}
+{"seq": 8, "method": "log_image", "time_ms": 1796554115373, "args": {"name": "plots/x.png", "caption": "cap", "path": "files/000008/path/x.png"}}
+{"seq": 9, "method": "log_table", "time_ms": 1796554115377, "args": {"name": "cv/folds", "rows": [{"fold": 1, "acc": 0.5}]}}
+{"seq": 10, "method": "log_predictions", "time_ms": 1796554115382, "args": {"class_names": ["a", "b", "c"], "paths": ["x.png", "y.png"], "extra": {"n_grid": 2}, "arrays": "files/000010/arrays.npz"}}
+{"seq": 11, "method": "log_model", "time_ms": 1796554115396, "args": {"metadata": {"best_epoch": 2, "registry": {"register": false, "reason": "test"}}, "checkpoint": "files/000011/checkpoint/best.pt", "input_example": "files/000011/input_example.npz"}}
+{"seq": 12, "method": "end_run", "time_ms": 1796554115419, "args": {"status": "FINISHED"}}
+"""
+V1_PREDICTIONS = {"y_true": np.array([0, 1]), "y_pred": np.array([1, 1]), "probs": np.array([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1]]),
+                  "images": np.zeros((2, 4, 4), np.uint8)}
+
+
+def write_v1_spool(root, ref):
+    """A spool folder as version 1 left it on a user's disk: spool.json, journal.jsonl and files/<seq>/."""
+    root.mkdir(parents=True)
+    (root / "spool.json").write_text(json.dumps({
+        "version": 1, "backend": "mlflow", "run_name": "run-v1", "ref": ref, "experiment": None, "tracker_cfg": {},
+        "process": {"pid": 2**22 + 1, "created": "2026-12-06T10:48:35+00:00"}}, indent=1))
+    (root / "journal.jsonl").write_text(V1_JOURNAL.lstrip())
+    for seq, name, text in (("000007", "history.json", '{"epochs": [1]}'), ("000008", "x.png", "not really a png")):
+        (root / "files" / seq / "path").mkdir(parents=True)
+        (root / "files" / seq / "path" / name).write_text(text)
+    (root / "files" / "000010").mkdir()
+    np.savez(root / "files" / "000010" / "arrays.npz", **V1_PREDICTIONS)
+    (root / "files" / "000011" / "checkpoint").mkdir(parents=True)
+    model = tiny_checkpoint(root / "files" / "000011" / "checkpoint" / "best.pt")
+    np.savez(root / "files" / "000011" / "input_example.npz", input_example=np.zeros((1, 1, 32, 32), np.float32))
+    return model
+
+
+def test_a_version_1_journal_is_sent_as_the_same_calls(tmp_path):
+    root = tmp_path / "outputs" / "run-v1" / "spool" / "mlflow"
+    model = write_v1_spool(root, {"tracking_uri": "sqlite:///x.db", "experiment_id": "1", "run_id": "abc"})
+    spool, recorder = Spool(root), Recorder()
+    for record in spool.pending():
+        send_record(recorder, spool, record)
+    assert [m for m, _ in recorder.got] == ["log_params", "log_dataset", "log_metrics", "log_metrics", "log_summary",
+                                            "set_tags", "log_artifact", "log_image", "log_table", "log_predictions",
+                                            "log_model", "end_run"]
+    got = [a for _, a in recorder.got]
+    # the metric points keep the time they were computed (version 1 kept it only as the record's time)
+    assert got[2] == {"metrics": {"loss": 0.5, "acc": 0.25}, "step": 1, "timestamp_ms": 1796554115353}
+    assert got[3]["timestamp_ms"] == 1796554115357
+    assert got[6]["path"].read_text() == '{"epochs": [1]}' and got[6]["artifact_path"] == "reports"
+    assert got[7]["path"].name == "x.png" and (got[7]["name"], got[7]["caption"]) == ("plots/x.png", "cap")
+    p = got[9]["predictions"]
+    assert p.class_names == ("a", "b", "c") and p.paths == ["x.png", "y.png"] and p.extra == {"n_grid": 2}
+    assert all(np.array_equal(getattr(p, k), v) for k, v in V1_PREDICTIONS.items())
+    assert type(got[10]["model"]) is type(model) and got[10]["input_example"].shape == (1, 1, 32, 32)
+    assert got[10]["metadata"]["registry"] == {"register": False, "reason": "test"} and got[11] == {"status": "FINISHED"}
+
+
+@pytest.mark.slow
+def test_a_version_1_journal_replays_into_a_real_mlflow_store(tmp_path):
+    """`make replay` on a spool that version 1 left behind: everything reaches a real SQLite store, read back."""
+    import mlflow
+
+    from cxrtrack.tracking.readback import read_mlflow
+    from cxrtrack.tracking.replay import replay_spool
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("v1", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment_id, run_name="run-v1").info.run_id
+    root = tmp_path / "outputs" / "run-v1" / "spool" / "mlflow"
+    write_v1_spool(root, {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id})
+
+    result = replay_spool(root)
+    assert result.complete and result.sent == 12, result
+    stored = read_mlflow(uri, run_id, epoch_metrics=["loss", "acc"])
+    assert stored.status == "FINISHED" and stored.params == {"extra.a": "1"} and stored.tags["note"] == "v1"
+    assert stored.metrics == {"loss": [(1, 0.5), (2, 0.25)], "acc": [(1, 0.25)]}
+    assert [m.timestamp for m in client.get_metric_history(run_id, "loss")] == [1796554115353, 1796554115357]
+    assert stored.summary == {"best_epoch": 2.0}  # NaN (an undefined metric) is not stored, as for a live run
+    assert "reports/history.json" in stored.artifacts and stored.images == ["plots/x.png"]
+    assert stored.tables == {"cv/folds": 1, "test/predictions": 2} and len(stored.models) == 1
+    assert stored.extra["dataset_inputs"] == ["cxr-synthetic-train"]
+    assert replay_spool(root).sent == 0  # idempotent

@@ -169,7 +169,7 @@ def test_model_is_registered_and_predicts_like_the_trained_model(mlflow_run):
 
 def test_evaluate_a_tracked_run_by_its_id(mlflow_run, tmp_path):
     """`make evaluate RUN_ID=...`: fetch the run's checkpoint from the store and re-evaluate it."""
-    from cxrtrack.tracking.mlflow_tracker import download_checkpoint
+    from cxrtrack.tracking.mlflow_store import download_checkpoint
     from cxrtrack.training.evaluate import evaluate_checkpoint
 
     result, client, run, tracker = mlflow_run
@@ -182,7 +182,7 @@ def test_evaluate_a_tracked_run_by_its_id(mlflow_run, tmp_path):
 
 def test_unknown_run_id_is_a_clear_error(mlflow_run):
     from cxrtrack.errors import CXRError
-    from cxrtrack.tracking.mlflow_tracker import download_checkpoint
+    from cxrtrack.tracking.mlflow_store import download_checkpoint
 
     _, _, _, tracker = mlflow_run
     with pytest.raises(CXRError, match="Could not fetch checkpoints/best.pt of MLflow run 0123abc"):

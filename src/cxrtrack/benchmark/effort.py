@@ -1,6 +1,6 @@
 """Integration effort, counted from the code: what each tracker backend costs to write and keep.
 
-For each backend module (``tracking/mlflow_tracker.py``, ``tracking/wandb_tracker.py``):
+For each backend's modules (``tracking/mlflow_tracker.py`` + ``mlflow_store.py``, ``tracking/wandb_tracker.py``):
 
 - lines of code (no blank lines, comments or docstrings);
 - the distinct client API calls it makes (``mlflow.start_run``, ``wandb.Artifact``, ``run.log``, ...),
@@ -19,7 +19,7 @@ from typing import Any
 
 import cxrtrack.tracking as tracking_pkg
 
-BACKENDS = {"mlflow": "mlflow_tracker.py", "wandb": "wandb_tracker.py"}
+BACKENDS = {"mlflow": ("mlflow_tracker.py", "mlflow_store.py"), "wandb": ("wandb_tracker.py",)}
 # names under which a backend module reaches its client library
 CLIENT_ROOTS = {
     "mlflow": {"mlflow": "mlflow", "self._mlflow": "mlflow", "client": "MlflowClient"},
@@ -114,14 +114,15 @@ def workarounds(source: str, backend: str) -> list[dict[str, Any]]:
 def measure_effort() -> dict[str, Any]:
     folder = Path(tracking_pkg.__file__).parent
     result = {}
-    for backend, filename in BACKENDS.items():
-        path = folder / filename
-        source = path.read_text()
-        calls = client_calls(source, CLIENT_ROOTS[backend], backend)
+    for backend, filenames in BACKENDS.items():
+        sources = [(folder / name).read_text() for name in filenames]
+        calls = sorted({c for source in sources for c in client_calls(source, CLIENT_ROOTS[backend], backend)})
         found = [{"file": p.name, **w} for p in sorted(folder.glob("*.py")) for w in workarounds(p.read_text(), backend)]
-        result[backend] = {"file": f"src/cxrtrack/tracking/{filename}", "code_lines": code_lines(source),
+        result[backend] = {"file": ", ".join(f"src/cxrtrack/tracking/{name}" for name in filenames),
+                           "code_lines": sum(code_lines(source) for source in sources),
                            "client_calls": calls, "n_client_calls": len(calls), "workarounds": found}
-    shared = [p for p in sorted(folder.glob("*.py")) if p.name not in BACKENDS.values()]
+    backend_files = {name for names in BACKENDS.values() for name in names}
+    shared = [p for p in sorted(folder.glob("*.py")) if p.name not in backend_files]
     result["shared"] = {"files": [f"src/cxrtrack/tracking/{p.name}" for p in shared],
                         "code_lines": sum(code_lines(p.read_text()) for p in shared)}
     return result

@@ -9,6 +9,8 @@ Tracker-specific code lives only in this package; the backends import their libr
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # MLflow reads this once, when it is first imported: no usage telemetry unless the user opts in.
@@ -62,6 +64,37 @@ def build_tracker(spec: str, cfg: dict[str, Any]) -> TrackerGroup:
     return TrackerGroup([TRACKERS[name](cfg) for name in tracker_names(spec)])
 
 
+def _mlflow_run(ref: dict[str, Any], tracking_uri: str | None) -> BaseTracker:
+    from cxrtrack.tracking.mlflow_tracker import MLflowTracker
+
+    # the store the run was tracked in; without one recorded, --tracking-uri, MLFLOW_TRACKING_URI or ./mlflow.db
+    return MLflowTracker(ref.get("experiment") or "", {"tracking_uri": ref.get("tracking_uri") or tracking_uri})
+
+
+def _wandb_run(ref: dict[str, Any], tracking_uri: str | None) -> BaseTracker:
+    from cxrtrack.tracking.wandb_tracker import WandbTracker
+
+    return WandbTracker(ref.get("project") or "", {})
+
+
+EXISTING_RUNS = {"mlflow": _mlflow_run, "wandb": _wandb_run}  # backends whose trackers are Attachable
+
+
+@contextmanager
+def attached(backend: str, ref: dict[str, Any], tracking_uri: str | None = None, **options: Any) -> Iterator[BaseTracker]:
+    """The run ``ref`` of ``backend`` (its ``run_ref()``, e.g. from ``tracked.json``), to add to it without changing
+    its status: ``make evaluate`` reports its results back through this. ``options`` go to the backend's ``attach``
+    (W&B: ``job_type``)."""
+    tracker = EXISTING_RUNS[backend](ref, tracking_uri)
+    tracker.setup()
+    tracker.attach(ref, reopen=False, **options)
+    try:
+        yield tracker
+    finally:
+        tracker.abandon()
+
+
 __all__ = [
-    "FAILED", "FINISHED", "KILLED", "BaseTracker", "Predictions", "TrackerGroup", "build_tracker", "tracker_names",
+    "FAILED", "FINISHED", "KILLED", "BaseTracker", "Predictions", "TrackerGroup", "attached", "build_tracker",
+    "tracker_names",
 ]

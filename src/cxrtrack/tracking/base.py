@@ -1,4 +1,5 @@
-"""The tracker interface every backend implements, and the fan-out group the trainer talks to.
+"""The tracker interface every backend implements, the fan-out group the trainer talks to, and the recording
+tracker every group keeps (what the run sent: ``tracked.json``).
 
 The trainer only ever sees a :class:`TrackerGroup`. It forwards each call to every backend (none,
 one or several) and isolates them: once a run has started, an exception inside a backend is logged
@@ -7,22 +8,33 @@ run is raised (as :class:`~cxrtrack.errors.TrackerError`), because nothing has b
 
 Used as a context manager, the group ends the run ``FAILED`` on an exception, ``KILLED`` on Ctrl-C
 (``KeyboardInterrupt``) and ``FINISHED`` otherwise.
+
+The interface is written down once: :class:`BaseTracker` (what every backend implements), :data:`RUN_CALLS`
+(the calls that log to an open run, which the wrappers forward by name: :func:`forwards`), and the optional
+capabilities as :class:`typing.Protocol` classes, :class:`Pingable` and :class:`Attachable`, which the spool,
+replay and ``make evaluate`` check with ``isinstance``. docs/architecture.md says why each method exists.
 """
 
 from __future__ import annotations
 
+import abc
+import functools
+import inspect
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
 from cxrtrack import signals
+from cxrtrack.config import flatten
 from cxrtrack.errors import TrackerError
+from cxrtrack.tracking.readback import RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +101,10 @@ class BaseTracker(ABC):
         """More (nested) configuration after the start, e.g. values known only later."""
 
     @abstractmethod
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Metrics of one epoch; ``step`` is the epoch number (1-based)."""
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        """Metrics of one epoch; ``step`` is the epoch number (1-based). ``timestamp_ms``: when they were computed
+        (milliseconds since the epoch), given when the call is sent later (a spooled call keeps its time);
+        None: now. A backend whose store has no time per point ignores it."""
 
     @abstractmethod
     def log_summary(self, metrics: dict[str, float]) -> None:
@@ -149,6 +163,85 @@ class BaseTracker(ABC):
         return None
 
 
+#: The calls that log to an open run (between :meth:`~BaseTracker.start_run` and :meth:`~BaseTracker.end_run`),
+#: by name. Each takes plain values, paths and arrays, so it can be forwarded (:class:`TrackerGroup`), written to a
+#: journal and sent again later by name (``tracking/spool.py``, whose ``KEPT_AS`` table says which arguments are
+#: files or arrays).
+RUN_CALLS = ("log_params", "log_dataset", "log_metrics", "log_summary", "set_tags", "log_artifact", "log_image",
+             "log_table", "log_predictions", "log_model")
+
+
+@runtime_checkable
+class Pingable(Protocol):
+    """A backend whose store can say quickly whether it answers. The spool asks before it sends what it holds
+    (a backend without it is taken to answer), replay asks before it starts."""
+
+    def ping(self, timeout: float = ...) -> bool:
+        """One bounded probe, no retries: True when the store answers."""
+        ...
+
+
+@runtime_checkable
+class Attachable(Protocol):
+    """A backend that can add to a run some other process (or tracker object) created, found again by that
+    tracker's :meth:`~BaseTracker.run_ref`: ``make replay`` sends a spool's calls to it, ``make evaluate`` reports
+    its results back to it (:func:`cxrtrack.tracking.attached`)."""
+
+    def attach(self, ref: dict[str, Any], reopen: bool = True) -> None:
+        """Make the run of ``ref`` the one this tracker logs to. ``reopen``: the run is open again until
+        :meth:`~BaseTracker.end_run` sets its final status (replay); False: only add to it, its status stays as
+        it is (report back). A backend that cannot tell the two apart reopens."""
+        ...
+
+    def abandon(self) -> None:
+        """Let go of the run without giving it a status: the spool keeps ``end_run`` for later, a report back
+        leaves the status as the training run set it."""
+        ...
+
+
+@functools.cache
+def _signature(method: str) -> inspect.Signature:
+    return inspect.signature(getattr(BaseTracker, method))
+
+
+def call_arguments(method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments by name, defaults filled in, as :class:`BaseTracker` declares them:
+    ``("log_metrics", ({"loss": 1.0}, 3), {})`` -> ``{"metrics": {"loss": 1.0}, "step": 3, "timestamp_ms": None}``."""
+    bound = _signature(method).bind(None, *args, **kwargs)  # None stands for self
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    del arguments["self"]
+    return arguments
+
+
+_Cls = TypeVar("_Cls", bound=type)
+
+
+def forwards(*methods: str) -> Callable[[_Cls], _Cls]:
+    """Class decorator for a tracker that wraps others: each of ``methods`` the class does not write itself becomes
+    ``self._call(method, *args, **kwargs)``, with :class:`BaseTracker`'s signature and docstring. The wrappers
+    (:class:`TrackerGroup`, ``SpoolingTracker``) thus take every call of :data:`RUN_CALLS` without listing them."""
+
+    def decorate(cls: _Cls) -> _Cls:
+        for method in methods:
+            if method not in vars(cls):
+                setattr(cls, method, _forwarder(cls, method))
+        abc.update_abstractmethods(cls)
+        return cls
+
+    return decorate
+
+
+def _forwarder(cls: type, method: str) -> Callable[..., Any]:
+    def forward(self, *args, **kwargs):
+        return self._call(method, *args, **kwargs)
+
+    forward.__name__, forward.__qualname__ = method, f"{cls.__qualname__}.{method}"
+    forward.__doc__ = getattr(BaseTracker, method).__doc__
+    forward.__signature__ = _signature(method)  # type: ignore[attr-defined]
+    return forward
+
+
 @dataclass
 class Call:
     """One tracker call that did not reach its store, described for the user (not replayable by itself)."""
@@ -198,12 +291,74 @@ def describe_calls(calls: list[Call]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+PREDICTIONS_TABLE = "test/predictions"  # the name both backends give the table of log_predictions
+
+
+class RecordingTracker(BaseTracker):
+    """A backend that stores nothing anywhere: every call goes into one :class:`RunRecord` (``self.record``), the
+    shape ``readback`` reads a store back into, so what a run sent and what a store holds compare item by item
+    (``readback.diff_records``). Every :class:`TrackerGroup` keeps one (``group.record``: ``tracked.json``), and
+    contract tests use one as a fast stand-in for a store.
+
+    Names as the stores show them: params flattened (``data.image_size``), an artifact as
+    ``<artifact_path>/<file name>``, an image by its name, a table by its name with its number of rows (the
+    predictions as ``test/predictions``), a model as ``model_name``."""
+
+    name = "recorded"
+
+    def __init__(self, model_name: str = "CustomCXRNet"):
+        self.model_name = model_name
+        self.record = RunRecord()
+
+    def start_run(self, run: RunInfo) -> None:
+        self.record = RunRecord(name=run.name, params=flatten(run.config), tags=dict(run.tags))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.record.params.update(flatten(params))
+
+    def log_dataset(self, dataset: dict[str, Any]) -> None:
+        self.record.extra["dataset"] = dict(dataset)
+
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.record.metrics.setdefault(key, []).append((int(step), float(value)))
+
+    def log_summary(self, metrics: dict[str, float]) -> None:
+        self.record.summary.update(metrics)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.record.tags.update(tags)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        name = f"{artifact_path}/{Path(path).name}" if artifact_path else Path(path).name
+        self.record.artifacts = sorted({*self.record.artifacts, name})
+
+    def log_image(self, path: Path, name: str, caption: str | None = None) -> None:
+        self.record.images = sorted({*self.record.images, name})
+
+    def log_table(self, name: str, rows: list[dict[str, Any]]) -> None:
+        self.record.tables[name] = len(rows)
+
+    def log_predictions(self, predictions: Predictions) -> None:
+        self.record.tables[PREDICTIONS_TABLE] = len(predictions.y_true)
+
+    def log_model(self, model, checkpoint: Path, input_example: np.ndarray, metadata: dict[str, Any]) -> None:
+        self.record.models.append(self.model_name)
+
+    def end_run(self, status: str = FINISHED) -> None:
+        self.record.status = status
+
+
+@forwards(*RUN_CALLS, "flush")
 class TrackerGroup(BaseTracker):
-    """Fan-out to several backends, each isolated from the others and from training."""
+    """Fan-out to several backends, each isolated from the others and from training. Every call of
+    :data:`RUN_CALLS` (and ``flush``) goes through :meth:`_call`. A :class:`RecordingTracker` beside the backends
+    (not one of ``trackers``) keeps every call as the run's record of what was sent: ``group.record``."""
 
     name = "group"
 
     def __init__(self, trackers: list[BaseTracker] | None = None, max_errors: int = 20):
+        self.recorder = RecordingTracker()  # gets every call first, whatever the backends do with it
         self.trackers = list(trackers or [])
         self.errors: Counter[str] = Counter()
         self.max_errors = max_errors
@@ -232,8 +387,21 @@ class TrackerGroup(BaseTracker):
     def names(self) -> list[str]:
         return [t.name for t in self.trackers]
 
+    @property
+    def record(self) -> RunRecord:
+        """What this run sent to its trackers (``tracked.json``); each backend's ``run_ref()`` is the caller's to add."""
+        return self.recorder.record
+
+    def _record(self, method: str, *args, **kwargs) -> None:
+        try:
+            getattr(self.recorder, method)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the record must not stop training either
+            log.warning("The record of what was sent (tracked.json) misses a %s call (%s: %s).", method,
+                        type(exc).__name__, exc)
+
     def _call(self, method: str, *args, **kwargs) -> None:
-        step = kwargs.get("step", args[1] if method == "log_metrics" and len(args) > 1 else None)
+        step = call_arguments(method, args, kwargs).get("step")  # log_metrics: the epoch, for the user's summary
+        self._record(method, *args, **kwargs)
         for tracker in self.trackers:
             if self.errors[tracker.name] >= self.max_errors and method != "end_run":
                 # gave up on this backend (it already said why), but always try to close its run
@@ -249,6 +417,7 @@ class TrackerGroup(BaseTracker):
                     log.warning("%s tracker: %d errors, ignoring it for the rest of this run.", tracker.name, self.max_errors)
 
     def start_run(self, run: RunInfo) -> None:
+        self._record("start_run", run)
         started = []
         for tracker in self.trackers:
             try:
@@ -268,39 +437,6 @@ class TrackerGroup(BaseTracker):
                     f"--tracker none to train without it."
                 ) from exc
             started.append(tracker)
-
-    def log_params(self, params):
-        self._call("log_params", params)
-
-    def log_metrics(self, metrics, step):
-        self._call("log_metrics", metrics, step)
-
-    def log_summary(self, metrics):
-        self._call("log_summary", metrics)
-
-    def set_tags(self, tags):
-        self._call("set_tags", tags)
-
-    def log_artifact(self, path, artifact_path=None):
-        self._call("log_artifact", path, artifact_path)
-
-    def log_image(self, path, name, caption=None):
-        self._call("log_image", path, name, caption)
-
-    def log_predictions(self, predictions):
-        self._call("log_predictions", predictions)
-
-    def log_model(self, model, checkpoint, input_example, metadata):
-        self._call("log_model", model, checkpoint, input_example, metadata)
-
-    def flush(self) -> None:
-        self._call("flush")
-
-    def log_dataset(self, dataset):
-        self._call("log_dataset", dataset)
-
-    def log_table(self, name, rows):
-        self._call("log_table", name, rows)
 
     def end_run(self, status: str = FINISHED) -> None:
         if status not in STATUSES:

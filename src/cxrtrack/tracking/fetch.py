@@ -70,7 +70,7 @@ def mlflow_model_checkpoint(ref: str, tracking_uri: str, dest: str | Path | None
     if found:
         return found[0], info
     if version.run_id:  # a version logged before the checkpoint rode along: the run's artifact
-        from cxrtrack.tracking.mlflow_tracker import download_checkpoint
+        from cxrtrack.tracking.mlflow_store import download_checkpoint
 
         return download_checkpoint(version.run_id, tracking_uri, dst), info
     raise CXRError(f"{ref} (version {version.version}) holds no training checkpoint and names no run to fetch one from.")
@@ -107,7 +107,7 @@ def wandb_artifact_checkpoint(ref: str, dest: str | Path | None = None, api=None
 
 def resolve(ref: str, tracking_uri: str | None = None, kind: str | None = None) -> tuple[Path, dict[str, Any]]:
     """(checkpoint file, what it came from) for any accepted reference (``kind`` when the caller knows it)."""
-    from cxrtrack.tracking.mlflow_tracker import resolve_tracking_uri
+    from cxrtrack.tracking.mlflow_store import resolve_tracking_uri
 
     kind = kind or kind_of(ref)
     if kind == "checkpoint":
@@ -119,6 +119,6 @@ def resolve(ref: str, tracking_uri: str | None = None, kind: str | None = None) 
     if kind == "mlflow-model":
         path, info = mlflow_model_checkpoint(ref, uri)
         return path, {"kind": kind, "tracking_uri": uri, **info}
-    from cxrtrack.tracking.mlflow_tracker import download_checkpoint
+    from cxrtrack.tracking.mlflow_store import download_checkpoint
 
     return download_checkpoint(ref, uri), {"kind": kind, "tracking_uri": uri, "run_id": ref}

@@ -1,22 +1,14 @@
-"""MLflow backend: SQLite store in the project, system metrics, artifacts, model registry.
+"""MLflow backend: one run in an MLflow store (params, metrics, artifacts, dataset inputs, the model registry).
 
-Store: ``tracking.mlflow.tracking_uri`` in the config, else ``$MLFLOW_TRACKING_URI``, else
-``sqlite:///<cwd>/mlflow.db`` (MLflow's own default, set explicitly: a stray ``./mlruns`` folder
-would otherwise switch MLflow back to the deprecated file store). Artifacts of a new experiment go
-to ``<cwd>/mlartifacts`` unless ``tracking.mlflow.artifact_location`` says otherwise. A tracking
-server works the same way: ``MLFLOW_TRACKING_URI=http://host:5000``.
+The store itself (its URI and credentials, HTTP settings, the health probe, runs left RUNNING by killed processes,
+UI links) is :mod:`cxrtrack.tracking.mlflow_store`. Usage telemetry is disabled (``MLFLOW_DISABLE_TELEMETRY``,
+set in ``cxrtrack.tracking`` before MLflow is first imported) unless the user has set it.
 
-Usage telemetry is disabled (``MLFLOW_DISABLE_TELEMETRY``, set in ``cxrtrack.tracking`` before MLflow
-is first imported) unless the user has set it.
+A fresh SQLite store is created under an inter-process file lock (concurrent first runs would race MLflow's schema
+migration). Artifacts of a new experiment go to ``<cwd>/mlartifacts`` unless ``tracking.mlflow.artifact_location``
+says otherwise.
 
-Reliability: a server is given bounded HTTP timeouts and retries through MLflow's own settings
-(``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``_MAX_RETRIES`` / ``_BACKOFF_FACTOR``, from ``tracking.mlflow.http_*``
-unless already set), answered-or-not is checked in seconds before a run starts, a fresh SQLite store is
-created under an inter-process file lock (concurrent first runs would race MLflow's schema migration),
-and credentials in the URI (``http://user:pass@host``) are handed to MLflow through its
-``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` variables, so the URI it prints and records
-has none. Each run is tagged with its host, process id and start time, so that a run left RUNNING by a
-killed process can be found and closed (:func:`close_orphans`).
+MLflow is imported in :meth:`MLflowTracker.setup`, not with this module, so ``--tracker none`` never pays for it.
 """
 
 from __future__ import annotations
@@ -25,11 +17,8 @@ import json
 import logging
 import math
 import os
-import socket
-import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -38,131 +27,29 @@ from cxrtrack.errors import TrackerError
 from cxrtrack.provenance import redact
 from cxrtrack.tracking.base import FINISHED, KILLED, BaseTracker, Predictions, RunInfo
 
+# close_run, download_checkpoint: imported from here by callers outside tracking/ (kept for them)
+from cxrtrack.tracking.mlflow_store import (  # noqa: F401
+    EXPERIMENT_TAGS,
+    PING_TIMEOUT,
+    apply_http_settings,
+    close_orphans,
+    close_run,
+    curves_url,
+    download_checkpoint,
+    is_http,
+    process_identity,
+    resolve_tracking_uri,
+    run_url,
+    split_credentials,
+    sqlite_path,
+    uri_source,
+)
+from cxrtrack.tracking.mlflow_store import ping as ping_store
+
 log = logging.getLogger(__name__)
 
 # workaround(mlflow): a param value over 6,000 characters is rejected; longer values are cut
 _MAX_PARAM_VALUE = 6000  # MLflow's limit for one param value (characters)
-PING_TIMEOUT = 3.0  # seconds: a server that does not answer /health in this time is reported at once
-# Tags that identify the process that owns a run: a run left RUNNING by a process that is gone was killed.
-HOST_TAG, PID_TAG, START_TAG = "cxrtrack.host", "cxrtrack.pid", "cxrtrack.process_start"
-# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, prompts); "custom_model_development"
-# (the value its own "experiment type" switch writes) opens it on the runs table and the training charts.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-UI_PORT = 5000  # `make mlflow-ui` (PORT=... to change)
-# The experiment's Chart view opened on train and val of each quantity overlaid in one chart: MLflow's own "shared
-# view" (an experiment tag mlflow.sharedViewState.<key> holding the page's state as JSON, opened with
-# ?viewStateShareKey=<key>). The run page draws one metric per chart and keeps its layout in the browser only.
-CURVES_VIEW = "cxrtrack-curves-v1"
-
-
-def _line_chart(uuid: str, title: str, keys: list[str]) -> dict[str, Any]:
-    return {"uuid": uuid, "type": "LINE", "runsCountToCompare": 10, "metricSectionId": "cxrtrack-curves",
-            "deleted": False, "isGenerated": False, "displayName": title, "metricKey": keys[0], "selectedMetricKeys": keys,
-            "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {}, "xAxisKey": "step",
-            "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [], "ignoreOutliers": False,
-            "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True}
-
-
-def curves_view_state() -> str:
-    charts = [_line_chart("cxrtrack-loss", "loss: train (solid), val (dashed)", ["train/loss", "val/loss"]),
-              _line_chart("cxrtrack-acc", "accuracy: train (solid), val (dashed)", ["train/acc", "val/acc"]),
-              _line_chart("cxrtrack-f1", "macro-F1: train (solid), val (dashed)", ["train/f1_macro", "val/f1_macro"]),
-              _line_chart("cxrtrack-lr", "learning rate (log10)", ["log10_lr"])]
-    return json.dumps({"compareRunCharts": charts, "isAccordionReordered": True,
-                       "compareRunSections": [{"uuid": "cxrtrack-curves", "name": "Training curves (train and val overlaid)",
-                                               "display": True, "isReordered": True}]})
-
-
-def curves_url(tracking_uri: str, experiment_id: str | None, port: int = UI_PORT) -> str:
-    base = tracking_uri.rstrip("/") if is_http(tracking_uri) else f"http://127.0.0.1:{port}"
-    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
-            f"&viewStateShareKey={CURVES_VIEW}")
-
-
-EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
-                   "mlflow.note.content": "CustomCXRNet chest X-ray classifier (cxrtrack): one run per training; "
-                                          "registered versions in Models > CustomCXRNet (aliases champion, latest-<source>).",
-                   f"mlflow.sharedViewState.{CURVES_VIEW}": curves_view_state()}
-
-
-def run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None, port: int = UI_PORT) -> str:
-    """The run page in the MLflow UI: the server itself for an http store, else `make mlflow-ui`'s address.
-
-    ``workflowType=machine_learning``: MLflow 3.17's UI keeps a global GenAI / Model-training switch (default GenAI)
-    that wins over the experiment's ``mlflow.experimentKind`` tag; this query parameter opens the page in Model
-    training mode (runs, metrics, models) whatever the switch says."""
-    base = tracking_uri.rstrip("/") if is_http(tracking_uri) else f"http://127.0.0.1:{port}"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
-
-
-def resolve_tracking_uri(configured: str | None) -> str:
-    # workaround(mlflow): the SQLite URI is set explicitly; a stray ./mlruns would switch to the deprecated file store
-    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def uri_source(configured: str | None) -> str:
-    """Which setting named the tracking URI, for error messages."""
-    if configured:
-        return "tracking.mlflow.tracking_uri in the config"
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return "the MLFLOW_TRACKING_URI environment variable"
-    return "the default (./mlflow.db)"
-
-
-def split_credentials(uri: str) -> str:
-    """``http://user:pass@host`` -> ``http://host``, handing user and password to MLflow through its own
-    ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` variables (MLflow then never prints or stores them)."""
-    parts = urlsplit(uri)
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
-        return uri
-    if parts.username:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
-    if parts.password:
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def apply_http_settings(cfg: dict[str, Any]) -> None:
-    """Bounded HTTP timeouts and retries through MLflow's own variables, unless the user set them.
-
-    MLflow's defaults (7 retries, backoff factor 2 capped at 120 s, 120 s timeout) stall each call about
-    4 minutes against a dead server; these give seconds. They are read by MLflow at every request."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(cfg.get("http_timeout") or 5)))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(cfg.get("http_retries", 2))))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # urllib3: 0 s, then 2 s, 4 s, ...
-
-
-def is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
-
-
-def _process_identity() -> dict[str, str]:
-    import psutil
-
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()),
-            START_TAG: f"{psutil.Process().create_time():.2f}"}
-
-
-def process_alive(tags: dict[str, str]) -> bool | None:
-    """Is the process that owns a run (by its tags) still running? None: it ran on another host (unknown)."""
-    import psutil
-
-    if tags.get(HOST_TAG) != socket.gethostname():
-        return None
-    try:
-        proc = psutil.Process(int(tags[PID_TAG]))
-        return abs(proc.create_time() - float(tags.get(START_TAG, 0))) < 1.0  # the pid was not reused
-    except (psutil.NoSuchProcess, ValueError, KeyError):
-        return False
-    except psutil.Error:
-        return None
 
 
 def _param_value(value: Any) -> str:
@@ -205,32 +92,8 @@ class MLflowTracker(BaseTracker):
         self._mlflow = mlflow
 
     def ping(self, timeout: float = PING_TIMEOUT) -> bool:
-        """Does the store answer? For a server: any HTTP answer to ``/health`` within ``timeout`` (one try, no
-        retries). For SQLite: can a write transaction start within 0.5 s (MLflow itself waits 20 s on a locked
-        database, ``PRAGMA busy_timeout = 20000``, so probing through it would stall every attempt)."""
-        db = sqlite_path(self.tracking_uri)
-        if db is not None:
-            import sqlite3
-
-            try:
-                con = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=0.5)
-                try:
-                    con.execute("BEGIN IMMEDIATE")
-                    con.rollback()
-                finally:
-                    con.close()
-                return True
-            except sqlite3.Error:
-                return False
-        if not is_http(self.tracking_uri):
-            return True
-        import requests
-
-        try:
-            requests.get(self.tracking_uri.rstrip("/") + "/health", timeout=timeout)
-            return True
-        except requests.RequestException:
-            return False
+        """Does the store answer (:func:`~cxrtrack.tracking.mlflow_store.ping`: one probe, seconds at most)?"""
+        return ping_store(self.tracking_uri, timeout)
 
     def _check_reachable(self) -> None:
         if is_http(self.tracking_uri) and not self.ping():
@@ -251,7 +114,7 @@ class MLflowTracker(BaseTracker):
             log.warning("MLflow: could not look for runs left RUNNING by killed processes (%s).", exc)
         if self.cfg.get("system_metrics"):
             mlflow.set_system_metrics_sampling_interval(self.cfg.get("system_metrics_interval") or 10)
-        tags = {**run.tags, **_process_identity()}
+        tags = {**run.tags, **process_identity()}
         if run.group:
             tags["group"] = run.group
         tags["job_type"] = run.job_type
@@ -323,13 +186,20 @@ class MLflowTracker(BaseTracker):
                 raise
             return experiment.experiment_id
 
-    def attach(self, ref: dict[str, Any]) -> None:
-        """Re-open an existing run (``run_ref()`` of the process that created it) to send it more: for replay.
-        MLflow marks it RUNNING until :meth:`end_run` sets its final status."""
+    def attach(self, ref: dict[str, Any], reopen: bool = True) -> None:
+        """Log to an existing run (``run_ref()`` of the tracker that created it). ``reopen`` (replay): MLflow marks it
+        RUNNING until :meth:`end_run` sets its final status. Not reopened (``make evaluate`` reporting back): the
+        calls only add to it (each names its run), and its status and end time stay as they are."""
         mlflow = self._mlflow
         mlflow.set_tracking_uri(self.tracking_uri)
         self.experiment_id, self.run_id = ref.get("experiment_id"), ref["run_id"]
-        mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+        if reopen:
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=False)
+
+    def last_step(self, key: str) -> int:
+        """The highest step of metric ``key`` in this run (0 when it has none): a new point goes after it."""
+        history = self._mlflow.MlflowClient(tracking_uri=self.tracking_uri).get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
 
     def flush(self):
         if not self._sync and self._mlflow is not None:
@@ -372,24 +242,32 @@ class MLflowTracker(BaseTracker):
             monitor.finish()
 
     # -- logging ----------------------------------------------------------------------------------
+    # Each call names its run (run_id=), so it reaches this tracker's run whatever else is open in the process (a
+    # study's parent run) and a run attached without reopening it (report back); only log_dataset and log_model,
+    # whose MLflow calls have no run_id, need the run open in this process.
     def log_params(self, params):
-        self._mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()}, synchronous=self._sync)
+        self._mlflow.log_params({k: _param_value(v) for k, v in flatten(params).items()}, synchronous=self._sync,
+                                run_id=self.run_id)
 
     def log_metrics(self, metrics, step, timestamp_ms: int | None = None):
         """``timestamp_ms``: when the metrics were computed (a replayed call keeps its original time)."""
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=self._sync,
-                                 timestamp=timestamp_ms)
+                                 timestamp=timestamp_ms, run_id=self.run_id)
 
     def log_summary(self, metrics):
         # MLflow has no separate summary: final values are metrics; NaN (undefined AUC) is skipped.
         finite = {k: float(v) for k, v in metrics.items() if not math.isnan(float(v))}
-        self._mlflow.log_metrics(finite)
+        self._mlflow.log_metrics(finite, run_id=self.run_id)
 
     def set_tags(self, tags):
-        self._mlflow.set_tags(tags)
+        from mlflow.entities import RunTag
+
+        # what mlflow.set_tags does, with the run named (it has no run_id argument)
+        client = self._mlflow.MlflowClient(tracking_uri=self.tracking_uri)
+        client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path, artifact_path=None):
-        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        self._mlflow.log_artifact(str(path), artifact_path=artifact_path, run_id=self.run_id)
 
     def log_dataset(self, dataset):
         """One MLflow dataset input per split (context train / val / test): the folder as source, the content
@@ -418,7 +296,8 @@ class MLflowTracker(BaseTracker):
                       "test_split": str(dataset.get("test_split", ""))})
 
     def log_image(self, path, name, caption=None):
-        self._mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent) if "/" in name else None)
+        self._mlflow.log_artifact(str(path), artifact_path=str(Path(name).parent) if "/" in name else None,
+                                  run_id=self.run_id)
 
     def log_predictions(self, predictions: Predictions):
         """The predictions as an MLflow table artifact (viewable and comparable in the MLflow UI)."""
@@ -432,13 +311,13 @@ class MLflowTracker(BaseTracker):
             "correct": p.y_true == p.y_pred,
             **{f"p_{name}": p.probs[:, i] for i, name in enumerate(p.class_names)},
         })
-        self._mlflow.log_table(table, artifact_file="test/predictions.json")
+        self._mlflow.log_table(table, artifact_file="test/predictions.json", run_id=self.run_id)
 
     def log_table(self, name, rows):
         """An MLflow table (``<name>.json``, shown and comparable in the UI's artifact view)."""
         import pandas as pd
 
-        self._mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{name}.json")
+        self._mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{name}.json", run_id=self.run_id)
 
     def log_model(self, model, checkpoint, input_example, metadata):
         """Log with the MLflow PyTorch flavor (signature + input example, the checkpoint as an extra file); register
@@ -508,86 +387,3 @@ class MLflowTracker(BaseTracker):
         curves = redact(curves_url(self.tracking_uri, self.experiment_id))
         after = "" if is_http(self.tracking_uri) else " (after `make mlflow-ui`)"
         return f"{where}: {url}{after}; train/val curves: {curves}"
-
-
-def close_run(tracking_uri: str, run_id: str, status: str) -> bool:
-    """End a run left RUNNING by a process that died (killed hard, machine lost) with ``status``.
-
-    Returns True if the run was still RUNNING and has now been closed; a finished run is left alone.
-    """
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    if client.get_run(run_id).info.status != "RUNNING":
-        return False
-    client.set_terminated(run_id, status=status)
-    return True
-
-
-def download_checkpoint(run_id: str, tracking_uri: str | None = None, dest: str | Path | None = None) -> Path:
-    """Fetch ``checkpoints/best.pt`` of an MLflow run (for ``make evaluate RUN_ID=...``)."""
-    import tempfile
-
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from cxrtrack.errors import CXRError
-
-    uri = resolve_tracking_uri(tracking_uri)
-    try:
-        path = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path="checkpoints/best.pt", tracking_uri=uri,
-            dst_path=str(dest or tempfile.mkdtemp(prefix="cxrtrack-")),
-        )
-    except (MlflowException, OSError) as exc:
-        raise CXRError(
-            f"Could not fetch checkpoints/best.pt of MLflow run {run_id} from {uri} ({exc}). Check the run id in "
-            f"`make mlflow-ui` (a run killed before its first epoch has no checkpoint), and that the store is right "
-            f"(MLFLOW_TRACKING_URI or --tracking-uri)."
-        ) from None
-    return Path(path)
-
-
-_orphans_checked: set[tuple[str, tuple[str, ...]]] = set()
-
-
-def close_orphans(tracking_uri: str, experiment_ids: list[str], *, once: bool = False,
-                  replay=None) -> list[tuple[str, str, str]]:
-    """Find runs left RUNNING by a process of this project that is gone (killed with SIGKILL, the machine lost
-    power) and end them KILLED, saying so. A run whose spool still holds calls is replayed instead, when
-    ``replay`` (a function of the spool folder) is given, and left for `make replay` otherwise.
-
-    Returns (run id, run name, what was done) for each run it acted on or left. ``once``: at most once per
-    store and experiments in this process (every run start calls it)."""
-    key = (tracking_uri, tuple(experiment_ids))
-    if once and key in _orphans_checked:
-        return []
-    _orphans_checked.add(key)
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    done = []
-    for run in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=1000):
-        tags, name, run_id = run.data.tags, run.info.run_name, run.info.run_id
-        if PID_TAG not in tags or process_alive(tags) is not False:
-            continue  # not ours, still running, or on another machine (cannot tell)
-        from cxrtrack.tracking.spool import SPOOL_TAG, Spool
-
-        spool = tags.get(SPOOL_TAG)
-        if spool and replay is not None and Path(spool).is_dir():
-            done.append((run_id, name, replay(Path(spool))))
-            if client.get_run(run_id).info.status != "RUNNING":
-                continue
-        elif spool and Path(spool, "journal.jsonl").is_file():
-            if Spool(Path(spool)).pending():
-                log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone; its spool %s still holds "
-                            "calls: `make replay` sends them and closes the run.", name, run_id, tags[PID_TAG], spool)
-                done.append((run_id, name, f"left for `make replay` (spool {spool})"))
-                continue
-        client.set_tag(run_id, "cxrtrack.closed_by", f"a later run: process {tags[PID_TAG]} on {tags[HOST_TAG]} was "
-                                                     f"gone at {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        client.set_terminated(run_id, KILLED)
-        log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone (killed?): marked KILLED.",
-                    name, run_id, tags[PID_TAG])
-        done.append((run_id, name, "marked KILLED"))
-    return done

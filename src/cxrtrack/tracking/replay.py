@@ -53,7 +53,8 @@ def backend_for(meta: dict, tracking_uri: str | None = None):
     """A backend able to attach to the run the spool belongs to."""
     if meta.get("backend") != "mlflow":
         raise SpoolError(f"cannot replay a spool of backend {meta.get('backend')!r} (only MLflow is spooled)")
-    from cxrtrack.tracking.mlflow_tracker import MLflowTracker, split_credentials
+    from cxrtrack.tracking.mlflow_store import split_credentials
+    from cxrtrack.tracking.mlflow_tracker import MLflowTracker
 
     cfg = dict(meta.get("tracker_cfg") or {})
     # The spool records the URI without credentials; they come from MLFLOW_TRACKING_USERNAME/PASSWORD, or from an
@@ -139,7 +140,7 @@ def replay_all(outputs: Path, tracking_uris: list[str], experiment: str | None =
     (those of the spools, and ``tracking_uris``)."""
     import mlflow
 
-    from cxrtrack.tracking.mlflow_tracker import close_orphans, sqlite_path
+    from cxrtrack.tracking.mlflow_store import close_orphans, sqlite_path
 
     report = ReplayReport()
     uris = list(dict.fromkeys(tracking_uris))

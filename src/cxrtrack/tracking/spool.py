@@ -6,10 +6,15 @@ that call and every later one to a journal, instead of losing them:
 
     outputs/<run>/spool/<backend>/
         spool.json       which store and run the calls belong to (written once, atomically)
-        journal.jsonl    one JSON record per call, appended, flushed and fsynced before the call returns
-        files/<seq>/     copies of the files a call names (artifacts, images, the checkpoint), made before
-                         its record is written: a record exists only once its files are complete
+        journal.jsonl    one JSON record per call, appended, flushed and fsynced before the call returns:
+                         {"seq", "method", "time_ms", "args"}, ``args`` the call's arguments by name
+        files/<seq>/     copies of the files a call names (artifacts, images, the checkpoint) and its arrays
+                         (``.npz``), made before its record is written: a record exists only once its files
+                         are complete. :data:`KEPT_AS` says which arguments these are.
         replayed.jsonl   the seq number of each record the store has taken, appended as it is acknowledged
+
+A record is sent back as one call, ``getattr(backend, method)(**args)`` (:func:`send_record`), so any call of
+:data:`~cxrtrack.tracking.base.RUN_CALLS` can be spooled without code of its own here.
 
 Every ``reconnect_interval`` seconds (and always at the end of the run) it asks the backend whether it
 answers again; if so, it sends the pending records in order, then goes back to calling the backend
@@ -25,7 +30,6 @@ already writes every call to a local transaction log that ``wandb sync`` uploads
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -38,17 +42,45 @@ from typing import Any
 import numpy as np
 
 from cxrtrack.provenance import redact, scrub_secrets
-from cxrtrack.tracking.base import BaseTracker, Call, Predictions, RunInfo, display_name
+from cxrtrack.tracking.base import (
+    RUN_CALLS,
+    Attachable,
+    BaseTracker,
+    Call,
+    Pingable,
+    Predictions,
+    RunInfo,
+    call_arguments,
+    display_name,
+    forwards,
+)
 from cxrtrack.utils import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-SPOOL_VERSION = 1
+# 1: the first format (each call's arguments written by hand); 2: arguments by name (log_predictions under
+# "predictions", log_metrics with its timestamp_ms). Records are read by their shape, so a journal of either
+# version replays (a run resumed after an upgrade appends version-2 records to a version-1 spool).
+SPOOL_VERSION = 2
 SPOOL_TAG = "cxrtrack.spool"  # run tag: where the run's spool is, so a later process can find and send it
 
 
 class SpoolError(Exception):
     """The spool itself cannot be written or read (a full disk under outputs/, a damaged journal)."""
+
+
+# How the journal keeps the arguments that are not plain values (every other argument is written as JSON):
+FILE = "file"  # copied to files/<seq>/<argument>/<its name> (the name is kept: MLflow names artifacts by it)
+ARRAY = "array"  # saved to files/<seq>/<argument>.npz, under the argument's name
+PREDICTIONS = "predictions"  # its arrays saved to files/<seq>/<argument>.npz, its other fields as JSON
+FROM_CHECKPOINT = "from_checkpoint"  # not written: rebuilt from the call's checkpoint when it is sent again
+KEPT_AS: dict[str, dict[str, str]] = {
+    "log_artifact": {"path": FILE},
+    "log_image": {"path": FILE},
+    "log_predictions": {"predictions": PREDICTIONS},
+    "log_model": {"model": FROM_CHECKPOINT, "checkpoint": FILE, "input_example": ARRAY},
+}
+_PREDICTION_ARRAYS = ("y_true", "y_pred", "probs", "images")
 
 
 def _plain(value: Any) -> Any:
@@ -86,30 +118,46 @@ class Spool:
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.meta_file, json.dumps({"version": SPOOL_VERSION, **meta}, indent=1, default=_plain))
 
-    def append(self, method: str, args: dict[str, Any], files: dict[str, Path] | None = None,
-               arrays: dict[str, dict[str, np.ndarray]] | None = None) -> int:
-        """Write one call: copy its ``files`` (key -> source) and save its ``arrays`` (key -> npz contents) into
-        ``files/<seq>/``, then append its record. Returns its seq number."""
+    def append(self, method: str, args: dict[str, Any]) -> int:
+        """Write one call (``args``: its arguments by name): first its files and arrays into ``files/<seq>/``
+        (:data:`KEPT_AS`), then its record. Returns its seq number."""
         seq = self._seq()
         folder = self.root / "files" / f"{seq:06d}"
         try:
-            for key, source in (files or {}).items():
-                target = folder / key / Path(source).name  # the name is kept: MLflow names artifacts by it
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
-                args[key] = target.relative_to(self.root).as_posix()
-            for key, content in (arrays or {}).items():
-                folder.mkdir(parents=True, exist_ok=True)
-                target = folder / f"{key}.npz"
-                np.savez(target, **content)
-                args[key] = target.relative_to(self.root).as_posix()
-            record = {"seq": seq, "method": method, "time_ms": int(time.time() * 1000), "args": args}
+            time_ms = int(time.time() * 1000)
+            kept = KEPT_AS.get(method, {})
+            written = {}
+            for name, value in args.items():
+                if kept.get(name) == FROM_CHECKPOINT:
+                    continue
+                if name == "timestamp_ms" and value is None:
+                    value = time_ms  # a spooled point keeps the time it was logged, not the time it is sent
+                written[name] = self._keep(kept[name], folder, name, value) if name in kept else value
+            record = {"seq": seq, "method": method, "time_ms": time_ms, "args": written}
             _fsync_append(self.journal, json.dumps(record, default=_plain, allow_nan=True))
         except (OSError, TypeError, ValueError) as exc:
             shutil.rmtree(folder, ignore_errors=True)  # no half-copied files left as if complete
             raise SpoolError(f"could not write to the spool {self.root} ({exc})") from exc
         self._next_seq = seq + 1
         return seq
+
+    def _keep(self, kind: str, folder: Path, name: str, value: Any) -> Any:
+        """Write one argument that is a file or arrays under ``folder``; what the record holds in its place."""
+        if kind == FILE:
+            target = folder / name / Path(value).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(value, target)
+            return target.relative_to(self.root).as_posix()
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{name}.npz"
+        if kind == ARRAY:
+            np.savez(target, **{name: np.asarray(value)})
+            return target.relative_to(self.root).as_posix()
+        if kind == PREDICTIONS:
+            np.savez(target, **{k: getattr(value, k) for k in _PREDICTION_ARRAYS})
+            return {"arrays": target.relative_to(self.root).as_posix(), "class_names": list(value.class_names),
+                    "paths": list(value.paths), "extra": dict(value.extra)}
+        raise ValueError(f"unknown kind {kind!r} in KEPT_AS")
 
     def _seq(self) -> int:
         if self._next_seq is None:
@@ -171,49 +219,58 @@ def record_call(record: dict[str, Any]) -> Call:
     return Call(record["method"], record["args"].get("step") if record["method"] == "log_metrics" else None)
 
 
-def send_record(backend: BaseTracker, spool: Spool, record: dict[str, Any]) -> None:
-    """Send one spooled call to ``backend`` (a live backend, or one attached to the run by ``attach``)."""
-    method, a, root = record["method"], dict(record["args"]), spool.root
+def arguments_of(record: dict[str, Any]) -> dict[str, Any]:
+    """A record's arguments as stored, in today's form. Version-1 records (journals written before the journal
+    was generic) differ in two calls: ``log_predictions`` kept the fields of its Predictions as its arguments, and
+    ``log_metrics`` kept its time only as the record's ``time_ms``."""
+    method, args = record["method"], dict(record["args"])
+    if method == "log_predictions" and "predictions" not in args:
+        args = {"predictions": {k: args[k] for k in ("arrays", "class_names", "paths", "extra")}}
     if method == "log_metrics":
-        kwargs = {}
-        if "timestamp_ms" in inspect.signature(backend.log_metrics).parameters:
-            kwargs["timestamp_ms"] = record["time_ms"]  # the point keeps the time it was computed
-        backend.log_metrics(a["metrics"], a["step"], **kwargs)
-    elif method == "log_params":
-        backend.log_params(a["params"])
-    elif method == "log_summary":
-        backend.log_summary(a["metrics"])
-    elif method == "set_tags":
-        backend.set_tags(a["tags"])
-    elif method == "log_artifact":
-        backend.log_artifact(root / a["path"], a["artifact_path"])
-    elif method == "log_image":
-        backend.log_image(root / a["path"], a["name"], a["caption"])
-    elif method == "log_table":
-        backend.log_table(a["name"], a["rows"])
-    elif method == "log_predictions":
-        with np.load(root / a["arrays"]) as z:
-            predictions = Predictions(tuple(a["class_names"]), z["y_true"], z["y_pred"], z["probs"], list(a["paths"]),
-                                      z["images"], dict(a["extra"]))
-        backend.log_predictions(predictions)
-    elif method == "log_model":
+        args.setdefault("timestamp_ms", record["time_ms"])
+    return args
+
+
+def _restore(root: Path, method: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call as it is sent again: the copies of its files, its arrays read back."""
+    kept = KEPT_AS.get(method, {})
+    out = {}
+    for name, value in args.items():
+        kind = kept.get(name)
+        if kind == FILE:
+            out[name] = root / value
+        elif kind == ARRAY:
+            with np.load(root / value) as z:
+                out[name] = z[name]
+        elif kind == PREDICTIONS:
+            with np.load(root / value["arrays"]) as z:
+                arrays = {k: z[k] for k in _PREDICTION_ARRAYS}
+            out[name] = Predictions(tuple(value["class_names"]), paths=list(value["paths"]), extra=dict(value["extra"]),
+                                    **arrays)
+        else:
+            out[name] = value
+    if any(kind == FROM_CHECKPOINT for kind in kept.values()):
+        # imported here: torch is loaded only when a spooled model is sent, not with the spool
         from cxrtrack.models.cxrnet import load_model
 
-        with np.load(root / a["input_example"]) as z:
-            example = z["input_example"]
-        backend.log_model(load_model(root / a["checkpoint"]), root / a["checkpoint"], example, a["metadata"])
-    elif method == "log_dataset":
-        backend.log_dataset(a["dataset"])
-    elif method == "end_run":
-        backend.end_run(a["status"])
-    else:
+        out.update({name: load_model(out["checkpoint"]) for name, kind in kept.items() if kind == FROM_CHECKPOINT})
+    return out
+
+
+def send_record(backend: BaseTracker, spool: Spool, record: dict[str, Any]) -> None:
+    """Send one spooled call to ``backend`` (a live backend, or one attached to the run by ``attach``)."""
+    method = record["method"]
+    if method not in (*RUN_CALLS, "end_run"):
         raise SpoolError(f"unknown call {method!r} in {spool.journal} (record {record['seq']})")
+    getattr(backend, method)(**_restore(spool.root, method, arguments_of(record)))
 
 
+@forwards(*RUN_CALLS)
 class SpoolingTracker(BaseTracker):
     """Wraps one backend: calls go straight to it until one fails, then to the spool until it answers again.
 
-    Attributes of the backend (``run_id``, ``tracking_uri``, ...) are reachable through this wrapper."""
+    Every call of :data:`~cxrtrack.tracking.base.RUN_CALLS` goes through :meth:`_call`. Attributes of the backend
+    (``run_id``, ``tracking_uri``, ...) are reachable through this wrapper."""
 
     def __init__(self, inner: BaseTracker, output_dir: str | Path, reconnect_interval: float = 15.0):
         self.inner = inner
@@ -252,7 +309,7 @@ class SpoolingTracker(BaseTracker):
             except Exception as exc:  # noqa: BLE001
                 self._begin_outage("end_run", exc)
         self._journal("end_run", {"status": status})
-        if hasattr(self.inner, "abandon"):
+        if isinstance(self.inner, Attachable):
             self.inner.abandon()
         pending = self.spool.pending()
         log.warning("%s: the store did not answer at the end of the run: %d call(s), the final status (%s) last, wait in "
@@ -260,57 +317,16 @@ class SpoolingTracker(BaseTracker):
                     status, self.spool.root)
 
     # -- the calls --------------------------------------------------------------------------------
-    def log_params(self, params):
-        self._forward("log_params", {"params": params}, lambda: self.inner.log_params(params))
-
-    def log_metrics(self, metrics, step):
-        metrics = {k: float(v) for k, v in metrics.items()}
-        self._forward("log_metrics", {"metrics": metrics, "step": step}, lambda: self.inner.log_metrics(metrics, step))
-
-    def log_summary(self, metrics):
-        metrics = {k: float(v) for k, v in metrics.items()}
-        self._forward("log_summary", {"metrics": metrics}, lambda: self.inner.log_summary(metrics))
-
-    def set_tags(self, tags):
-        self._forward("set_tags", {"tags": dict(tags)}, lambda: self.inner.set_tags(tags))
-
-    def log_dataset(self, dataset):
-        self._forward("log_dataset", {"dataset": dict(dataset)}, lambda: self.inner.log_dataset(dataset))
-
-    def log_artifact(self, path, artifact_path=None):
-        self._forward("log_artifact", {"artifact_path": artifact_path}, lambda: self.inner.log_artifact(path, artifact_path),
-                      files={"path": Path(path)})
-
-    def log_image(self, path, name, caption=None):
-        self._forward("log_image", {"name": name, "caption": caption}, lambda: self.inner.log_image(path, name, caption),
-                      files={"path": Path(path)})
-
-    def log_table(self, name, rows):
-        rows = [dict(r) for r in rows]
-        self._forward("log_table", {"name": name, "rows": rows}, lambda: self.inner.log_table(name, rows))
-
-    def log_predictions(self, predictions: Predictions):
-        p = predictions
-        self._forward("log_predictions", {"class_names": list(p.class_names), "paths": list(p.paths), "extra": dict(p.extra)},
-                      lambda: self.inner.log_predictions(p),
-                      arrays={"arrays": {"y_true": p.y_true, "y_pred": p.y_pred, "probs": p.probs, "images": p.images}})
-
-    def log_model(self, model, checkpoint, input_example, metadata):
-        self._forward("log_model", {"metadata": dict(metadata)},
-                      lambda: self.inner.log_model(model, checkpoint, input_example, metadata),
-                      files={"checkpoint": Path(checkpoint)},
-                      arrays={"input_example": {"input_example": np.asarray(input_example)}})
-
-    def _forward(self, method: str, args: dict[str, Any], call, files=None, arrays=None) -> None:
+    def _call(self, method: str, *args, **kwargs) -> None:
         if self.spooling:
             self._reconnect()
         if not self.spooling:
             try:
-                call()
+                getattr(self.inner, method)(*args, **kwargs)
                 return
             except Exception as exc:  # noqa: BLE001 - the call is kept in the spool instead of lost
                 self._begin_outage(method, exc)
-        self._journal(method, args, files, arrays)
+        self._journal(method, call_arguments(method, args, kwargs))
 
     # -- the spool --------------------------------------------------------------------------------
     def _begin_outage(self, method: str, exc: Exception) -> None:
@@ -321,7 +337,7 @@ class SpoolingTracker(BaseTracker):
                     display_name(self.name), method, type(exc).__name__, redact(" ".join(str(exc).split()))[:300],
                     self.spool.root if self.spool else "(none)", self.reconnect_interval)
 
-    def _journal(self, method, args, files=None, arrays=None) -> None:
+    def _journal(self, method: str, args: dict[str, Any]) -> None:
         if self.spool is None:
             raise SpoolError("the run was never started, so there is no spool to keep the call")
         try:
@@ -333,7 +349,7 @@ class SpoolingTracker(BaseTracker):
             })
         except OSError as exc:
             raise SpoolError(f"could not write to the spool {self.spool.root} ({exc.strerror or exc})") from exc
-        self.spool.append(method, args, files, arrays)
+        self.spool.append(method, args)
         self.spooled += 1
 
     def _reconnect(self, force: bool = False) -> None:
@@ -344,8 +360,7 @@ class SpoolingTracker(BaseTracker):
         if not force and last is not None and time.monotonic() - last < self.reconnect_interval:
             return
         self._last_attempt = time.monotonic()
-        ping = getattr(self.inner, "ping", None)
-        if ping is not None and not ping():
+        if isinstance(self.inner, Pingable) and not self.inner.ping():
             return
         self.drain()
         self._last_attempt = time.monotonic()

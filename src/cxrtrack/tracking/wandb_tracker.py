@@ -175,6 +175,30 @@ class WandbTracker(BaseTracker):
             reason = "no API key is configured, so " if auto else ""
             log.info("W&B: %slogging offline to %s; upload it later with `make wandb-sync`.", reason, self._run_dir)
 
+    def attach(self, ref: dict[str, Any], reopen: bool = True, job_type: str | None = None) -> None:
+        """Continue the run of ``ref`` (``run_ref()`` of the tracker that created it) by its id (``resume="allow"``):
+        online W&B resumes the run; offline writes a new folder with the same run id, which `make wandb-sync` appends
+        to the run. W&B reopens either way (``reopen`` is MLflow's distinction). The folder goes beside the run's
+        own (``<dir>/wandb/``); ``job_type`` names what this part of the run does (``evaluation``)."""
+        wandb = self._wandb
+        self.mode = os.environ.get("WANDB_MODE") or ref.get("mode") or resolve_mode("auto")
+        run_dir = ref.get("run_dir")
+        root = Path(run_dir).parents[1] if run_dir else Path(".")  # <dir>/wandb/offline-run-*/files -> <dir>
+        if run_dir and Path(run_dir).name == "files":
+            root = Path(run_dir).parents[2]
+        self.project = ref.get("project") or self.project
+        self.run = wandb.init(project=ref.get("project"), id=ref["run_id"], resume="allow", mode=self.mode,
+                              dir=str(root), job_type=job_type, settings=wandb.Settings(silent=True))
+        self._run_dir, self._run_id = Path(self.run.settings.sync_dir), self.run.id
+        self._defined = set()
+
+    def abandon(self) -> None:
+        """Close this process's part of the run without a status of ours (the summary's ``status`` stays as the
+        training run set it). W&B cannot let a run go without finishing it: it records exit code 0 for this part."""
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
     def _root(self) -> Path:
         root = Path(self.cfg.get("dir") or ".").expanduser().resolve()
         root.mkdir(parents=True, exist_ok=True)  # workaround(wandb): init warns when dir= does not exist yet
@@ -245,7 +269,8 @@ class WandbTracker(BaseTracker):
     def log_params(self, params):
         self.run.config.update(params, allow_val_change=True)  # nested: W&B shows sections as groups
 
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, metrics, step, timestamp_ms=None):
+        # timestamp_ms is not passed on: W&B stamps each history row itself (its offline runs are never spooled)
         for key in metrics.keys() - self._defined:
             self.run.define_metric(key, step_metric="epoch")
             self._defined.add(key)

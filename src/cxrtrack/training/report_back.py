@@ -9,7 +9,8 @@ replacing what was there:
 - W&B: the run is resumed (``resume="allow"`` with its id; offline this writes a new offline folder with the same
   run id, which `make wandb-sync` appends to the run) and its summary gets ``eval/<fingerprint8>/<metric>``.
 
-A tracker that cannot be reached is reported in one line; the evaluation itself is never lost (its folder).
+A tracker that cannot be reached is reported in one line; the evaluation itself is never lost (its folder). The
+runs are reached through the tracker package (:func:`cxrtrack.tracking.attached`): this module imports no client.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cxrtrack.tracking import attached
 from cxrtrack.training.evaluate import TestReport, evaluate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -59,57 +61,28 @@ def find_tracked_runs(checkpoint: Path, origin: dict[str, Any], run_name: str | 
 
 
 def report_to_mlflow(ref: dict[str, Any], report: TestReport, out: Path, tracking_uri: str | None) -> str:
-    import mlflow
-    import pandas as pd
-    from mlflow.entities import Metric
-
-    from cxrtrack.tracking.mlflow_tracker import resolve_tracking_uri
-
-    uri = ref.get("tracking_uri") or resolve_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    run_id = ref["run_id"]
     fp = report.data["fingerprint"]
     metrics = eval_metrics(report)
-    history = client.get_metric_history(run_id, next(iter(metrics)))
-    step = max((m.step for m in history), default=0) + 1  # a re-evaluation adds a point, never replaces one
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
-    row = {"evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S"), "data_fingerprint": fp,
-           "data_source": report.data["source"], "data_root": report.data["root"], "n_test": report.data["n_test"],
-           "trained_on": report.data.get("trained_on"), **{k.rsplit("/", 1)[1]: v for k, v in metrics.items()},
-           "report_folder": str(out)}
-    client.log_table(run_id, pd.DataFrame([row]), artifact_file=f"evaluations/{fp}.json")
-    for path in sorted(out.glob("*")):
-        if path.is_file():
-            client.log_artifact(run_id, str(path), artifact_path=f"evaluations/{fp}")
-    client.set_tag(run_id, f"eval.{fp[:8]}.last", row["evaluated_at"])
-    return f"MLflow run {run_id}: metrics {', '.join(metrics)} (step {step}) and evaluations/{fp}.json"
+    with attached("mlflow", ref, tracking_uri=tracking_uri) as run:
+        step = run.last_step(next(iter(metrics))) + 1  # a re-evaluation adds a point, never replaces one
+        run.log_metrics(metrics, step, timestamp_ms=int(time.time() * 1000))
+        row = {"evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S"), "data_fingerprint": fp,
+               "data_source": report.data["source"], "data_root": report.data["root"], "n_test": report.data["n_test"],
+               "trained_on": report.data.get("trained_on"), **{k.rsplit("/", 1)[1]: v for k, v in metrics.items()},
+               "report_folder": str(out)}
+        run.log_table(f"evaluations/{fp}", [row])  # appended to the table of earlier evaluations
+        for path in sorted(out.glob("*")):
+            if path.is_file():
+                run.log_artifact(path, f"evaluations/{fp}")
+        run.set_tags({f"eval.{fp[:8]}.last": row["evaluated_at"]})
+    return f"MLflow run {ref['run_id']}: metrics {', '.join(metrics)} (step {step}) and evaluations/{fp}.json"
 
 
 def report_to_wandb(ref: dict[str, Any], report: TestReport) -> str:
-    import os
-
-    import wandb
-
-    from cxrtrack.tracking.wandb_tracker import resolve_mode
-
-    mode = ref.get("mode") or resolve_mode("auto")
-    if os.environ.get("WANDB_MODE"):
-        mode = os.environ["WANDB_MODE"]
-    run_dir = ref.get("run_dir")
-    root = Path(run_dir).parents[1] if run_dir else Path(".")  # <dir>/wandb/offline-run-*/files -> <dir>
-    if run_dir and Path(run_dir).name == "files":
-        root = Path(run_dir).parents[2]
-    run = wandb.init(project=ref.get("project"), id=ref["run_id"], resume="allow", mode=mode, dir=str(root),
-                     job_type="evaluation", settings=wandb.Settings(silent=True))
-    try:
-        metrics = eval_metrics(report)
-        for key, value in metrics.items():
-            run.summary[key] = value
-        run.summary[f"eval/{report.data['fingerprint'][:8]}/data_fingerprint"] = report.data["fingerprint"]
-        new_dir = Path(run.settings.sync_dir)
-    finally:
-        run.finish()
+    metrics = eval_metrics(report)
+    with attached("wandb", ref, job_type="evaluation") as run:
+        run.log_summary({**metrics, f"eval/{report.data['fingerprint'][:8]}/data_fingerprint": report.data["fingerprint"]})
+        mode, new_dir = run.mode, run.run_dir
     how = ("offline: a new offline folder with the same run id, appended to the run by `make wandb-sync`"
            if mode == "offline" else "the run was resumed")
     return f"W&B run {ref['run_id']}: summary {', '.join(metrics)} ({how}: {new_dir})"
