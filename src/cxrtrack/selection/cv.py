@@ -41,7 +41,7 @@ from cxrtrack.data.loading import build_loaders
 from cxrtrack.models import build_model
 from cxrtrack.provenance import environment_tags, git_info, scrub_secrets
 from cxrtrack.selection.folds import fold_data, stratified_folds, train_pool
-from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker
+from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker, registry
 from cxrtrack.tracking.base import RunInfo
 from cxrtrack.tracking.readback import RunRecord
 from cxrtrack.training.recipe import resolved_settings
@@ -255,10 +255,10 @@ def run_cv(
                 if cfg["tracking"]["log_model"]:
                     with timed(timings, "model_export_s"):
                         example = next(iter(build_loaders(data, cfg, device)["test"]))[0][:2].cpu().numpy().astype(np.float32)
-                        tracker.log_model(model.cpu().eval(), checkpoint, example, {
-                            "final": final, "folds": k, "best_epoch": epoch, "dataset_source": data.source,
-                            "dataset_fingerprint": data.fingerprint, "image_size": data.image_size,
-                            **{key: v for key, v in test_report.tracked_metrics().items() if "/" in key}})
+                        tracker.log_model(model.cpu().eval(), checkpoint, example, registry.model_metadata(
+                            cfg, {"final": final, "folds": k, "best_epoch": epoch, "image_size": data.image_size},
+                            source=data.source, fingerprint=data.fingerprint, run_name=name,
+                            git_commit=tags.get("git_commit", "unknown"), test_metrics=test_report.tracked_metrics()))
                     record.models.append("CustomCXRNet")
         summary = {key: v for key, v in summary.items() if not (isinstance(v, float) and math.isnan(v))}
         artifacts.update(_write_cv_files(run_dir, safe_cfg, stats, epoch, mean_curve, rows, final, summary))

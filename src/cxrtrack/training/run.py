@@ -299,16 +299,13 @@ def run_experiment(
             if test_report is not None and cfg["tracking"]["log_model"]:
                 # the model holds the best checkpoint (_final_evaluation loaded it)
                 example = next(iter(loaders["test"]))[0][:2].cpu().numpy().astype(np.float32)
-                plan = registry.build_plan(cfg, source=data.source, fingerprint=data.fingerprint, run_name=run_name,
-                                           git_commit=tags.get("git_commit", "unknown"),
-                                           test_metrics=test_report.tracked_metrics())
                 # as it predicted the test split: the checkpointed weights, with TTA when evaluation.tta asks
-                tracker.log_model(trainer.recipe.predictor(trainer.model).cpu().eval(), fit.checkpoint, example, {
-                    "best_epoch": fit.best_epoch, "dataset_source": data.source,
-                    "dataset_fingerprint": data.fingerprint, "image_size": data.image_size,
-                    **{k: v for k, v in test_report.tracked_metrics().items() if "/" in k},
-                    registry.REGISTRY_KEY: plan,
-                })
+                tracker.log_model(trainer.recipe.predictor(trainer.model).cpu().eval(), fit.checkpoint, example,
+                                  registry.model_metadata(
+                                      cfg, {"best_epoch": fit.best_epoch, "image_size": data.image_size},
+                                      source=data.source, fingerprint=data.fingerprint, run_name=run_name,
+                                      git_commit=tags.get("git_commit", "unknown"),
+                                      test_metrics=test_report.tracked_metrics()))
                 record.models.append("CustomCXRNet")
         # The run's own record lost on a full disk is a failed run, whatever training did.
         status = FAILED if fit.error is not None or (files.lost and fit.status == FINISHED) else fit.status
