@@ -1,73 +1,7 @@
 #!/usr/bin/env python
-"""Start the MLflow UI on the project's store (`make mlflow-ui`): check the port first, print the latest run's page."""
-
-from __future__ import annotations
-
-import argparse
-import errno
-import os
-import socket
-import sys
-from pathlib import Path
-
+"""`python scripts/mlflow_ui.py ...` is `cxrtrack mlflow-ui ...`: the code is in src/cxrtrack/cli/mlflow_ui.py."""
 from cxrtrack.cli import run_main
-from cxrtrack.errors import CXRError
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc.errno in (errno.EADDRINUSE, errno.EACCES)
-    return False
-
-
-def latest_run(uri: str) -> tuple[str, str, str] | None:
-    """(experiment id, run id, run name) of the most recently started run in the store, or None."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
-    return (runs[0].info.experiment_id, runs[0].info.run_id, runs[0].info.run_name) if runs else None
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--uri", required=True, help="backend store URI (sqlite:///...)")
-    parser.add_argument("--port", default="5000")
-    args = parser.parse_args()
-    try:
-        port = int(args.port)
-        if not 1 <= port <= 65535:
-            raise ValueError
-    except ValueError:
-        raise CXRError(f"PORT={args.port!r} is not a port number; pass one from 1 to 65535, e.g. make mlflow-ui PORT=5001.") from None
-    if args.uri.startswith(("http://", "https://")):
-        from cxrtrack.provenance import redact
-
-        print(f"Runs go to the tracking server {redact(args.uri)}: open it in your browser.")
-        return 0
-    if port_in_use(port):
-        raise CXRError(f"Port {port} on 127.0.0.1 is already in use (another MLflow UI or another program): pick a free "
-                       f"one with make mlflow-ui PORT={port + 1}, or stop what is listening on {port}.")
-    from cxrtrack.tracking.mlflow_tracker import curves_url, run_url, sqlite_path
-
-    db = sqlite_path(args.uri)
-    if db is not None and db.exists():
-        latest = latest_run(args.uri)
-        if latest:
-            print(f"Latest run {latest[2]}: {run_url(args.uri, latest[0], latest[1], port)}\n"
-                  f"Its experiment's train/val curves: {curves_url(args.uri, latest[0], port)}")
-    print(f"MLflow UI: http://127.0.0.1:{port}  (store: {args.uri}; Ctrl-C to stop)", flush=True)
-    mlflow_exe = Path(sys.executable).with_name("mlflow")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    command = [str(mlflow_exe) if mlflow_exe.exists() else "mlflow", "ui", "--backend-store-uri", args.uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    os.execv(command[0], command) if mlflow_exe.exists() else os.execvp(command[0], command)
-    return 0
-
+from cxrtrack.cli.mlflow_ui import main
 
 if __name__ == "__main__":
     run_main(main)

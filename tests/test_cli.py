@@ -187,3 +187,34 @@ def test_make_help_lists_the_targets():
     for target in ("install", "download", "mlflow-quick", "wandb-quick", "mlflow-train", "wandb-train", "train-custom",
                    "mlflow-ui", "wandb-sync", "evaluate", "replay", "test", "lint", "clean"):
         assert target in listed, target
+
+
+COMMANDS = {"train": "--resume RUN", "evaluate": "--checkpoint", "tune": "--space", "compare": "--repeats",
+            "replay": "--outputs", "download": "--handle", "mlflow-ui": "--port"}
+
+
+def test_the_console_command_works_from_the_package_alone(tmp_path):
+    """`cxrtrack <command>` from an installed package (a wheel: no scripts/ folder beside it), here the package
+    copied on its own; `--help` and a config error never import torch."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "src" / "cxrtrack", site / "cxrtrack", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    def cxrtrack(*args):
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", "cxrtrack", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    assert str(site / "cxrtrack") in subprocess.run(  # the copy answers, not the checkout
+        [sys.executable, "-c", "import cxrtrack.console as c; print(c.__file__)"], env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=60).stdout
+    for command, flag in COMMANDS.items():
+        proc = cxrtrack(command, "--help")
+        assert proc.returncode == 0 and flag in proc.stdout, (command, proc.stderr[-2000:])
+        assert "torch" not in re.findall(r"\|\s+(\S+)$", proc.stderr, flags=re.M), command
+    proc = cxrtrack("train", "--config", "missing.yaml")
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr and "Traceback" not in proc.stderr
+    assert "torch" not in re.findall(r"\|\s+(\S+)$", proc.stderr, flags=re.M)
+    proc = cxrtrack("trian")
+    assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr

@@ -13,7 +13,7 @@ from cxrtrack.data.transforms import build_transforms
 from cxrtrack.errors import ConfigError
 from cxrtrack.models.cxrnet import CustomCXRNet
 from cxrtrack.tracking import tracker_names
-from cxrtrack.training.run import make_run_name
+from cxrtrack.training.scaffold import make_run_name
 from cxrtrack.training.trainer import build_criterion, build_optimizer, build_scheduler
 from tests.conftest import CONFIGS
 

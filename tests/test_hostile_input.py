@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from cxrtrack.data.dataset import build_data
-from cxrtrack.data.synthetic import DATASET_DIRNAME
-from tests.conftest import CONFIGS, ROOT
+from cxrtrack.data.synthetic import DATASET_DIRNAME, generate_synthetic_dataset
+from tests.conftest import CONFIGS, ROOT, TINY_COUNTS
 from tests.test_cli import assert_clean_error, run_script
 
 QUICK = str(CONFIGS / "quick.yaml")
@@ -134,10 +134,15 @@ def test_config_that_is_a_fifo_does_not_hang(tmp_path):
     assert_clean_error(proc, "is not a regular file (a pipe, socket or device)")
 
 
-def test_data_root_slash_is_a_clear_error(tmp_path):
-    proc = run_script("train.py", "--config", QUICK, "--tracker", "none", "--data", "/",
+@pytest.mark.parametrize(("data", "fragment"), [("/", "is the root folder"), ("~", "is your home folder")])
+def test_data_root_slash_is_a_clear_error(data, fragment, tmp_path, monkeypatch):
+    # refused outright, whatever lies below: here a home folder holding a valid dataset
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    generate_synthetic_dataset(tmp_path / "home" / "checkout" / "data", seed=1, counts=TINY_COUNTS, size_range=(72, 140),
+                               n_large=0)
+    proc = run_script("train.py", "--config", QUICK, "--tracker", "none", "--data", data,
                       "--set", f"output_dir={tmp_path / 'out'}")
-    assert_clean_error(proc, "must point at the dataset folder itself")
+    assert_clean_error(proc, fragment, "must point at the dataset folder itself")
     _check_nothing_written(tmp_path)
 
 

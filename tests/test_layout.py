@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from cxrtrack import CLASS_NAMES
+from cxrtrack.data import layout
 from cxrtrack.data.layout import DatasetLocation, canonical_class, class_folders, locate_dataset
 from cxrtrack.errors import DataError
 
@@ -140,6 +141,31 @@ def test_hidden_and_macos_folders_are_ignored(tmp_path):
             "Normal": split_dir / "Normal",
             "Viral Pneumonia": split_dir / "Viral Pneumonia",
         }
+
+
+def test_search_goes_only_as_deep_as_the_documented_layouts(tmp_path):
+    # the deepest documented layout is the kagglehub cache root: versions/2/Covid19-dataset/train (3 levels down)
+    make_train_test(tmp_path / "a" / "versions" / "2" / "Covid19-dataset")  # one level deeper: not searched
+    with pytest.raises(DataError, match="No chest X-ray dataset found") as info:
+        locate_dataset(tmp_path)
+    assert "3 folder levels" in str(info.value)
+    assert locate_dataset(tmp_path / "a").root == tmp_path / "a" / "versions" / "2" / "Covid19-dataset"
+
+
+@pytest.mark.parametrize("where", ["/", "~", "home"])
+def test_the_root_and_home_folders_are_refused_without_being_searched(where, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    make_train_test(home / "Covid19-dataset")  # what a search of the home folder would find
+    listed = []
+    monkeypatch.setattr(layout, "_visible_dirs", lambda folder: listed.append(folder) or [])
+    with pytest.raises(DataError) as info:
+        locate_dataset(home if where == "home" else where)
+    assert listed == []  # refused before looking inside: the answer does not depend on what lies there
+    message = str(info.value)
+    assert ("the root folder" if where == "/" else "your home folder") in message
+    assert "must point at the dataset folder itself" in message and "DATA=" in message and "make download" in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(("shallow", "deep"), [("a", "b/x"), ("b", "a/x")])

@@ -123,7 +123,7 @@ def test_model_reference_kinds():
         fetch.kind_of("CustomCXRNet@champion")
 
 
-def test_console_command_dispatches_to_the_scripts(tmp_path):
+def test_console_command_dispatches_to_the_cli_modules(tmp_path):
     env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-m", "cxrtrack", "train", "--help"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)

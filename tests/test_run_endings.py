@@ -24,7 +24,7 @@ from cxrtrack.errors import NonFiniteLossError, RunFailedError
 from cxrtrack.tracking import FAILED, FINISHED, KILLED
 from cxrtrack.tracking.readback import diff_records, read_mlflow, total_lost
 from cxrtrack.tracking.replay import replay_spool
-from cxrtrack.training import run as run_module
+from cxrtrack.training import scaffold
 from cxrtrack.training import trainer as trainer_module
 from cxrtrack.training.run import run_experiment
 from cxrtrack.training.trainer import Trainer
@@ -236,7 +236,7 @@ def test_injected_enospc_in_the_outputs_ends_failed_everywhere(tiny_cfg, monkeyp
         return atomic_write(path, half_then_full)
 
     monkeypatch.setattr(trainer_module, "atomic_write", full_after_epoch_1)
-    monkeypatch.setattr(run_module, "atomic_write", full_after_epoch_1)
+    monkeypatch.setattr(scaffold, "atomic_write", full_after_epoch_1)  # the run's files (RunFiles)
     group = build_tracker("both", tiny_cfg)
     with pytest.raises(RunFailedError) as err:
         run_experiment(tiny_cfg, tracker=group, callbacks=(lambda e, row: state.update(full=True),))
@@ -291,7 +291,7 @@ def test_wandb_folder_on_a_full_file_system_is_reported(tiny_cfg, tmp_path, capl
 
 
 def test_two_runs_in_the_same_second_never_share_a_folder(tiny_cfg):
-    from cxrtrack.training.run import claim_run_dir
+    from cxrtrack.training.scaffold import claim_run_dir
 
     tiny_cfg["run_name"] = None
     names = [claim_run_dir(tiny_cfg)[0] for _ in range(3)]

@@ -100,7 +100,9 @@ def test_folds_are_nested_children_and_the_parent_holds_the_cv_mean_and_std(cv_r
     sent = RunRecord.from_json((result.run_dir / "tracked.json").read_text())
     assert total_lost(diff_records(sent, read_mlflow(uri, parent_id, epoch_metrics=[]), "mlflow")) == 0
     assert_same_record(result.tracker.record, sent)  # the group's RecordingTracker holds the same record
-    assert [str(v.version) for v in client.search_model_versions(f"run_id='{parent_id}'")] == ["1"]  # ONE model
+    # ONE model, logged by the parent; the quick config on synthetic data registers nothing (tracking.register)
+    assert parent.models == ["model"] and parent.extra["registered_versions"] == []
+    assert client.search_registered_models() == []
     assert "test/acc" in parent.summary and "checkpoints/best.pt" in parent.artifacts
 
 
@@ -150,10 +152,20 @@ def test_the_ensemble_predicts_the_average_of_the_fold_models_and_evaluate_repro
     assert report.loss == pytest.approx(result.test.loss, rel=1e-5)  # same TTA, criterion and equalisation
 
 
-def test_retrain_runs_the_cv_chosen_epochs_on_all_of_train(tmp_path, tiny_data_root):
-    cfg = cfg_for(tmp_path, tiny_data_root, "none", **{"training.cv_folds": 2, "training.cv_final": "retrain",
-                                                       "training.scheduler": "cosine", "training.epochs": 3})
+def test_retrain_runs_the_cv_chosen_epochs_on_all_of_train_and_registers_by_the_policy(tmp_path, tiny_data_root):
+    cfg = cfg_for(tmp_path, tiny_data_root, "mlflow", **{"training.cv_folds": 2, "training.cv_final": "retrain",
+                                                         "training.scheduler": "cosine", "training.epochs": 3,
+                                                         "tracking.register": True})
     result = run_cv(cfg)
+    # registered on purpose: the parent's one model, with the same tags, description and aliases as a plain run's
+    client = mlflow.MlflowClient(tracking_uri=cfg["tracking"]["mlflow"]["tracking_uri"])
+    (version,) = client.search_model_versions("name='CustomCXRNet'")
+    assert version.run_id == result.tracker.trackers[0].run_id
+    assert version.tags["run_name"] == result.run_name and version.tags["dataset_source"] == "synthetic"
+    assert float(version.tags["test/f1_macro"]) == pytest.approx(result.test.metrics["f1_macro"])
+    assert result.run_name in version.description
+    for alias in ("champion", "latest-synthetic"):
+        assert str(client.get_model_version_by_alias("CustomCXRNet", alias).version) == str(version.version)
     assert result.final == "retrain" and result.retrain is not None
     n_pool = len(build_data(cfg["data"], cfg["seed"]).train) + len(build_data(cfg["data"], cfg["seed"]).val)
     assert result.retrain.params["dataset.n_train"] == n_pool and "dataset.n_val" not in result.retrain.params

@@ -25,9 +25,9 @@ pytestmark = pytest.mark.slow
 LRS = [0.001, 0.002, 0.003]
 
 
-def tiny_base(tmp_path: Path, data_root: Path, epochs: int = 2) -> BaseConfig:
+def tiny_base(tmp_path: Path, data_root: Path, epochs: int = 2, **values) -> BaseConfig:
     """configs/tune/quick.yaml with conftest's tiny settings and private stores under tmp_path."""
-    return BaseConfig(str(CONFIGS / "tune" / "quick.yaml"), values={
+    return BaseConfig(str(CONFIGS / "tune" / "quick.yaml"), values={**values,
         "data.path": str(data_root), "data.image_size": 64, "data.batch_size": 16, "training.epochs": epochs,
         "evaluation.n_prediction_images": 6, "output_dir": str(tmp_path / "outputs"),
         "tracking.mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -53,7 +53,7 @@ def grid_space(tmp_path, name="grid", pruner="none"):
 
 
 def test_mlflow_study_parent_children_metrics_and_registered_best_model(tmp_path, tiny_data_root):
-    base = tiny_base(tmp_path, tiny_data_root)
+    base = tiny_base(tmp_path, tiny_data_root, **{"tracking.register": True})  # the quick config registers nothing
     result = tune(grid_space(tmp_path), base, "mlflow")
     assert result.status == "FINISHED" and result.tally.complete == 3
 
@@ -92,6 +92,13 @@ def test_mlflow_study_parent_children_metrics_and_registered_best_model(tmp_path
     # only the best trial's model is registered, and it predicts like that trial's checkpoint
     versions = client.search_model_versions("name='CustomCXRNet'")
     assert len(versions) == 1 and versions[0].run_id == parent.info.run_id
+    # a version like any other (registry.py's plan): tags, description, latest-<source>; never tested, so no champion
+    tags = versions[0].tags
+    assert tags["dataset_source"] == "synthetic" and tags["config"] == "quick" and "dataset_fingerprint" in tags
+    assert tags["run_name"] == Path(best.user_attrs["run_dir"]).name and tags["run_name"] in versions[0].description
+    assert str(client.get_model_version_by_alias("CustomCXRNet", "latest-synthetic").version) == str(versions[0].version)
+    assert not any(k.startswith("test/") for k in tags)
+    assert client.get_model_version("CustomCXRNet", versions[0].version).aliases == ["latest-synthetic"]
     logged = mlflow.pytorch.load_model(f"models:/CustomCXRNet/{versions[0].version}")
     model, ckpt = load_checkpoint(best.user_attrs["checkpoint"])
     batch = torch.rand(4, 1, 64, 64)
@@ -145,6 +152,10 @@ def test_failed_and_pruned_trials_are_recorded_and_the_search_goes_on(tmp_path, 
     rows = {r["trial"]: r for r in result.rows}
     assert rows[pruned.number]["state"] == "PRUNED" and rows[failed.number]["state"] == "FAILED"
     assert "simulated crash" in rows[failed.number]["error"]
+    # the best trial's model is logged to the study's runs; the quick config on synthetic data registers nothing
+    assert read_mlflow(client.tracking_uri, result.parent_run_id).models == ["model"]
+    assert read_wandb(result.summary_run_dir).models == ["customcxrnet"]
+    assert client.search_registered_models() == []
 
 
 def test_resume_after_ctrl_c_repeats_no_finished_trial(tmp_path, tiny_data_root, monkeypatch):

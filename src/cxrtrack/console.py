@@ -1,19 +1,18 @@
 """The ``cxrtrack`` command (``[project.scripts]``): ``cxrtrack train|evaluate|tune|compare|replay|mlflow-ui ...``.
 
-Each subcommand is the script of the same name in the project's ``scripts/`` folder, run with the arguments that
+Each subcommand is the ``main()`` of the module of the same name in :mod:`cxrtrack.cli`, run with the arguments that
 follow it (``cxrtrack train --config configs/quick.yaml`` is ``python scripts/train.py --config configs/quick.yaml``).
-The package is installed editable from its checkout (``make install``), so the scripts are found beside it.
+It lives in the package, so the command works from any install (a wheel, an editable checkout); relative paths
+(``configs/...``, ``outputs/``) are read from the current folder, as the scripts read them.
 """
 
 from __future__ import annotations
 
-import runpy
+import importlib
 import sys
-from pathlib import Path
 
-COMMANDS = {"train": "train.py", "evaluate": "evaluate.py", "tune": "tune.py", "compare": "compare.py",
-            "replay": "replay.py", "download": "download.py", "mlflow-ui": "mlflow_ui.py"}
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+COMMANDS = {"train": "train", "evaluate": "evaluate", "tune": "tune", "compare": "compare", "replay": "replay",
+            "download": "download", "mlflow-ui": "mlflow_ui"}  # command -> module in cxrtrack.cli
 USAGE = (f"usage: cxrtrack {{{','.join(COMMANDS)}}} [options]\n"
          f"       cxrtrack <command> --help   shows the options of one command")
 
@@ -27,13 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"{USAGE}\n\nerror: unknown command {command!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
         sys.exit(2)
-    script = SCRIPTS / COMMANDS[command]
-    if not script.is_file():
-        print(f"error: {script} is missing: the cxrtrack command runs the scripts of its source checkout; install the "
-              f"project editable from its folder (make install, or pip install -e .).", file=sys.stderr)
-        sys.exit(2)
+    from cxrtrack.cli import run_main
+
+    module = importlib.import_module(f"cxrtrack.cli.{COMMANDS[command]}")  # only the command asked for
     sys.argv = [f"cxrtrack {command}", *rest]
-    runpy.run_path(str(script), run_name="__main__")
+    run_main(module.main)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ Accepted layouts (class folder names are matched case-insensitively, see :func:`
 - the kagglehub download folder (``.../versions/2`` holding ``Covid19-dataset/``),
 - ``Covid19-dataset/`` itself, or any folder holding ``train/`` and ``test/`` class folders,
 - a flat folder of class folders (no official test split: one is carved out, and the run says so).
+
+The search goes only as deep as these layouts need (the kagglehub cache root ``<handle>/versions/2/Covid19-dataset/``
+is 3 levels), and the root and home folders are refused before anything is listed, so what happens to lie near
+them never decides what is trained on.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ _ALIASES = {
     "viralpneumonia": "Viral Pneumonia",
     "pneumoniaviral": "Viral Pneumonia",
 }
-_MAX_SEARCH_DEPTH = 4
-_MAX_FOLDERS_SEARCHED = 2000  # DATA=/ or DATA=~ must end in a clear error, not a walk through the whole disk
+_MAX_SEARCH_DEPTH = 3  # the deepest accepted layout: the kagglehub cache root -> versions/2/Covid19-dataset/
+_MAX_FOLDERS_SEARCHED = 2000  # a large tree (a disk, a projects folder) ends in a clear error, not a long walk
 
 
 def canonical_class(folder_name: str) -> str | None:
@@ -103,6 +107,7 @@ def locate_dataset(path: str | Path) -> DatasetLocation:
         )
     if not path.is_dir():
         raise DataError(f"Data path {path} is a file; DATA= (or --data) must be a folder of images.")
+    _refuse_root_or_home(path)
 
     # Breadth-first, so the shallowest match wins (kagglehub path -> Covid19-dataset/ -> train/).
     queue, searched = [(path, 0)], 0
@@ -128,5 +133,22 @@ def locate_dataset(path: str | Path) -> DatasetLocation:
     raise DataError(
         f"No chest X-ray dataset found in {path}. Expected train/ and test/ folders each holding "
         f"{', '.join(CLASS_NAMES)} class folders (the Kaggle 'Covid19-dataset' layout), or a folder of class "
-        f"folders. Run `make download`, or leave DATA unset to use the synthetic set."
+        f"folders, in it or at most {_MAX_SEARCH_DEPTH} folder levels below it. Point DATA= (or --data) at the dataset "
+        f"folder itself, run `make download`, or leave DATA unset to use the synthetic set."
+    )
+
+
+def _refuse_root_or_home(path: Path) -> None:
+    """DATA=/ or DATA=~ is a slip, never a dataset: refused before anything below it is listed."""
+    resolved = path.resolve()
+    if resolved.parent == resolved:
+        what = "the root folder"
+    elif resolved == Path.home().resolve():
+        what = "your home folder"
+    else:
+        return
+    raise DataError(
+        f"Data path {path} is {what}: DATA= (or --data) must point at the dataset folder itself (the one holding "
+        f"train/ and test/, or the class folders, e.g. DATA=~/Downloads/Covid19-dataset), which is never searched for "
+        f"from {what}. Run `make download` to fetch it into data/kaggle, or leave DATA unset to use the synthetic set."
     )

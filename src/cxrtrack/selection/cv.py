@@ -35,21 +35,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from cxrtrack.config import flatten
-from cxrtrack.data.dataset import CXRData, DataCache, build_data
+from cxrtrack.data.dataset import CXRData, DataCache
 from cxrtrack.data.loading import build_loaders
 from cxrtrack.models import build_model
-from cxrtrack.provenance import environment_tags, git_info, scrub_secrets
 from cxrtrack.selection.folds import fold_data, stratified_folds, train_pool
 from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker
-from cxrtrack.tracking.base import RunInfo
 from cxrtrack.tracking.readback import RunRecord
-from cxrtrack.training.recipe import resolved_settings
-from cxrtrack.training.run import RunResult, claim_run_dir, make_run_name, run_config, run_experiment
+from cxrtrack.training.run import RunResult, run_experiment
+from cxrtrack.training.scaffold import (
+    child_parents,
+    derived_config,
+    load_data,
+    open_run,
+    parent_cfg,
+    publish_test,
+)
 from cxrtrack.training.trainer import EpochCallback, FitResult, StopTraining, build_criterion
-from cxrtrack.utils import seed_everything, select_device, timed, write_text_atomic
+from cxrtrack.utils import atomic_write, seed_everything, select_device, timed, write_text_atomic
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class CVResult:
@@ -116,23 +121,6 @@ def _child_cfg(cfg: dict[str, Any], name: str, out_dir: Path, tags: dict[str, st
     return child
 
 
-def parent_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The trackers' settings for a parent run: no system metrics (they belong to the child runs)."""
-    out = copy.deepcopy(cfg)
-    out["tracking"]["mlflow"]["system_metrics"] = False
-    return out
-
-
-def child_parents(tracker: TrackerGroup, parents: dict[str, str] | None) -> dict[str, str]:
-    """The parent ids a child run of ``tracker``'s run nests under (MLflow); W&B groups by name instead."""
-    out = dict(parents or {})
-    for t in tracker.trackers:
-        run_id = (t.run_ref() or {}).get("run_id")
-        if t.name == "mlflow" and run_id:
-            out["mlflow"] = run_id
-    return out
-
-
 def run_cv(
     cfg: dict[str, Any],
     tracker: TrackerGroup | None = None,
@@ -149,32 +137,21 @@ def run_cv(
     ``callbacks`` run after every epoch of the *first* fold only (a tuning pruner: the first fold's curve is
     the early signal); a callback that stops training (``StopTraining``) stops the whole cross-validation.
     """
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    t0, timings = time.perf_counter(), {}
     k, monitor, mode = cfg["training"]["cv_folds"], cfg["training"]["monitor"], cfg["training"]["monitor_mode"]
     seed_everything(cfg["seed"], cfg["training"]["deterministic"])
     device = select_device(cfg["device"])
     tracker = tracker if tracker is not None else build_tracker(cfg["tracking"]["tracker"], parent_cfg(cfg))
-    with timed(timings, "data_s"):
-        if isinstance(data, DataCache):
-            data = data.get(cfg["data"], cfg["seed"])
-        elif data is None:
-            data = build_data(cfg["data"], cfg["seed"])
+    data = load_data(cfg, data, timings)
     pool = train_pool(data)
     splits = stratified_folds(pool.labels, k, cfg["seed"])
-    name = make_run_name(cfg) if cfg.get("run_name") else f"{make_run_name(cfg)}-cv{k}"
-    name, run_dir = claim_run_dir({**cfg, "run_name": name})  # its own new folder, as every run gets
-    group = group or cfg["tracking"]["group"] or name
-    safe_cfg = scrub_secrets(cfg)
     n_params = build_model(cfg["model"], cfg["data"]).num_parameters()
     summary_data = {k2: v for k2, v in data.summary().items() if not k2.startswith(("n_train", "n_val"))}
     summary_data.update(n_train_pool=len(pool.labels), cv_folds=k)
-    config = {**run_config(safe_cfg, summary_data, n_params, device.type), "resolved": resolved_settings(cfg, device)}
-    tags = {**git_info(), **environment_tags(device.type), "dataset_source": data.source,
-            "dataset_fingerprint": data.fingerprint, "config": cfg.get("config_name", ""), "model": "CustomCXRNet",
-            "cv_folds": str(k), "cv_final": cfg["training"]["cv_final"],
-            **{str(a): str(b) for a, b in safe_cfg["tracking"]["tags"].items()}}
-    record = RunRecord(name=name, params=flatten(config), tags=tags)
+    run = open_run(cfg, derived_config(cfg, summary_data, n_params, device), device=device.type, data=data,
+                   tags={"cv_folds": str(k), "cv_final": cfg["training"]["cv_final"]}, suffix=f"cv{k}", t0=t0,
+                   timings=timings)
+    name, group = run.name, group or cfg["tracking"]["group"] or run.name
     log.info("Cross-validation %s: %d stratified folds of %d train/ images (seed %d); final model: %s; tracking: %s",
              name, k, len(pool.labels), cfg["seed"], cfg["training"]["cv_final"], ", ".join(tracker.names) or "none")
 
@@ -191,16 +168,14 @@ def run_cv(
 
     folds: list[RunResult] = []
     status, final, test_report, retrain, checkpoint = FINISHED, None, None, None, None
-    summary: dict[str, float] = {}
-    artifacts: dict[str, Path] = {}
+    summary = run.summary
     with tracker:
-        with timed(timings, "tracker_start_s"):
-            tracker.start_run(RunInfo(name, config, tags, group=group, job_type=job_type, parents=dict(parents or {}),
-                                      description=description or f"{k}-fold cross-validation of {cfg.get('config_name')}: "
-                                      f"one child run per fold; the CV mean +- std of every validation metric here."))
+        run.start(tracker, group=group, job_type=job_type, parents=parents,
+                  description=description or f"{k}-fold cross-validation of {cfg.get('config_name')}: one child run per "
+                  f"fold; the CV mean +- std of every validation metric here.")
         nested = child_parents(tracker, parents)
         for i, (tr, va) in enumerate(splits, 1):
-            fcfg = _child_cfg(cfg, f"{name}-fold{i}", run_dir / "folds", {"cv": name, "fold": str(i)})
+            fcfg = _child_cfg(cfg, f"{name}-fold{i}", run.dir / "folds", {"cv": name, "fold": str(i)})
             with timed(timings, "fit_s"):
                 result = run_experiment(fcfg, data=fold_data(data, pool, tr, va, cfg["data"]),
                                         callbacks=tuple(guarded(c) for c in callbacks) if i == 1 else (), group=group,
@@ -221,7 +196,7 @@ def run_cv(
         oof = out_of_fold(folds, splits, pool) if len(folds) == k and not stopped else None
         if oof is not None:
             summary.update({f"cv/oof/{key}": v for key, v in oof_metrics(oof, data.class_names).items()})
-            artifacts["cv/oof_predictions.csv"] = write_oof(oof, data.class_names, run_dir / "oof_predictions.csv")
+            run.artifacts["cv/oof_predictions.csv"] = write_oof(oof, data.class_names, run.dir / "oof_predictions.csv")
         rows = [{"fold": i, "run_name": r.run_name, "n_train": r.params.get("dataset.n_train"),
                  "n_val": r.params.get("dataset.n_val"), "best_epoch": r.fit.best_epoch,
                  **{key: r.fit.best_metrics.get(key) for key in stats if key.startswith("val/")}}
@@ -230,60 +205,44 @@ def run_cv(
         tested = cfg["evaluation"]["run_test"] and len(data.test) > 0
         if status == FINISHED and not stopped and epoch is not None:
             final = cfg["training"]["cv_final"] if tested else "ensemble"
-            checkpoint = run_dir / "checkpoints" / "best.pt"
+            checkpoint = run.dir / "checkpoints" / "best.pt"
             with timed(timings, "final_model_s"):
                 if final == "retrain":
-                    retrain = _retrain(cfg, data, pool, name, run_dir, epoch, group, nested)
+                    retrain = _retrain(cfg, data, pool, name, run.dir, epoch, group, nested)
                     if retrain.status == KILLED:
                         status, final, checkpoint = KILLED, None, None
                     else:
                         _copy_checkpoint(retrain.fit.checkpoint, checkpoint, {"kind": "retrain", "cv": _ckpt_cv(stats, epoch, k)})
                 else:
-                    save_ensemble([r.fit.checkpoint for r in folds], checkpoint, safe_cfg, data, name, stats, epoch, k)
+                    save_ensemble([r.fit.checkpoint for r in folds], checkpoint, run.safe_cfg, data, name, stats, epoch, k)
             if checkpoint is not None:
-                artifacts["checkpoints/best.pt"] = checkpoint
+                run.artifacts["checkpoints/best.pt"] = checkpoint
             if status == FINISHED and tested:
                 with timed(timings, "test_eval_s"):
-                    test_report, paths, model = _final_evaluation(checkpoint, cfg, data, pool, device, run_dir)
-                summary.update(test_report.tracked_metrics())
-                artifacts.update({f"reports/{paths[key].name}": paths[key] for key in ("metrics", "report", "predictions")})
-                for img in ("confusion_matrix.png", "roc_curves.png", "test_predictions.png"):
-                    tracker.log_image(paths[img], f"plots/{img}")
-                    record.images.append(f"plots/{img}")
-                tracker.log_predictions(test_report.predictions)
-                record.tables["test/predictions"] = len(test_report.predictions.y_true)
-                if cfg["tracking"]["log_model"]:
-                    with timed(timings, "model_export_s"):
-                        example = next(iter(build_loaders(data, cfg, device)["test"]))[0][:2].cpu().numpy().astype(np.float32)
-                        tracker.log_model(model.cpu().eval(), checkpoint, example, {
-                            "final": final, "folds": k, "best_epoch": epoch, "dataset_source": data.source,
-                            "dataset_fingerprint": data.fingerprint, "image_size": data.image_size,
-                            **{key: v for key, v in test_report.tracked_metrics().items() if "/" in key}})
-                    record.models.append("CustomCXRNet")
-        summary = {key: v for key, v in summary.items() if not (isinstance(v, float) and math.isnan(v))}
-        artifacts.update(_write_cv_files(run_dir, safe_cfg, stats, epoch, mean_curve, rows, final, summary))
-        tracker.log_summary(summary)
+                    test_report, paths, model, loader = _final_evaluation(checkpoint, cfg, data, pool, device, run.dir)
+                publish_test(run, tracker, cfg, data, test_report, paths, model, checkpoint, loader,
+                             {"final": final, "folds": k, "best_epoch": epoch, "image_size": data.image_size})
+        run.summary = summary = {key: v for key, v in summary.items() if not (isinstance(v, float) and math.isnan(v))}
+        run.save("cv_summary.json", json.dumps({"stats": stats, "chosen_epoch": epoch, "mean_val_curve": mean_curve,
+                                                "monitor": monitor, "final": final, "folds": rows, "summary": summary},
+                                               indent=2, default=str))
+        run.save_config()
         if rows:
             tracker.log_table("cv/folds", rows)
-            record.tables["cv/folds"] = len(rows)
-        for art, path in artifacts.items():
-            tracker.log_artifact(path, str(Path(art).parent) if "/" in art else None)
+            run.record.tables["cv/folds"] = len(rows)
+        run.publish(tracker)
         tracker.set_tags({"cv_final_model": final or "none"})
-        record.tags["cv_final_model"] = final or "none"
-        record.summary, record.artifacts, record.status = summary, sorted(artifacts), status
-        tracker.end_run(status)
-    timings["total_s"] = time.perf_counter() - t0
+        run.tags["cv_final_model"] = final or "none"
+        run.end(tracker, status)
     timings["fit_s"] = sum(r.timings.get("fit_s", 0.0) for r in folds)
-    record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers}}
-    write_text_atomic(run_dir / "tracked.json", record.to_json())
-    write_text_atomic(run_dir / "timings.json", json.dumps({"trackers": tracker.names, **timings}, indent=2))
+    run.write_record(tracker)
     score = stats.get(monitor, {}).get("mean") if not stopped and folds else None
     fit = FitResult(history=[{"epoch": e, monitor: v} for e, v in enumerate(mean_curve, 1)], best_epoch=epoch,
                     best_score=score, status=status, stopped_early=bool(stopped), checkpoint=checkpoint,
                     best_metrics={key: s["mean"] for key, s in stats.items() if key.startswith("val/")},
                     stop_reason=stopped.get("reason"))
-    _log_outcome(name, status, stats, epoch, final, test_report, run_dir, tracker, summary)
-    return CVResult(name, run_dir, status, folds, stats, epoch, final, fit, test_report, retrain, record, summary,
+    _log_outcome(name, status, stats, epoch, final, test_report, run.dir, tracker, summary)
+    return CVResult(name, run.dir, status, folds, stats, epoch, final, fit, test_report, retrain, run.record, summary,
                     tracker, timings)
 
 
@@ -353,20 +312,13 @@ def save_ensemble(checkpoints: list[Path], path: Path, safe_cfg: dict[str, Any],
         "run_name": name,
         "cv": _ckpt_cv(stats, epoch, k),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def _copy_checkpoint(source: Path, dest: Path, extra: dict[str, Any]) -> None:
     state = torch.load(source, map_location="cpu", weights_only=True)
     state.update(extra)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(dest)
+    atomic_write(dest, lambda tmp: torch.save(state, tmp))
 
 
 def _retrain(cfg, data, pool, name, run_dir, epoch, group, nested) -> RunResult:
@@ -394,19 +346,7 @@ def _final_evaluation(checkpoint: Path, cfg, data: CXRData, pool, device, run_di
     criterion = build_criterion(cfg["training"], pool.labels, device)
     loader = build_loaders(data, cfg, device)["test"]
     report, paths = report_on_test(model, loader, data, criterion, device, run_dir, cfg["evaluation"]["n_prediction_images"])
-    return report, paths, model
-
-
-def _write_cv_files(run_dir: Path, safe_cfg, stats, epoch, mean_curve, rows, final, summary) -> dict[str, Path]:
-    import yaml
-
-    out = run_dir / "cv_summary.json"
-    write_text_atomic(out, json.dumps({"stats": stats, "chosen_epoch": epoch, "mean_val_curve": mean_curve,
-                               "monitor": safe_cfg["training"]["monitor"], "final": final, "folds": rows,
-                               "summary": summary}, indent=2, default=str))
-    config = run_dir / "config.yaml"
-    write_text_atomic(config, yaml.safe_dump(safe_cfg, sort_keys=False))
-    return {"cv_summary.json": out, "config.yaml": config}
+    return report, paths, model, loader
 
 
 def _log_outcome(name, status, stats, epoch, final, test_report, run_dir, tracker, summary) -> None:

@@ -15,20 +15,15 @@ import copy
 import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxrtrack.config import flatten
 from cxrtrack.data.dataset import CXRData, DataCache
-from cxrtrack.provenance import environment_tags, git_info, scrub_secrets
-from cxrtrack.selection.cv import child_parents, mean_std, parent_cfg
+from cxrtrack.selection.cv import mean_std
 from cxrtrack.tracking import FINISHED, KILLED, TrackerGroup, build_tracker
-from cxrtrack.tracking.base import RunInfo
 from cxrtrack.tracking.readback import RunRecord
-from cxrtrack.training.run import claim_run_dir, make_run_name
-from cxrtrack.utils import write_text_atomic
+from cxrtrack.training.scaffold import child_parents, open_run, parent_cfg
 
 log = logging.getLogger(__name__)
 
@@ -79,30 +74,22 @@ def run_seeds(
     n, base = cfg["training"]["seeds"], cfg["seed"]
     seeds = [base + i for i in range(n)]
     cv = cfg["training"]["cv_folds"] > 1
-    name = make_run_name(cfg) if cfg.get("run_name") else f"{make_run_name(cfg)}-seeds{n}"
-    name, run_dir = claim_run_dir({**cfg, "run_name": name})  # its own new folder, as every run gets
-    group = group or cfg["tracking"]["group"] or name
     cache = data if isinstance(data, DataCache) else DataCache()
     tracker = tracker if tracker is not None else build_tracker(cfg["tracking"]["tracker"], parent_cfg(cfg))
-    safe_cfg = scrub_secrets(cfg)
-    config = {**safe_cfg, "seed_list": seeds}
-    tags = {**git_info(), **environment_tags("n/a"), "config": cfg.get("config_name", ""), "model": "CustomCXRNet",
-            "seeds": ",".join(map(str, seeds)), **{str(a): str(b) for a, b in safe_cfg["tracking"]["tags"].items()}}
-    tags.pop("device", None)
-    record = RunRecord(name=name, params=flatten(config), tags=tags)
+    run = open_run(cfg, {"seed_list": seeds}, device=None, tags={"seeds": ",".join(map(str, seeds))}, suffix=f"seeds{n}")
+    name, group = run.name, group or cfg["tracking"]["group"] or run.name
     log.info("Seed study %s: %d seeds (%s)%s.", name, n, ", ".join(map(str, seeds)),
              f", each a {cfg['training']['cv_folds']}-fold cross-validation" if cv else "")
     runs: list[Any] = []
     status = FINISHED
-    t0 = time.perf_counter()
     with tracker:
-        tracker.start_run(RunInfo(name, config, tags, group=group, job_type=job_type, parents=dict(parents or {}),
-                                  description=description or f"{cfg.get('config_name')} with {n} seeds: mean +- std of "
-                                  f"the test metrics over the seeds (one child run per seed)."))
+        run.start(tracker, group=group, job_type=job_type, parents=parents,
+                  description=description or f"{cfg.get('config_name')} with {n} seeds: mean +- std of the test metrics "
+                  f"over the seeds (one child run per seed).")
         nested = child_parents(tracker, parents)
         for seed in seeds:
             scfg = copy.deepcopy(cfg)
-            scfg.update(seed=seed, run_name=f"{name}-seed{seed}", output_dir=str(run_dir / "seeds"))
+            scfg.update(seed=seed, run_name=f"{name}-seed{seed}", output_dir=str(run.dir / "seeds"))
             scfg["tracking"]["log_model"] = False
             scfg["tracking"]["tags"] = {**cfg["tracking"]["tags"], "seed_study": name, "seed": str(seed)}
             kwargs = dict(data=cache, group=group, parents=nested, description=f"Seed {seed} of seed study {name}")
@@ -123,19 +110,15 @@ def run_seeds(
         summary = {"seeds/completed": float(len(runs))}
         for key, s in stats.items():
             summary[f"seeds/{key}_mean"], summary[f"seeds/{key}_std"] = s["mean"], s["std"]
-        summary = {k: v for k, v in summary.items() if not math.isnan(v)}
-        out = run_dir / "seeds_summary.json"
-        write_text_atomic(out, json.dumps({"seeds": seeds, "stats": stats, "runs": rows}, indent=2, default=str))
-        tracker.log_summary(summary)
+        run.summary = summary = {k: v for k, v in summary.items() if not math.isnan(v)}
+        run.save("seeds_summary.json", json.dumps({"seeds": seeds, "stats": stats, "runs": rows}, indent=2, default=str))
         if rows:
             tracker.log_table("seeds/runs", rows)
-            record.tables["seeds/runs"] = len(rows)
-        tracker.log_artifact(out)
-        record.summary, record.artifacts, record.status = summary, ["seeds_summary.json"], status
-        tracker.end_run(status)
-    record.extra = {"runs": {t.name: t.run_ref() for t in tracker.trackers}, "total_s": time.perf_counter() - t0}
-    write_text_atomic(run_dir / "tracked.json", record.to_json())
-    result = SeedsResult(name, run_dir, status, seeds, runs, stats, summary, record, tracker)
+            run.record.tables["seeds/runs"] = len(rows)
+        run.publish(tracker)
+        run.end(tracker, status)
+    run.write_record(tracker)
+    result = SeedsResult(name, run.dir, status, seeds, runs, stats, summary, run.record, tracker)
     for key in ("test/acc", "test/f1_macro", "test/roc_auc_ovr_macro", "oof/acc", "oof/f1_macro"):
         if key in stats:
             log.info("Seed study %s: %s", name, result.line(key))

@@ -322,8 +322,7 @@ class MLflowTracker(BaseTracker):
     def log_model(self, model, checkpoint, input_example, metadata):
         """Log with the MLflow PyTorch flavor (signature + input example, the checkpoint as an extra file); register
         it when the run's plan says so (``metadata["registry"]``, see :mod:`cxrtrack.tracking.registry`), with tags,
-        a description and the ``latest-<source>`` / ``champion`` aliases. Without a plan (a tuning study's best
-        model) it is registered under ``registered_model_name`` as before, without aliases."""
+        a description and the ``latest-<source>`` / ``champion`` aliases. Without a plan it is not registered."""
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
@@ -340,7 +339,7 @@ class MLflowTracker(BaseTracker):
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).numpy()
         name = self.cfg.get("registered_model_name") or None
-        registered = name if plan is None or plan.get("register") else None
+        registered = name if plan is not None and plan.get("register") else None
         from mlflow.utils import logging_utils
 
         logging_utils.disable_logging()  # its "Registered model ... Created version" prints: our one line says it
@@ -366,9 +365,6 @@ class MLflowTracker(BaseTracker):
                          plan.get("reason"))
             return
         version = str(info.registered_model_version)
-        if plan is None:
-            log.info("MLflow: registered model '%s' version %s", registered, version)
-            return
         done = apply_mlflow_lifecycle(mlflow.MlflowClient(tracking_uri=self.tracking_uri), registered, version, plan)
         self.registered = {"name": registered, **done}
         mlflow.set_tags({"registered_model": f"{registered}/{version}", "registered_aliases": ",".join(done["aliases"])})

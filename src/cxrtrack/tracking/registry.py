@@ -15,7 +15,10 @@ test metrics) and a one-line description. Aliases, the same on MLflow and W&B:
   (test metrics on different data are not comparable). The first registered version becomes champion.
 
 The plan travels inside ``log_model``'s ``metadata`` under the key ``"registry"`` (plain values only), so a
-spooled ``log_model`` call replays with the same decision. Nothing here imports MLflow or W&B at import time.
+spooled ``log_model`` call replays with the same decision. Every path that logs a model builds that metadata
+with :func:`model_metadata` (a run, a cross-validation's parent, a tuning study's best trial; a seed study logs
+none), and a backend registers nothing without a plan: this module is the one place the decision is made.
+Nothing here imports MLflow or W&B at import time.
 """
 
 from __future__ import annotations
@@ -67,6 +70,16 @@ def build_plan(cfg: dict[str, Any], *, source: str, fingerprint: str, run_name: 
         "description": (f"CustomCXRNet from run {run_name} (config {cfg.get('config_name', '?')}) on {source} data "
                         f"{fingerprint}: {shown}"),
     }
+
+
+def model_metadata(cfg: dict[str, Any], facts: dict[str, Any], *, source: str, fingerprint: str, run_name: str,
+                   git_commit: str, test_metrics: dict[str, float]) -> dict[str, Any]:
+    """``log_model``'s metadata: the model's ``facts`` (best epoch, image size, ...), its data, its test metrics
+    (none for a model that was never tested, e.g. a tuning study's best trial) and the registration plan."""
+    return {**facts, "dataset_source": source, "dataset_fingerprint": fingerprint,
+            **{k: v for k, v in test_metrics.items() if "/" in k},
+            REGISTRY_KEY: build_plan(cfg, source=source, fingerprint=fingerprint, run_name=run_name,
+                                     git_commit=git_commit, test_metrics=test_metrics)}
 
 
 def version_tags(plan: dict[str, Any]) -> dict[str, str]:

@@ -218,7 +218,7 @@ def _finish(study, launch: Launch, parent: TrackerGroup | None, names: list[str]
         if status == FINISHED and best is not None and cfg["tracking"]["log_model"] \
                 and study.user_attrs.get("registered_trial") != best.number:
             errors = sum(parent.errors.values())
-            _log_best_model(parent, best, launch, cache)
+            _log_best_model(parent, best, launch, cfg, cache)
             if sum(parent.errors.values()) == errors:
                 study.set_user_attr("registered_trial", best.number)
         parent.end_run(status)
@@ -238,11 +238,14 @@ def _log_study(group: TrackerGroup, rows, result: TuneResult, files: dict[str, P
         group.log_image(path, f"study/{name}")
 
 
-def _log_best_model(group: TrackerGroup, best, launch: Launch, cache) -> None:
-    """Export and register the best trial's checkpoint (the only model a study registers)."""
+def _log_best_model(group: TrackerGroup, best, launch: Launch, cfg: dict[str, Any], cache) -> None:
+    """Export the best trial's checkpoint (the only model a study logs), registered as ``cfg`` says
+    (``tracking.register``, see :mod:`cxrtrack.tracking.registry`): never tested, so it never takes ``champion``."""
     import numpy as np
 
     from cxrtrack.data.dataset import DataCache
+    from cxrtrack.provenance import git_info
+    from cxrtrack.tracking import registry
     from cxrtrack.training.evaluate import load_checkpoint
 
     checkpoint = best.user_attrs.get("checkpoint")
@@ -255,10 +258,15 @@ def _log_best_model(group: TrackerGroup, best, launch: Launch, cache) -> None:
     data = (cache or DataCache()).get(data_cfg, ckpt["config"]["seed"])
     loader = data.loaders(2, 0, 0)["val"]  # an input example only: shapes and values the model takes
     example = next(iter(loader))[0][:2].numpy().astype(np.float32)
-    group.log_model(model, Path(checkpoint), example, {
-        "study": launch.study, "trial": best.number, "best_epoch": ckpt.get("epoch"),
-        "dataset_fingerprint": data.fingerprint, "image_size": data.image_size, launch.spec.metric: float(best.value)})
-    log.info("Registered the best trial's model (trial %d, %s = %.4f).", best.number, launch.spec.metric, best.value)
+    metadata = registry.model_metadata(
+        cfg, {"study": launch.study, "trial": best.number, "best_epoch": ckpt.get("epoch"),
+              "image_size": data.image_size, launch.spec.metric: float(best.value)},
+        source=data.source, fingerprint=data.fingerprint, run_name=ckpt.get("run_name") or Path(checkpoint).parents[1].name,
+        git_commit=git_info().get("git_commit", "unknown"), test_metrics={})
+    group.log_model(model, Path(checkpoint), example, metadata)
+    plan = metadata[registry.REGISTRY_KEY]
+    log.info("%s the best trial's model (trial %d, %s = %.4f)%s.", "Registered" if plan["register"] else "Logged",
+             best.number, launch.spec.metric, best.value, "" if plan["register"] else f", not registered: {plan['reason']}")
 
 
 def _wandb_summary(rows, result: TuneResult, files, summary, best_tags, launch: Launch, cfg, best, cache) -> str | None:
@@ -273,7 +281,7 @@ def _wandb_summary(rows, result: TuneResult, files, summary, best_tags, launch: 
         group.start_run(info)
         _log_study(group, rows, result, files, summary, best_tags, launch)
         if best is not None and cfg["tracking"]["log_model"]:
-            _log_best_model(group, best, launch, cache)
+            _log_best_model(group, best, launch, cfg, cache)
     return (group.trackers[0].run_ref() or {}).get("run_dir")
 
 

@@ -1,4 +1,12 @@
-"""What every entry point in scripts/ shares: logging set-up, common flags, clean error exits."""
+"""The command-line entry points (``cxrtrack <command>``, ``python scripts/<command>.py``) and what they share:
+logging set-up, common flags, clean error exits.
+
+Each command is a module here with a ``main() -> int`` (``cli/train.py``, ``cli/evaluate.py``, ``cli/tune.py``,
+``cli/compare.py``, ``cli/replay.py``, ``cli/download.py``, ``cli/mlflow_ui.py``), run through :func:`run_main` by
+``cxrtrack.console`` and by the three-line shims in ``scripts/``. Each imports torch, the trackers and the heavy
+packages inside ``main()``, only after its flags and config were checked, so ``--help`` and a bad flag answer in
+about a second.
+"""
 
 from __future__ import annotations
 
