@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -48,8 +50,40 @@ def test_apply_sets_torch_and_the_environment_and_auto_makes_idle_threads_sleep(
     assert threads.os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and threads.os.environ["OMP_NUM_THREADS"] == "2"
 
 
-def test_other_running_tasks_reads_the_kernel_run_queue():
-    assert threads.other_running_tasks(samples=2, interval_s=0) >= 0
+def test_a_busy_process_is_another_running_task_and_this_process_own_threads_are_not():
+    """A spinning child process is counted; a thread of this process (numpy's OpenBLAS pool spinning right after
+    `import numpy` made `auto` pick one thread on an idle machine) is this process's, not another task."""
+    import hashlib
+    import subprocess
+    import sys
+    import threading
+
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert threads.other_running_tasks() >= 1  # running or runnable: state R either way
+    finally:
+        child.kill()
+        child.wait()
+
+    stop = threading.Event()
+    data = b"x" * (1 << 22)
+
+    def spin():  # hashlib releases the GIL on large buffers: the thread stays in state R beside this one
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    worker = threading.Thread(target=spin, daemon=True)
+    worker.start()
+    try:
+        own = []
+        for _ in range(50):
+            own.append(threads._own_running_tasks())
+            time.sleep(0.002)
+        assert max(own) >= 2
+    finally:
+        stop.set()
+        worker.join()
 
 
 @pytest.mark.parametrize("value", [0, -1, 2000, "two", True, 1.5])

@@ -37,19 +37,36 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _own_running_tasks() -> int:
+    """Threads of this process the kernel counts as running (state R): this one, plus any a library started,
+    such as OpenBLAS's pool when numpy is imported, which spins for a moment after it starts."""
+    running = 0
+    try:
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat", encoding="ascii") as f:
+                    running += f.read().rsplit(")", 1)[1].split()[0] == "R"
+            except (OSError, IndexError):
+                continue
+    except OSError:
+        pass
+    return max(1, running)
+
+
 def other_running_tasks(samples: int = 5, interval_s: float = 0.01) -> int:
-    """Tasks the kernel is running or could run now, besides this process (``/proc/loadavg``'s running count,
-    median of a few samples 10 ms apart: the load average itself lags by a minute). 0 where unknown."""
+    """Tasks the kernel is running or could run now, besides this process's own (``/proc/loadavg``'s running
+    count, median of a few samples 10 ms apart: the load average itself lags by a minute). 0 where unknown."""
     counts = []
     for i in range(samples):
         try:
             with open("/proc/loadavg", encoding="ascii") as f:
-                counts.append(int(f.read().split()[3].split("/")[0]))
+                total = int(f.read().split()[3].split("/")[0])
         except (OSError, ValueError, IndexError):
             return 0
+        counts.append(max(0, total - _own_running_tasks()))
         if i + 1 < samples:
             time.sleep(interval_s)
-    return max(0, int(statistics.median(counts)) - 1)  # this process is one of them
+    return int(statistics.median(counts))
 
 
 def resolve_threads(setting: Any) -> int:
