@@ -282,6 +282,36 @@ def test_every_run_call_comes_back_from_the_journal_as_it_was_made(tmp_path):
     assert got["end_run"] == {"status": "FINISHED"}
 
 
+def test_a_spooled_fold_ensemble_upload_comes_back_as_the_ensemble(tmp_path):
+    """A cross-validation's final model is a fold ensemble (``kind: ensemble``, one state per fold, no
+    ``model_state``). Spooled, its upload is replayed with the same ensemble, predicting the same, not a KeyError
+    (the tuning study's best CV trial was stuck in the spool this way)."""
+    import torch
+
+    from cxrtrack.models.cxrnet import CustomCXRNet
+    from cxrtrack.models.ensemble import Ensemble
+
+    members = [CustomCXRNet(num_classes=3, in_channels=1, image_size=32) for _ in range(2)]
+    ensemble = Ensemble(members).eval()
+    path = tmp_path / "ensemble.pt"
+    torch.save({"kind": "ensemble", "members": [m.state_dict() for m in members],
+                "model_hparams": members[0].hparams, "cv": {"chosen_epoch": 3}}, path)
+    flaky, spooling = started(tmp_path, interval=3600)
+    flaky.down = True
+    example = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
+    spooling.log_model(ensemble, path, example, {"best_epoch": 3})
+    spooling.end_run("FINISHED")
+
+    recorder = Recorder()
+    for record in spooling.spool.pending():
+        send_record(recorder, spooling.spool, record)
+    assert [m for m, _ in recorder.got] == ["log_model", "end_run"]
+    rebuilt = recorder.got[0][1]["model"]
+    assert isinstance(rebuilt, Ensemble) and len(rebuilt.members) == 2
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(torch.from_numpy(example)), ensemble(torch.from_numpy(example)))
+
+
 # -- journals written before the journal was generic (spool version 1) still replay ----------------------------------
 
 # Written by cxrtrack at f3b6c64 (the spool's first format), byte for byte: a SpoolingTracker in front of a backend

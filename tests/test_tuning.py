@@ -111,6 +111,32 @@ def test_mlflow_study_parent_children_metrics_and_registered_best_model(tmp_path
     assert "extends" in yaml.safe_load(result.best_config.read_text())
 
 
+def test_a_cross_validated_study_with_no_test_split_registers_its_best_fold_ensemble(tmp_path, tiny_data_root):
+    """The real-data search's shape (configs/tune/real.yaml): every trial a k-fold CV on all of train/ with no test
+    split. The best trial's checkpoint is its fold ensemble, which has no ``epoch`` of its own: it is logged and
+    registered in both stores, predicts like the ensemble, and nothing waits in a spool."""
+    base = tiny_base(tmp_path, tiny_data_root, epochs=1, **{
+        "tracking.register": True, "training.cv_folds": 2, "data.test_fraction": 0})
+    space = space_file(tmp_path, {"name": "cvgrid", "method": "grid", "metric": "val/f1_macro",
+                                  "direction": "maximize", "pruner": "none", "params": {"training.lr": LRS[:2]}})
+    result = tune(space, base, "both")
+    assert result.status == "FINISHED" and result.tally.complete == 2
+    best = load_study(result).best_trial
+    model, ckpt = load_checkpoint(best.user_attrs["checkpoint"])
+    assert ckpt["kind"] == "ensemble" and "epoch" not in ckpt
+
+    client = mlflow.MlflowClient(tracking_uri=base.load()["tracking"]["mlflow"]["tracking_uri"])
+    versions = client.search_model_versions("name='CustomCXRNet'")
+    assert len(versions) == 1 and versions[0].run_id == result.parent_run_id
+    logged = mlflow.pytorch.load_model(f"models:/CustomCXRNet/{versions[0].version}")
+    batch = torch.rand(4, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(logged(batch), model(batch), atol=1e-5)
+    summary = read_wandb(result.summary_run_dir)
+    assert summary.models == ["customcxrnet"]
+    assert not list((tmp_path / "outputs").rglob("spool/*/journal*"))  # nothing left behind for `make replay`
+
+
 class PruneLr2(optuna.pruners.BasePruner):
     """A deterministic stand-in for a pruner's decision: prune the trial with lr 0.002 after its first epoch."""
 

@@ -94,11 +94,3 @@ def build_model(model_cfg: dict, data_cfg: dict, num_classes: int = 3) -> Custom
         dropout_conv=model_cfg["dropout_conv"],
         dropout_dense=model_cfg["dropout_dense"],
     )
-
-
-def load_model(checkpoint, device: str | torch.device = "cpu") -> CustomCXRNet:
-    """CustomCXRNet with the weights of a checkpoint written by the trainer (plain types: ``weights_only``)."""
-    state = torch.load(checkpoint, map_location=device, weights_only=True)
-    model = CustomCXRNet(**state["model_hparams"])
-    model.load_state_dict(state["model_state"])
-    return model.to(device).eval()

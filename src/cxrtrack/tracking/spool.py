@@ -251,7 +251,7 @@ def _restore(root: Path, method: str, args: dict[str, Any]) -> dict[str, Any]:
             out[name] = value
     if any(kind == FROM_CHECKPOINT for kind in kept.values()):
         # imported here: torch is loaded only when a spooled model is sent, not with the spool
-        from cxrtrack.models.cxrnet import load_model
+        from cxrtrack.models.checkpoint import load_model
 
         out.update({name: load_model(out["checkpoint"]) for name, kind in kept.items() if kind == FROM_CHECKPOINT})
     return out

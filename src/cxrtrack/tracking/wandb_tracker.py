@@ -350,7 +350,7 @@ class WandbTracker(BaseTracker):
         metadata = dict(metadata)
         plan = metadata.pop(REGISTRY_KEY, None)
         name = self.cfg.get("model_artifact_name") or "customcxrnet"
-        aliases = ["latest", "best", f"epoch-{metadata.get('best_epoch')}"]
+        aliases = ["latest", "best", *([f"epoch-{metadata['best_epoch']}"] if metadata.get("best_epoch") is not None else [])]
         description = "CustomCXRNet best checkpoint (state_dict + hyperparameters)"
         if plan is not None:
             metadata.update({k: v for k, v in version_tags(plan).items() if k not in metadata})

@@ -22,8 +22,8 @@ import torch
 from cxrtrack.config import RUN_NAME_PATTERN, validate, with_defaults
 from cxrtrack.data.dataset import CXRData, build_data, slug
 from cxrtrack.errors import ConfigError, CXRError
-from cxrtrack.models import CustomCXRNet
-from cxrtrack.models.ensemble import Ensemble, with_tta
+from cxrtrack.models.checkpoint import model_from_checkpoint
+from cxrtrack.models.ensemble import with_tta
 from cxrtrack.tracking import Predictions
 from cxrtrack.training import plots
 from cxrtrack.training.metrics import classification_metrics, confusion, report_text
@@ -125,15 +125,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         )
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)  # plain types only: safe to load
-        if ckpt.get("kind") == "ensemble":
-            members = []
-            for state in ckpt["members"]:
-                members.append(CustomCXRNet(**ckpt["model_hparams"]))
-                members[-1].load_state_dict(state)
-            model = Ensemble(members)
-        else:
-            model = CustomCXRNet(**ckpt["model_hparams"])
-            model.load_state_dict(ckpt["model_state"])
+        model = model_from_checkpoint(ckpt)
     except (KeyError, TypeError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise CXRError(f"{path} is not a CustomCXRNet checkpoint written by this project ({type(exc).__name__}: {exc}).") from None
     return model.to(device).eval(), ckpt

@@ -254,17 +254,23 @@ def _log_best_model(group: TrackerGroup, best, launch: Launch, cfg: dict[str, An
                     "(it is an artifact of the trial's run).", checkpoint)
         return
     model, ckpt = load_checkpoint(checkpoint)
+    epoch = ckpt.get("epoch", (ckpt.get("cv") or {}).get("chosen_epoch"))  # a CV trial's checkpoint is its fold ensemble
     data_cfg = ckpt["config"]["data"]
     data = (cache or DataCache()).get(data_cfg, ckpt["config"]["seed"])
     loader = data.loaders(2, 0, 0)["val"]  # an input example only: shapes and values the model takes
     example = next(iter(loader))[0][:2].numpy().astype(np.float32)
     metadata = registry.model_metadata(
-        cfg, {"study": launch.study, "trial": best.number, "best_epoch": ckpt.get("epoch"),
-              "image_size": data.image_size, launch.spec.metric: float(best.value)},
+        cfg, {"study": launch.study, "trial": best.number, "image_size": data.image_size,
+              launch.spec.metric: float(best.value), **({"best_epoch": epoch} if epoch is not None else {})},
         source=data.source, fingerprint=data.fingerprint, run_name=ckpt.get("run_name") or Path(checkpoint).parents[1].name,
         git_commit=git_info().get("git_commit", "unknown"), test_metrics={})
+    errors = sum(group.errors.values())
     group.log_model(model, Path(checkpoint), example, metadata)
     plan = metadata[registry.REGISTRY_KEY]
+    if sum(group.errors.values()) > errors:  # the tracker said why; the upload waits in the spool (or is lost)
+        log.warning("The best trial's model (trial %d) did not reach every store: see the tracker's message above.",
+                    best.number)
+        return
     log.info("%s the best trial's model (trial %d, %s = %.4f)%s.", "Registered" if plan["register"] else "Logged",
              best.number, launch.spec.metric, best.value, "" if plan["register"] else f", not registered: {plan['reason']}")
 
