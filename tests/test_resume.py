@@ -87,6 +87,11 @@ def test_resume_errors_are_one_paragraph(tmp_path, tiny_cfg):
     (tmp_path / "r" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CXRError, match="has no checkpoints/last.pt"):
         resuming.load(str(tmp_path / "r"), tmp_path)
+    # the default `make mlflow-train` is a cross-validation: its folder is a parent, not a run to continue
+    for sub, kind in (("folds", "cross-validation"), ("seeds", "seed study")):
+        (tmp_path / f"cv-{sub}" / sub / "x-1" / "checkpoints").mkdir(parents=True)
+        with pytest.raises(CXRError, match=f"is a {kind}.*Start the {kind} again"):
+            resuming.load(str(tmp_path / f"cv-{sub}"), tmp_path)
 
 
 def test_sigterm_then_resume_by_mlflow_run_id(tmp_path, tiny_cfg):

@@ -72,6 +72,15 @@ def load(ref: str, output_dir: str | Path) -> ResumePoint:
 
     run_dir = find_run_dir(ref, output_dir)
     last = run_dir / "checkpoints" / "last.pt"
+    study = next((kind for sub, kind in (("folds", "cross-validation"), ("seeds", "seed study"))
+                  if (run_dir / sub).is_dir()), None)
+    if study and not last.is_file():
+        raise CXRError(
+            f"{run_dir} is a {study} (its runs are in {run_dir / ('folds' if study == 'cross-validation' else 'seeds')}/), "
+            f"and --resume continues one interrupted run, not a {study}: its parent run cannot be rebuilt from a "
+            f"resumed member. Start the {study} again with the same command (a new parent run; the interrupted one "
+            f"and its finished runs stay in the stores)."
+        )
     if not last.is_file():
         raise CXRError(
             f"{run_dir} has no checkpoints/last.pt, so it cannot be resumed: it stopped before its first epoch ended, or "
