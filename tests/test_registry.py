@@ -33,6 +33,24 @@ def test_beats_compares_only_on_the_same_fingerprint():
     assert registry.beats({**PLAN, "mode": "min"}, {"dataset_fingerprint": "abc", "test/f1_macro": "0.9"})[0]
 
 
+def test_a_carved_test_split_is_said_and_never_displaces_an_official_champion(tiny_cfg):
+    """A folder without test/ gets a test split carved out of train/: its score is not an official test score.
+    The version says so (description, `test_split` tag) and cannot take `champion` from an official one."""
+    common = {"source": "local", "fingerprint": "abc", "run_name": "r", "git_commit": "g",
+              "test_metrics": {"test/f1_macro": 0.99}}
+    carved = registry.build_plan(tiny_cfg, test_split="carved", **common)
+    official = registry.build_plan(tiny_cfg, **common)
+    assert "carved out of train/" in carved["description"] and "carved" not in official["description"]
+    assert registry.version_tags(carved)["test_split"] == "carved"
+    assert registry.version_tags(official)["test_split"] == "official"
+    champion = {"dataset_fingerprint": "abc", "test/f1_macro": "0.5", "test_split": "official"}
+    moved, why = registry.beats(carved, champion)
+    assert not moved and "carved" in why
+    assert registry.beats(official, champion)[0]
+    assert registry.beats(carved, None)[0]  # the first version still becomes champion, with its caveat
+    assert registry.beats(carved, {**champion, "test_split": "carved"})[0]  # carved against carved: same data
+
+
 def test_register_setting_defaults_and_errors():
     cfg = load_config(CONFIGS / "train.yaml")
     assert cfg["tracking"]["register"] == "auto"

@@ -13,6 +13,8 @@ test metrics) and a one-line description. Aliases, the same on MLflow and W&B:
 - ``champion``: moves to the new version only when it beats the current champion on
   ``tracking.champion_metric`` (``tracking.champion_mode``) measured on the **same** dataset fingerprint
   (test metrics on different data are not comparable). The first registered version becomes champion.
+  A version tested on a split carved out of a folder with no official ``test/`` says so in its description and
+  its ``test_split`` tag, and never displaces a champion measured on an official test split.
 
 The plan travels inside ``log_model``'s ``metadata`` under the key ``"registry"`` (plain values only), so a
 spooled ``log_model`` call replays with the same decision. Every path that logs a model builds that metadata
@@ -48,14 +50,21 @@ def should_register(cfg: dict[str, Any], data_source: str) -> tuple[bool, str]:
     return True, f"tracking.register=auto and the data is real ({data_source})"
 
 
+CARVED_NOTE = ("on a split carved out of train/ (the data folder has no official test/ split): "
+               "not comparable with a score on an official test split")
+
+
 def build_plan(cfg: dict[str, Any], *, source: str, fingerprint: str, run_name: str, git_commit: str,
-               test_metrics: dict[str, float]) -> dict[str, Any]:
-    """The registration plan a run hands to its trackers (inside log_model's metadata)."""
+               test_metrics: dict[str, float], test_split: str = "official") -> dict[str, Any]:
+    """The registration plan a run hands to its trackers (inside log_model's metadata). ``test_split`` is the
+    dataset's: ``official``, ``carved`` or ``none``."""
     register, reason = should_register(cfg, source)
     metric = cfg["tracking"]["champion_metric"]
     value = test_metrics.get(metric)
     metrics = {k: float(v) for k, v in test_metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
     shown = f"{metric} {value:.4f}" if isinstance(value, (int, float)) and math.isfinite(float(value)) else "no test metric"
+    if test_split == "carved" and metrics:
+        shown += f" {CARVED_NOTE}"
     return {
         "register": register,
         "reason": reason,
@@ -67,25 +76,27 @@ def build_plan(cfg: dict[str, Any], *, source: str, fingerprint: str, run_name: 
         "metric": metric,
         "mode": cfg["tracking"]["champion_mode"],
         "metrics": metrics,
+        "test_split": test_split,
         "description": (f"CustomCXRNet from run {run_name} (config {cfg.get('config_name', '?')}) on {source} data "
                         f"{fingerprint}: {shown}"),
     }
 
 
 def model_metadata(cfg: dict[str, Any], facts: dict[str, Any], *, source: str, fingerprint: str, run_name: str,
-                   git_commit: str, test_metrics: dict[str, float]) -> dict[str, Any]:
+                   git_commit: str, test_metrics: dict[str, float], test_split: str = "official") -> dict[str, Any]:
     """``log_model``'s metadata: the model's ``facts`` (best epoch, image size, ...), its data, its test metrics
     (none for a model that was never tested, e.g. a tuning study's best trial) and the registration plan."""
     return {**facts, "dataset_source": source, "dataset_fingerprint": fingerprint,
             **{k: v for k, v in test_metrics.items() if "/" in k},
             REGISTRY_KEY: build_plan(cfg, source=source, fingerprint=fingerprint, run_name=run_name,
-                                     git_commit=git_commit, test_metrics=test_metrics)}
+                                     git_commit=git_commit, test_metrics=test_metrics, test_split=test_split)}
 
 
 def version_tags(plan: dict[str, Any]) -> dict[str, str]:
     """Tags of a registered version (strings, as both registries store them)."""
     tags = {"dataset_source": plan["source"], "dataset_fingerprint": plan["fingerprint"], "config": plan["config"],
-            "git_commit": plan["git_commit"], "run_name": plan["run_name"], "champion_metric": plan["metric"]}
+            "git_commit": plan["git_commit"], "run_name": plan["run_name"], "champion_metric": plan["metric"],
+            "test_split": plan.get("test_split", "official")}  # plans spooled before the key existed: official
     tags.update({k: repr(float(v)) for k, v in plan["metrics"].items()})
     return tags
 
@@ -102,6 +113,9 @@ def beats(plan: dict[str, Any], current: dict[str, str] | None) -> tuple[bool, s
         return False, f"the new version has no {metric}"
     if current is None:
         return True, "there was no champion"
+    if plan.get("test_split", "official") != "official" and current.get("test_split", "official") == "official":
+        return False, ("this version was tested on a split carved out of train/, the champion on an official test "
+                       "split: a carved split never displaces it")
     if current.get("dataset_fingerprint") != plan["fingerprint"]:
         return False, (f"the champion was tested on other data (fingerprint {current.get('dataset_fingerprint')}, this "
                        f"version {plan['fingerprint']}): test metrics on different data are not comparable")

@@ -257,5 +257,6 @@ def publish_test(run: OpenRun, tracker: TrackerGroup, cfg: dict[str, Any], data:
         example = next(iter(loader))[0][:2].cpu().numpy().astype(np.float32)
         tracker.log_model(model.cpu().eval(), checkpoint, example, registry.model_metadata(
             cfg, facts, source=data.source, fingerprint=data.fingerprint, run_name=run.name,
-            git_commit=run.tags.get("git_commit", "unknown"), test_metrics=report.tracked_metrics()))
+            git_commit=run.tags.get("git_commit", "unknown"), test_metrics=report.tracked_metrics(),
+            test_split=data.test_split))
     run.record.models.append("CustomCXRNet")
