@@ -109,6 +109,9 @@ def test_mlflow_study_parent_children_metrics_and_registered_best_model(tmp_path
     cfg = load_config(result.best_config)
     assert cfg["training"]["lr"] == best.params["training.lr"] and cfg["evaluation"]["run_test"] is True
     assert "extends" in yaml.safe_load(result.best_config.read_text())
+    # the trials' registration setting is the search's, not the winner's: trained in full it follows the default
+    # policy (tracking.register: auto), so "Train it in full" does what it says on real data
+    assert "register" not in result.best_config.read_text() and cfg["tracking"]["register"] == "auto"
 
 
 def test_a_cross_validated_study_with_no_test_split_registers_its_best_fold_ensemble(tmp_path, tiny_data_root):

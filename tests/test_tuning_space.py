@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from cxrtrack.errors import ConfigError
-from cxrtrack.tuning.optuna_search import make_sampler
+from cxrtrack.tuning.optuna_search import make_sampler, sampler_name
 from cxrtrack.tuning.space import BaseConfig, check_spec, parse_space
 from cxrtrack.tuning.sweep_format import load_spec, parse_sweep
 from tests.conftest import CONFIGS, ROOT
@@ -36,6 +36,10 @@ def test_the_shipped_spaces_load_and_pass_the_checks():
     # W&B's bayes runs on Optuna's Gaussian-process sampler; hyperband's min_iter/eta become HyperbandPruner's
     assert (sweep.format, sweep.method, sweep.pruner.type) == ("wandb", "gp", "hyperband")
     assert (sweep.pruner.min_epochs, sweep.pruner.reduction_factor) == (4, 3)
+    # ... except with a pruner: the search really runs on TPE, and the announcement says that (not "gp")
+    assert sampler_name(sweep).startswith("TPE (asked for a Gaussian process")
+    assert type(make_sampler(sweep, seed=0, worker_seed=1, budget=8)).__name__ == "TPESampler"
+    assert sampler_name(mlflow) == "TPE"
     lr = sweep.param("training.lr")
     assert (lr.kind, lr.log, lr.low, lr.high) == ("float", True, 0.0002, 0.005)
     rotation = sweep.param("data.augment.rotation")  # q_uniform 0..15, q=3: the multiples of 3

@@ -22,13 +22,15 @@ def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def latest_run(uri: str) -> tuple[str, str, str] | None:
-    """(experiment id, run id, run name) of the most recently started run in the store, or None."""
+    """(experiment id, run id, run name) of the most recently started top-level run in the store (a study's or a
+    cross-validation's parent, not its last trial or fold), or None."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=1) if experiments else []
-    return (runs[0].info.experiment_id, runs[0].info.run_id, runs[0].info.run_name) if runs else None
+    runs = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=200) if experiments else []
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags] or runs[:1]
+    return (top[0].info.experiment_id, top[0].info.run_id, top[0].info.run_name) if top else None
 
 
 def main() -> int:

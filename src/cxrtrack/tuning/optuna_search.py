@@ -129,6 +129,16 @@ def _storage_error(url: str, exc: Exception) -> ConfigError:
 # -- sampler, pruner ----------------------------------------------------------------------------------
 
 
+def sampler_name(spec: StudySpec) -> str:
+    """The sampler a study really uses, for the line that announces it (said once, not per worker)."""
+    if spec.method == "gp" and spec.pruner.type != "none":
+        # Optuna's GP sampler models completed trials only: it does not see pruned ones and proposes the same
+        # point again and again (seen here: 5 identical trials). TPE models pruned trials by their last value,
+        # like W&B's bayes imputes early-terminated runs.
+        return "TPE (asked for a Gaussian process, which ignores pruned trials and would propose them again)"
+    return {"gp": "Gaussian-process", "tpe": "TPE"}.get(spec.method, spec.method)
+
+
 def make_sampler(spec: StudySpec, seed: int, worker_seed: int, budget: int):
     optuna = _optuna()
     startup = spec.startup_trials if spec.startup_trials is not None else min(10, max(2, budget // 3))
@@ -139,12 +149,7 @@ def make_sampler(spec: StudySpec, seed: int, worker_seed: int, budget: int):
         return optuna.samplers.RandomSampler(seed=worker_seed)
     if spec.method == "gp" and spec.pruner.type == "none":
         return optuna.samplers.GPSampler(seed=worker_seed, n_startup_trials=startup)
-    if spec.method == "gp":
-        # Optuna's GP sampler models completed trials only: it does not see pruned ones and proposes the same
-        # point again and again (seen here: 5 identical trials). TPE models pruned trials by their last value,
-        # like W&B's bayes imputes early-terminated runs.
-        log.info("Note: with a pruner, the model-based search runs on Optuna's TPE sampler instead of its Gaussian "
-                 "process, which ignores pruned trials and would propose them again.")
+    # gp with a pruner runs on TPE too (sampler_name says why);
     # constant_liar: parallel workers treat each other's running trials as bad, so they spread out
     return optuna.samplers.TPESampler(seed=worker_seed, n_startup_trials=startup, constant_liar=True)
 

@@ -25,7 +25,10 @@ from cxrtrack.tuning.space import BaseConfig, StudySpec, trial_values
 log = logging.getLogger(__name__)
 
 # keys the best config leaves at their defaults: they belong to the trial, not to the winning settings
-_NOT_IN_BEST = ("config_name", "run_name", "tracking.tracker", "tracking.tags", "evaluation.run_test", "tracking.log_model")
+# Settings of the search, not of the winner: training the best config in full tests it and registers it as the
+# default policy says (tracking.register: auto), whatever the (quick) tuning base config set for its trials.
+_NOT_IN_BEST = ("config_name", "run_name", "tracking.tracker", "tracking.tags", "evaluation.run_test", "tracking.log_model",
+                "tracking.register")
 
 
 def _plain(value: Any) -> Any:

@@ -39,6 +39,7 @@ from cxrtrack.tuning.optuna_search import (
     reconcile,
     run_workers,
     safe_url,
+    sampler_name,
     tally,
 )
 from cxrtrack.tuning.space import BaseConfig, StudySpec, check_spec
@@ -61,6 +62,7 @@ class TuneResult:
     best: dict[str, Any] | None = None  # {"trial", "value", "values"}
     best_config: Path | None = None
     parent_run_id: str | None = None
+    parent_where: str | None = None  # the parent run in words, with its MLflow UI link
     summary_run_dir: str | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -101,7 +103,8 @@ def tune(space: str | Path, base: BaseConfig, tracker: str = "mlflow", *, study:
     out_dir.mkdir(parents=True, exist_ok=True)
     to_run = max(0, launch.budget - before.claimed) + before.waiting
     log.info("Study '%s' (%s, %s sampler, metric %s %s, pruner %s) in %s: %s; budget %d trials, %d to run with %d worker%s.",
-             launch.study, "new" if created else "resumed", spec.method, spec.metric, spec.direction, spec.pruner.type,
+             launch.study, "new" if created else "resumed", sampler_name(spec), spec.metric, spec.direction,
+             spec.pruner.type,
              safe_url(storage), _describe(before), launch.budget, to_run, workers, "s" if workers > 1 else "")
     parent = _open_parent(study_obj, launch, created, cfg, space) if "mlflow" in names else None
     if parent is not None:
@@ -214,6 +217,7 @@ def _finish(study, launch: Launch, parent: TrackerGroup | None, names: list[str]
     best_tags = {f"best.{k}": str(v) for k, v in (result.best or {}).get("values", {}).items()}
     if parent is not None:
         result.parent_run_id = parent.trackers[0].run_id
+        result.parent_where = parent.describe()
         _log_study(parent, rows, result, files, summary, best_tags, launch)
         if status == FINISHED and best is not None and cfg["tracking"]["log_model"] \
                 and study.user_attrs.get("registered_trial") != best.number:
@@ -308,14 +312,15 @@ def print_result(result: TuneResult, tracker: str, local_sweep: bool) -> None:
                      f"over {result.stats['trials_measured']} trials" + (f"; {tpm:.2f} trials/minute this session" if tpm else ""))
     lines.append(f"Trials table, plots and best config: {result.out_dir}")
     if result.parent_run_id:
-        lines.append(f"MLflow parent run: {result.parent_run_id} (make mlflow-ui)")
+        lines.append(f"The study's MLflow parent run (every trial nested under it): {result.parent_where or result.parent_run_id}")
     if result.summary_run_dir:
         lines.append(f"W&B summary run: {result.summary_run_dir}")
     if result.status == KILLED:
         lines.append("Interrupted: the current trial is marked KILLED and queued again. Rerun the same command to resume.")
     if result.best_config:
         where = report._rel(result.best_config)
-        lines += ["", f"Best config: {where}", "Train it in full (test evaluation, model registration):",
+        lines += ["", f"Best config: {where}", "Train it in full (evaluated on the test split; registered if the data is real, as tracking.register: auto "
+                  "decides):",
                   f"  make train-custom CONFIG={where} TRACKER={tracker}",
                   f"  .venv/bin/python scripts/train.py --config {where} --tracker {tracker}"]
     print("\n".join(lines), flush=True)
