@@ -73,3 +73,29 @@ def test_a_config_that_does_not_extend_default(tmp_path):
     lone.write_text("training:\n  epochs: 3\n")
     with pytest.raises(ConfigError, match="must extend the project's configs/default.yaml"):
         load_config(lone)
+
+
+def test_a_bad_tag_name_or_an_over_long_run_name_makes_no_run(tmp_path):
+    """Refused while the config is read, so no tracker starts: a tag name MLflow would refuse used to fail 16 s in,
+    leaving an empty FAILED run behind; a run name of 128 non-ASCII letters overflowed the 255-byte folder name."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    with pytest.raises(ConfigError, match=r"Tag name 'a!b'.*e\.g\. 'a_b'"):
+        load_config(CONFIGS / "quick.yaml", ["tracking.tags.a!b=1"])
+    for key in ("../up", "/abs", "a//b"):
+        with pytest.raises(ConfigError, match="Tag name"):
+            load_config(CONFIGS / "quick.yaml", values={"tracking.tags": {key: "1"}})
+    assert load_config(CONFIGS / "quick.yaml", ["tracking.tags.team/vision: x-ray=1"])["tracking"]["tags"]
+    with pytest.raises(ConfigError, match="240 bytes in UTF-8.*at most 200 bytes"):
+        load_config(CONFIGS / "quick.yaml", ["run_name=" + "é" * 120])
+
+    store = tmp_path / "mlflow.db"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(CONFIGS / "quick.yaml"),
+                           "--tracker", "mlflow", "--set", "tracking.tags.a!b=1",
+                           "--set", f"tracking.mlflow.tracking_uri=sqlite:///{store}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0 and "Tag name 'a!b'" in proc.stderr
+    assert not store.exists()  # no store was touched, so no run was made

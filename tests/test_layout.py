@@ -257,3 +257,17 @@ def test_two_folders_for_the_same_class(tmp_path):
     assert "'Covid'" in message and "'COVID-19'" in message
     assert str(split) in message
     assert "Merge" in message
+
+
+def test_a_data_link_that_loops_or_dangles_says_so(tmp_path):
+    """DATA= pointing at a link loop used to be reported as "does not exist", which sends the user looking for a
+    missing folder; a loop and a dangling link are named as what they are."""
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(DataError, match="is a link that loops"):
+        locate_dataset(tmp_path / "a")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(DataError, match=r"is a link whose target does not exist \(.*gone\)"):
+        locate_dataset(tmp_path / "dangling")
+    with pytest.raises(DataError, match="does not exist. Point DATA="):
+        locate_dataset(tmp_path / "missing")

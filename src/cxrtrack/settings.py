@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import posixpath
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, get_args
@@ -30,6 +31,9 @@ RUN_NAME_PATTERN = re.compile(r"[^\W_][\w.+=@,-]{0,127}")
 _PROJECT_PATTERN = re.compile(r"[^/\\#?%:\x00-\x1f]{1,128}")
 _ARTIFACT_PATTERN = re.compile(r"[\w.-]{1,128}")
 MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE = 100, 250, 5000
+TAG_KEY_PATTERN = re.compile(r"[\w.\- :/]+")
+TAG_KEY_BAD = re.compile(r"[^\w.\- :/]+")
+MAX_RUN_NAME_BYTES = 200  # a folder name holds 255 bytes; a CV's or seed study's runs add "-fold5", "-seed42", ...
 SEED_MAX = 2**32 - 1
 
 
@@ -58,6 +62,14 @@ def _check_tags(tags: dict) -> dict:
     for key, value in tags.items():
         if not isinstance(key, str) or not key.strip() or len(key) > MAX_TAG_KEY:
             raise _error(f"Tag name {key!r} in tracking.tags must be text of 1 to {MAX_TAG_KEY} characters.")
+        # MLflow's rule for tag names, checked here so that a bad one makes no run at all (the store would refuse it
+        # only after the run started, leaving an empty FAILED run behind)
+        normal = posixpath.normpath(key)
+        if not TAG_KEY_PATTERN.fullmatch(key) or normal != key or normal.startswith(("..", "/")):
+            suggestion = TAG_KEY_BAD.sub("_", key).strip("/") or "tag"
+            raise _error(f"Tag name {key!r} in tracking.tags may only contain letters, digits, spaces and _ - . : / "
+                         f"(no leading '/', no '..' or '//'), as MLflow requires of tag names; rename it, e.g. "
+                         f"{suggestion!r}.")
         if isinstance(value, (Mapping, list)) or not isinstance(value, (str, int, float, bool, type(None))):
             raise _error(f"Tag 'tracking.tags.{key}' is {value!r}; a tag value is one piece of text or a number.")
         if len(str(value)) > MAX_TAG_VALUE:
@@ -254,6 +266,10 @@ class Settings(_Section):
             raise _error(f"Run name {self.run_name!r} is not a plain name: use 1 to 128 letters, digits and . _ - + = @ , "
                          f"starting with a letter or digit (no '/', no '..', no spaces). It names the folder "
                          f"{self.output_dir}/<run name> and the tracked run.")
+        if self.run_name is not None and len(self.run_name.encode()) > MAX_RUN_NAME_BYTES:
+            raise _error(f"Run name {self.run_name[:40]!r}... is {len(self.run_name.encode())} bytes in UTF-8; it names a "
+                         f"folder, and a folder name holds at most 255 bytes (a CV's or seed study's runs add a "
+                         f"suffix): use at most {MAX_RUN_NAME_BYTES} bytes (fewer non-ASCII letters).")
         return self
 
 

@@ -13,6 +13,8 @@ them never decides what is trained on.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +102,17 @@ class DatasetLocation:
 def locate_dataset(path: str | Path) -> DatasetLocation:
     """Find ``train/`` + ``test/`` (or a flat set of class folders) at or below ``path``."""
     path = Path(path).expanduser()
+    if path.is_symlink() and not path.exists():
+        try:
+            path.resolve(strict=True)
+            problem = "is a link whose target does not exist"
+        except RuntimeError:  # Python 3.11 raises this for a loop of links
+            problem = "is a link that loops (it leads back to itself through other links)"
+        except OSError as exc:
+            problem = ("is a link that loops (it leads back to itself through other links)" if exc.errno == errno.ELOOP
+                       else f"is a link whose target does not exist ({os.readlink(path)})")
+        raise DataError(f"Data path {path} {problem}. Point DATA= (or --data) at the dataset folder itself, or fix "
+                        f"the link (`ls -l {path}` shows where it points).")
     if not path.exists():
         raise DataError(
             f"Data path {path} does not exist. Point DATA= (or --data) at the dataset folder, run "
