@@ -19,7 +19,7 @@ TRACKER     ?= mlflow
 # (`unexport` after the defaults above: it defines a variable, so a later `?=` would not assign it.)
 USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID MODEL OUT OUTPUTS PORT MLFLOW_URI \
                TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS EXPERIMENT TAGS RESUME FOLDS SEEDS SIZES \
-               THREADS CONCURRENCY
+               THREADS CONCURRENCY TO_RECORDED_URI
 unexport $(USER_VARS)
 
 # A misspelt variable (`make train-custom EPOCH=3`) must not be ignored while a 40-epoch run starts: any variable
@@ -120,8 +120,9 @@ evaluate: ## Evaluate on the test split and log it back to the run: MODEL=models
 	$(PY) scripts/evaluate.py $(call opt,MODEL,--model) $(call opt,CHECKPOINT,--checkpoint) $(call opt,RUN_ID,--run-id) $(DATA_ARG) \
 		$(call opt,OUT,--out)
 
-replay: ## Send tracker calls spooled during an outage (outputs/*/spool) in order; close runs of killed processes
-	$(PY) scripts/replay.py $(call opt,OUTPUTS,--outputs)
+replay: ## Send MLflow calls spooled during an outage (outputs/*/spool) to the configured store; close runs of killed processes
+	$(PY) scripts/replay.py $(call opt,OUTPUTS,--outputs) $(if $(value TO_RECORDED_URI),--to-recorded-uri) \
+		$(if $(filter command line environment,$(origin MLFLOW_URI)),--tracking-uri $(call shq,$(value MLFLOW_URI)))
 
 compare: ## Measure MLflow vs W&B on one training: make compare [QUICK=1] [REPEATS=3] [TRACKERS=...] [CONFIG=...] [DATA=...]
 	$(PY) scripts/compare.py $(if $(value QUICK),--quick) $(call opt,REPEATS,--repeats) $(call opt,TRACKERS,--trackers) \

@@ -60,7 +60,11 @@ def test_evaluate_and_replay_variables_are_data(tmp_path, recorder):
     assert proc.returncode == 0, proc.stderr
     assert argv == ["scripts/evaluate.py", "--checkpoint", f"a b`touch {t}/pwn1`.pt", "--out", f"o'$(touch {t}/pwn2)"]
     proc, argv = make(t, recorder, "replay", f"OUTPUTS=x;touch {t}/pwn3")
-    assert argv == ["scripts/replay.py", "--outputs", f"x;touch {t}/pwn3"]
+    assert argv == ["scripts/replay.py", "--outputs", f"x;touch {t}/pwn3"]  # the configured store: nothing to name
+    # the store the user names or confirms reaches replay as data too
+    proc, argv = make(t, recorder, "replay", "TO_RECORDED_URI=1", f"MLFLOW_URI=http://h'$(touch {t}/pwn4)':5000")
+    assert proc.returncode == 0, proc.stderr
+    assert argv == ["scripts/replay.py", "--to-recorded-uri", "--tracking-uri", f"http://h'$(touch {t}/pwn4)':5000"]
     assert not any(p.name.startswith("pwn") for p in t.iterdir())
 
 

@@ -210,9 +210,11 @@ def test_make_replay_closes_a_run_whose_process_is_gone(tmp_path):
         HOST_TAG: socket.gethostname(), PID_TAG: str(dead.pid), START_TAG: "0"})
     alive = client.create_run(experiment, run_name="other-machine", tags={
         HOST_TAG: "another-host", PID_TAG: str(os.getpid()), START_TAG: "0"})
+    (tmp_path / "outputs").mkdir()
     proc = subprocess.run(["make", "-s", "replay", f"OUTPUTS={tmp_path / 'outputs'}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr
     assert f"MLflow run killed-run ({orphan.info.run_id}), left RUNNING by a process that is gone: marked KILLED" in proc.stdout
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert client.get_run(orphan.info.run_id).data.tags["cxrtrack.closed_by"].startswith("make replay: process ")
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # another machine's run: cannot tell, untouched

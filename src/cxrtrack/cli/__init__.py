@@ -49,7 +49,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_config: str) -
 
 
 def paragraph(text: str) -> str:
-    return "\nerror: " + textwrap.fill(redact(" ".join(str(text).split())), width=100, subsequent_indent="       ")
+    # never inside a word: a path or URL cut at a hyphen or in its middle could not be copied back from the terminal
+    return "\nerror: " + textwrap.fill(redact(" ".join(str(text).split())), width=100, subsequent_indent="       ",
+                                       break_long_words=False, break_on_hyphens=False)
 
 
 _DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",

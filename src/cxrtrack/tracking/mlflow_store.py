@@ -226,11 +226,35 @@ def download_checkpoint(run_id: str, tracking_uri: str | None = None, dest: str 
 _orphans_checked: set[tuple[str, tuple[str, ...]]] = set()
 
 
+def _spool_of(run_id: str, tag: str | None) -> Path | None:
+    """The spool folder a run's tag names, if that folder's spool.json says it belongs to this very run (a tag is
+    data in the store: it must not make replay send some other folder)."""
+    if not tag or not Path(tag).is_dir():
+        return None
+    from cxrtrack.tracking.spool import Spool, SpoolError
+
+    try:
+        ref = Spool(Path(tag)).meta().get("ref")
+    except SpoolError:
+        return None
+    return Path(tag) if isinstance(ref, dict) and ref.get("run_id") == run_id else None
+
+
+def _holds_calls(spool: Path) -> bool:
+    from cxrtrack.tracking.spool import Spool, SpoolError
+
+    try:
+        return bool(Spool(spool).pending())
+    except SpoolError:
+        return True  # unreadable: what it holds is not known, so it is not given up
+
+
 def close_orphans(tracking_uri: str, experiment_ids: list[str], *, once: bool = False,
-                  replay=None) -> list[tuple[str, str, str]]:
+                  replay=None, closed_by: str = "a later run") -> list[tuple[str, str, str]]:
     """Find runs left RUNNING by a process of this project that is gone (killed with SIGKILL, the machine lost
-    power) and end them KILLED, saying so. A run whose spool still holds calls is replayed instead, when
-    ``replay`` (a function of the spool folder) is given, and left for `make replay` otherwise.
+    power) and end them KILLED, saying so (the tag ``cxrtrack.closed_by`` starts with ``closed_by``: "a later run",
+    or "make replay"). A run whose spool still holds calls is replayed instead, when ``replay`` (a function of the
+    spool folder) is given, and left for `make replay` otherwise (also when that replay did not send everything).
 
     Returns (run id, run name, what was done) for each run it acted on or left. ``once``: at most once per
     store and experiments in this process (every run start calls it)."""
@@ -246,20 +270,20 @@ def close_orphans(tracking_uri: str, experiment_ids: list[str], *, once: bool = 
         tags, name, run_id = run.data.tags, run.info.run_name, run.info.run_id
         if PID_TAG not in tags or process_alive(tags) is not False:
             continue  # not ours, still running, or on another machine (cannot tell)
-        from cxrtrack.tracking.spool import SPOOL_TAG, Spool
+        from cxrtrack.tracking.spool import SPOOL_TAG
 
-        spool = tags.get(SPOOL_TAG)
-        if spool and replay is not None and Path(spool).is_dir():
-            done.append((run_id, name, replay(Path(spool))))
-            if client.get_run(run_id).info.status != "RUNNING":
-                continue
+        spool = _spool_of(run_id, tags.get(SPOOL_TAG))
+        if spool and replay is not None:
+            done.append((run_id, name, replay(spool)))
+            if client.get_run(run_id).info.status != "RUNNING" or _holds_calls(spool):
+                continue  # closed by its replay, or its calls still wait (refused, or the store failed): left RUNNING
         elif spool and Path(spool, "journal.jsonl").is_file():
-            if Spool(Path(spool)).pending():
+            if _holds_calls(spool):
                 log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone; its spool %s still holds "
                             "calls: `make replay` sends them and closes the run.", name, run_id, tags[PID_TAG], spool)
                 done.append((run_id, name, f"left for `make replay` (spool {spool})"))
                 continue
-        client.set_tag(run_id, "cxrtrack.closed_by", f"a later run: process {tags[PID_TAG]} on {tags[HOST_TAG]} was "
+        client.set_tag(run_id, "cxrtrack.closed_by", f"{closed_by}: process {tags[PID_TAG]} on {tags[HOST_TAG]} was "
                                                      f"gone at {time.strftime('%Y-%m-%d %H:%M:%S')}")
         client.set_terminated(run_id, KILLED)
         log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone (killed?): marked KILLED.",

@@ -10,7 +10,9 @@ that call and every later one to a journal, instead of losing them:
                          {"seq", "method", "time_ms", "args"}, ``args`` the call's arguments by name
         files/<seq>/     copies of the files a call names (artifacts, images, the checkpoint) and its arrays
                          (``.npz``), made before its record is written: a record exists only once its files
-                         are complete. :data:`KEPT_AS` says which arguments these are.
+                         are complete. :data:`KEPT_AS` says which arguments these are. A record names them by
+                         their path relative to the spool's folder, and nothing outside that folder is ever read
+                         back (:func:`spool_file`: an absolute path, a ``..`` or a link out is refused)
         replayed.jsonl   the seq number of each record the store has taken, appended as it is acknowledged
 
 A record is sent back as one call, ``getattr(backend, method)(**args)`` (:func:`send_record`), so any call of
@@ -67,6 +69,10 @@ SPOOL_TAG = "cxrtrack.spool"  # run tag: where the run's spool is, so a later pr
 
 class SpoolError(Exception):
     """The spool itself cannot be written or read (a full disk under outputs/, a damaged journal)."""
+
+
+class SpoolRefused(SpoolError):
+    """A spool names something replay must not send: a file outside its own folder, or an unknown call."""
 
 
 # How the journal keeps the arguments that are not plain values (every other argument is written as JSON):
@@ -231,19 +237,54 @@ def arguments_of(record: dict[str, Any]) -> dict[str, Any]:
     return args
 
 
+def spool_file(root: Path, value: Any) -> Path:
+    """The file a record names, resolved, if it lies inside the spool's own folder: a record names the copies of its
+    files by their path relative to that folder (``files/<seq>/...``). Anything else is refused before any store is
+    called: an absolute path, a ``..`` that climbs out, or a link that points out of the folder (a spool folder is
+    data on disk, and may have been written by someone else)."""
+    base = Path(root).resolve()
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        raise SpoolRefused(f"{Path(root) / 'journal.jsonl'} names the file {value!r}, outside its own folder {base} (a "
+                           f"spool names the copies of its files by their path inside that folder)")
+    path = (base / value).resolve()
+    if not path.is_relative_to(base):
+        raise SpoolRefused(f"{Path(root) / 'journal.jsonl'} names the file {value!r}, which leads to {path}, outside its "
+                           f"own folder {base} (a '..' or a link out of it)")
+    return path
+
+
+def check_record(root: Path, record: dict[str, Any]) -> None:
+    """Refuse (:class:`SpoolRefused`) a record that names an unknown call or a file outside the spool's folder
+    (:func:`spool_file`), without sending anything: replay checks every pending record before it calls the store."""
+    method = record.get("method")
+    if method not in (*RUN_CALLS, "end_run"):
+        raise SpoolRefused(f"unknown call {method!r} in {Path(root) / 'journal.jsonl'} (record {record.get('seq')})")
+    kept = KEPT_AS.get(method, {})
+    try:
+        args = arguments_of(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpoolRefused(f"record {record.get('seq')} of {Path(root) / 'journal.jsonl'} is malformed ({exc!r})") from None
+    for name, value in args.items():
+        if kept.get(name) in (FILE, ARRAY):
+            spool_file(root, value)
+        elif kept.get(name) == PREDICTIONS:
+            spool_file(root, value.get("arrays") if isinstance(value, dict) else value)
+
+
 def _restore(root: Path, method: str, args: dict[str, Any]) -> dict[str, Any]:
-    """The arguments of a call as it is sent again: the copies of its files, its arrays read back."""
+    """The arguments of a call as it is sent again: the copies of its files, its arrays read back (only from inside
+    the spool's folder: :func:`spool_file`)."""
     kept = KEPT_AS.get(method, {})
     out = {}
     for name, value in args.items():
         kind = kept.get(name)
         if kind == FILE:
-            out[name] = root / value
+            out[name] = spool_file(root, value)
         elif kind == ARRAY:
-            with np.load(root / value) as z:
+            with np.load(spool_file(root, value)) as z:
                 out[name] = z[name]
         elif kind == PREDICTIONS:
-            with np.load(root / value["arrays"]) as z:
+            with np.load(spool_file(root, value["arrays"])) as z:
                 arrays = {k: z[k] for k in _PREDICTION_ARRAYS}
             out[name] = Predictions(tuple(value["class_names"]), paths=list(value["paths"]), extra=dict(value["extra"]),
                                     **arrays)
