@@ -217,7 +217,8 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if entry["fit_ratio"]["n"] < 2:
             measured += "; one repeat has no spread to judge it by, so no verdict: use REPEATS=3 or more"
         elif noisy:
-            measured += "; the repeats disagree too much to judge, so no verdict (a busy machine): rerun on a quiet one, more REPEATS"
+            measured += ("; the repeats disagree too much to judge, so no verdict (a busy machine): "
+                         "rerun on a quiet one, more REPEATS")
         targets.append({"target": f"training-loop overhead of {tracker} <= 1 % (median of repeats)",
                         "measured": measured, "met": None if noisy else med <= 1.01})
     for backend, result in report.get("latency", {}).items():
@@ -234,10 +235,11 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         verify = result.get("verify_offline") or {}
         if verify.get("median_s") is not None:
             raw_finish = ops["finish"]["raw"]["median_s"]
-            targets.append({"target": f"tracker layer adds <= 10 % to the raw {backend} finish, with the read-back check",
+            targets.append({"target": f"tracker layer adds <= 10 % to the raw {backend} finish, "
+                                      "with the read-back check",
                             "measured": f"+{fmt_s_plain(verify['median_s'])} per run for reading the offline run back "
-                                        f"(tracking.wandb.verify_offline), {verify['median_s'] / raw_finish:.0f}x the raw "
-                                        f"finish; a deliberate reliability cost, once per run",
+                                        f"(tracking.wandb.verify_offline), {verify['median_s'] / raw_finish:.0f}x "
+                                        f"the raw finish; a deliberate reliability cost, once per run",
                             "met": verify["median_s"] <= 0.10 * raw_finish})
     meta = report["meta"]
     limit = 300 if meta.get("quick") else 1200

@@ -67,8 +67,8 @@ def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: s
         lambda: cell(YES if m.images else NO, f"{len(m.images)} PNG artifacts: {', '.join(m.images[:3])}"),
         lambda: cell(YES if w.images else NO, f"{len(w.images)} logged images: {', '.join(w.images[:3])}"))
     row("Tables",
-        lambda: cell(YES if m.tables else NO, "; ".join(f"{k}: {v} rows (mlflow.log_table)" for k, v in m.tables.items())
-                     or "no table"),
+        lambda: cell(YES if m.tables else NO,
+                     "; ".join(f"{k}: {v} rows (mlflow.log_table)" for k, v in m.tables.items()) or "no table"),
         lambda: cell(YES if w.tables else NO, "; ".join(f"{k}: {v} rows (wandb.Table)" for k, v in w.tables.items())
                      or "no table"))
     row("Model registry / versioned model",
@@ -114,8 +114,8 @@ def _mlflow_without_store(work: Path) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=work, env=env)
     said = (proc.stdout.strip() or proc.stderr.strip().splitlines()[-1])[:220]
     status = NO if not said.startswith("started") else YES
-    return cell(status, f"no offline mode or sync command in MLflow: start_run against an unreachable server -> {said}. "
-                        f"A local SQLite store is the offline option (runs stay in that file)")
+    return cell(status, "no offline mode or sync command in MLflow: start_run against an unreachable server "
+                        f"-> {said}. A local SQLite store is the offline option (runs stay in that file)")
 
 
 def _mlflow_ui(server_uri: str | None, screenshot: Path | None) -> dict[str, Any]:
@@ -136,7 +136,8 @@ def _wandb_ui(work: Path) -> dict[str, Any]:
                           env=_quiet_env(), stdin=subprocess.DEVNULL, cwd=work)
     docker = shutil.which("docker")
     server = "no Docker engine here" if not docker else (
-        "Docker client only" if subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode else "Docker runs")
+        "Docker client only" if subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode
+        else "Docker runs")
     status = YES if proc.returncode == 0 else NO
     return cell(status, f"terminal UI: `wandb leet` (exit {proc.returncode}); a local web UI needs W&B Server, a "
                         f"Docker image ({server}); the web app is {OFFLINE}")
@@ -174,7 +175,8 @@ def _mlflow_sweeps() -> dict[str, Any]:
     engine = importlib.util.find_spec("optuna") is not None
     evidence = "MLflow has no search engine (no sweep/tune API in the mlflow package); "
     if has_tuning and engine:
-        return cell(YES, evidence + "this project drives it with Optuna: `make mlflow-tune` (parent run + nested trials)")
+        return cell(YES, evidence
+                    + "this project drives it with Optuna: `make mlflow-tune` (parent run + nested trials)")
     return cell(NO, evidence + "an external engine (Optuna, Ray Tune) is needed")
 
 
@@ -200,7 +202,8 @@ def _async(latency: dict[str, Any], sync_key: str, async_key: str | None) -> dic
     s = ops(sync_key).get("log_metrics")
     if not s:
         return cell(FAILED, "latency of W&B logging was not measured")
-    return cell(YES, f"always: run.log hands the row to W&B's service process (median {s['raw']['median_s'] * 1e3:.2f} ms)")
+    return cell(YES, "always: run.log hands the row to W&B's service process "
+                     f"(median {s['raw']['median_s'] * 1e3:.2f} ms)")
 
 
 def _wandb_lineage(w) -> dict[str, Any]:

@@ -269,7 +269,8 @@ class Compare:
             if backend == "mlflow-server":
                 command += ["--uri", self.server.uri]
             result[backend] = self._subprocess_json(command, out, self.dir / "logs" / f"latency-{backend}.log")
-            shutil.rmtree(self.dir / "latency" / backend, ignore_errors=True)  # ~0.5 GB of timing runs: keep the numbers
+            # ~0.5 GB of timing runs: keep the numbers
+            shutil.rmtree(self.dir / "latency" / backend, ignore_errors=True)
             log.info("compare: latency %s done", backend)
         self.report["latency"] = result
 
@@ -316,10 +317,12 @@ class Compare:
                        "--sizes", sizes, "--store", str(self.dir / "scaling" / f"{what}-{backend}"), "--out", str(out)]
             if backend == "mlflow-server":
                 command += ["--uri", self.server.uri, "--db", str(self.server.folder / "server.db")]
-            result[what][backend] = self._subprocess_json(command, out, self.dir / "logs" / f"scaling-{what}-{backend}.log")
+            result[what][backend] = self._subprocess_json(command, out,
+                                                          self.dir / "logs" / f"scaling-{what}-{backend}.log")
             log.info("compare: scaling %s %s done", what, backend)
-        result["runs"]["wandb-offline"] = {"skipped": "not measurable offline: W&B keeps no local run index; "
-                                                      "listing and searching runs is a W&B server API (wandb.Api().runs)"}
+        result["runs"]["wandb-offline"] = {
+            "skipped": "not measurable offline: W&B keeps no local run index; "
+                       "listing and searching runs is a W&B server API (wandb.Api().runs)"}
         self.report["scaling"] = result
 
     def phase_capabilities(self) -> None:

@@ -42,7 +42,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
-    parser.add_argument("--data", help="dataset folder, any supported layout (default: downloaded Kaggle data, else synthetic)")
+    parser.add_argument("--data", help="dataset folder, any supported layout "
+                                       "(default: downloaded Kaggle data, else synthetic)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set training.optimizer=sgd (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

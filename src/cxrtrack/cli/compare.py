@@ -33,7 +33,8 @@ def main() -> int:
     parser.add_argument("--data", help="dataset folder (default: the training targets' default)")
     parser.add_argument("--repeats", type=int, help="runs per tracker (default 3; 1 with --quick)")
     parser.add_argument("--trackers", help="comma list of none,mlflow,wandb,both (default: all; none is always run)")
-    parser.add_argument("--quick", action="store_true", help="a fast look: one repeat, smaller latency and scaling work")
+    parser.add_argument("--quick", action="store_true",
+                        help="a fast look: one repeat, smaller latency and scaling work")
     parser.add_argument("--out", help="report root (default: reports/comparison)")
     parser.add_argument("--mlflow-uri", help="use this MLflow store instead of a private one under the report folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -81,7 +81,8 @@ EXISTING_RUNS = {"mlflow": _mlflow_run, "wandb": _wandb_run}  # backends whose t
 
 
 @contextmanager
-def attached(backend: str, ref: dict[str, Any], tracking_uri: str | None = None, **options: Any) -> Iterator[BaseTracker]:
+def attached(backend: str, ref: dict[str, Any], tracking_uri: str | None = None,
+             **options: Any) -> Iterator[BaseTracker]:
     """The run ``ref`` of ``backend`` (its ``run_ref()``, e.g. from ``tracked.json``), to add to it without changing
     its status: ``make evaluate`` reports its results back through this. ``options`` go to the backend's ``attach``
     (W&B: ``job_type``)."""

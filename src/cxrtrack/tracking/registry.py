@@ -55,7 +55,8 @@ def build_plan(cfg: dict[str, Any], *, source: str, fingerprint: str, run_name: 
     metric = cfg["tracking"]["champion_metric"]
     value = test_metrics.get(metric)
     metrics = {k: float(v) for k, v in test_metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    shown = f"{metric} {value:.4f}" if isinstance(value, (int, float)) and math.isfinite(float(value)) else "no test metric"
+    finite = isinstance(value, (int, float)) and math.isfinite(float(value))
+    shown = f"{metric} {value:.4f}" if finite else "no test metric"
     return {
         "register": register,
         "reason": reason,

@@ -99,7 +99,10 @@ def leet_command(run_dir: Path | None) -> str:
 
     exe = Path(sys.executable).with_name("wandb")
     on_path = shutil.which("wandb")
-    shown = "wandb" if on_path and Path(on_path).resolve() == exe.resolve() else _shown(exe) if exe.exists() else "wandb"
+    if on_path and Path(on_path).resolve() == exe.resolve():
+        shown = "wandb"
+    else:
+        shown = _shown(exe) if exe.exists() else "wandb"
     return f"{shown} leet {_shown(run_dir) if run_dir else ''}".strip()
 
 
@@ -262,8 +265,8 @@ class WandbTracker(BaseTracker):
                 reason = f"its writer failed: {first.rsplit(': ', 1)[-1][:200]}"
         except (OSError, ValueError):
             pass
-        raise WandbStoreError(f"W&B did not store the end of the offline run in {self._run_dir} ({reason or 'no exit record'}); "
-                              f"what W&B wrote before that is all it holds")
+        raise WandbStoreError(f"W&B did not store the end of the offline run in {self._run_dir} "
+                              f"({reason or 'no exit record'}); what W&B wrote before that is all it holds")
 
     # -- logging ----------------------------------------------------------------------------------
     def log_params(self, params):
@@ -302,7 +305,8 @@ class WandbTracker(BaseTracker):
                     "test_split": dataset.get("test_split"), "splits": dataset["splits"],
                     "used_as": "input" if self.mode != "offline" else "logged (offline: use_artifact is online only)"}
         artifact = wandb.Artifact(dataset["name"], type="dataset", metadata=metadata,
-                                  description=f"{dataset['source']} chest X-ray images, fingerprint {dataset['fingerprint']} "
+                                  description=f"{dataset['source']} chest X-ray images, "
+                                              f"fingerprint {dataset['fingerprint']} "
                                               f"(a reference to {dataset['root']}; no image copied)")
         artifact.add_reference(Path(dataset["root"]).resolve().as_uri(), name="images", max_objects=100_000)
         aliases = [f"fp-{dataset['fingerprint']}"]
@@ -350,7 +354,8 @@ class WandbTracker(BaseTracker):
         metadata = dict(metadata)
         plan = metadata.pop(REGISTRY_KEY, None)
         name = self.cfg.get("model_artifact_name") or "customcxrnet"
-        aliases = ["latest", "best", *([f"epoch-{metadata['best_epoch']}"] if metadata.get("best_epoch") is not None else [])]
+        best_epoch = metadata.get("best_epoch")
+        aliases = ["latest", "best", *([f"epoch-{best_epoch}"] if best_epoch is not None else [])]
         description = "CustomCXRNet best checkpoint (state_dict + hyperparameters)"
         if plan is not None:
             metadata.update({k: v for k, v in version_tags(plan).items() if k not in metadata})

@@ -27,7 +27,8 @@ def epoch_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
 
 
 def recall_per_class(y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
-    """``recall_<class>`` for every class: the fraction of its images predicted as it (NaN for a class with no image)."""
+    """``recall_<class>`` for every class: the fraction of its images predicted as it
+    (NaN for a class with no image)."""
     labels = list(range(len(class_names)))
     _, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
     return {f"recall_{slug(name)}": float(r) for name, r in zip(class_names, recall, strict=True)}

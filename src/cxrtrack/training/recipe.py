@@ -110,7 +110,8 @@ class Recipe:
         elif self.averaging == "swa":
             self.averaged = AveragedModel(model)
             self.swa_start_epoch = int(math.floor(self.swa_start * epochs)) + 1
-            self.swa_scheduler = SWALR(optimizer, swa_lr=self.swa_lr, anneal_epochs=max(1, min(5, epochs - self.swa_start_epoch)),
+            self.swa_scheduler = SWALR(optimizer, swa_lr=self.swa_lr,
+                                       anneal_epochs=max(1, min(5, epochs - self.swa_start_epoch)),
                                        anneal_strategy="cos")
 
     # -- the training step --------------------------------------------------------------------------
@@ -141,7 +142,8 @@ class Recipe:
         if self.averaging != "swa" or epoch < self.swa_start_epoch:
             return False
         self.averaged.update_parameters(self.model)
-        if train_loader is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+        if train_loader is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                            for m in self.model.modules()):
             from torch.optim.swa_utils import update_bn
 
             update_bn(train_loader, self.averaged, device=next(self.model.parameters()).device)

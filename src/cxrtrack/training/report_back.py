@@ -81,7 +81,8 @@ def report_to_mlflow(ref: dict[str, Any], report: TestReport, out: Path, trackin
 def report_to_wandb(ref: dict[str, Any], report: TestReport) -> str:
     metrics = eval_metrics(report)
     with attached("wandb", ref, job_type="evaluation") as run:
-        run.log_summary({**metrics, f"eval/{report.data['fingerprint'][:8]}/data_fingerprint": report.data["fingerprint"]})
+        fingerprint = report.data["fingerprint"]
+        run.log_summary({**metrics, f"eval/{fingerprint[:8]}/data_fingerprint": fingerprint})
         mode, new_dir = run.mode, run.run_dir
     how = ("offline: a new offline folder with the same run id, appended to the run by `make wandb-sync`"
            if mode == "offline" else "the run was resumed")

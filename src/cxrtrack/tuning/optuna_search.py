@@ -383,7 +383,8 @@ class Worker:
         if target is not None and frozen.value is not None:
             reached = frozen.value <= target if self.launch.spec.direction == "minimize" else frozen.value >= target
             if reached:
-                log.info("Trial %d reached the target %s = %s: stopping the study.", frozen.number, self.launch.spec.metric, target)
+                log.info("Trial %d reached the target %s = %s: stopping the study.", frozen.number,
+                         self.launch.spec.metric, target)
                 study.set_user_attr("target_reached", frozen.number)
                 study.stop()
         if study.user_attrs.get("target_reached") is not None:
@@ -457,7 +458,8 @@ class Worker:
         description = (f"Trial {trial.number} of study '{launch.study}'"
                        + (f" (retry of trial {retry_of[0]})" if retry_of else "") + ": "
                        + ", ".join(f"{k}={v}" for k, v in sampled.items()))
-        log.info("Trial %d (worker %d): %s", trial.number, self.index, ", ".join(f"{k}={v}" for k, v in sampled.items()))
+        log.info("Trial %d (worker %d): %s", trial.number, self.index,
+                 ", ".join(f"{k}={v}" for k, v in sampled.items()))
         run = run_experiment
         if cfg["training"]["cv_folds"] > 1:  # a cross-validated trial: its value is the CV mean of the metric
             from cxrtrack.selection.cv import run_cv as run
@@ -542,7 +544,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [worker {args.index}] %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [worker {args.index}] %(message)s",
+                                               "%H:%M:%S"))
 
     def main() -> int:
         launch = Launch.from_json(Path(args.worker).read_text())

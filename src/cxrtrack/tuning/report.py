@@ -25,7 +25,8 @@ from cxrtrack.tuning.space import BaseConfig, StudySpec, trial_values
 log = logging.getLogger(__name__)
 
 # keys the best config leaves at their defaults: they belong to the trial, not to the winning settings
-_NOT_IN_BEST = ("config_name", "run_name", "tracking.tracker", "tracking.tags", "evaluation.run_test", "tracking.log_model")
+_NOT_IN_BEST = ("config_name", "run_name", "tracking.tracker", "tracking.tags", "evaluation.run_test",
+                "tracking.log_model")
 
 
 def _plain(value: Any) -> Any:
@@ -37,8 +38,10 @@ def trial_rows(trials, spec: StudySpec) -> list[dict[str, Any]]:
     retried = tally(trials).retried
     rows = []
     for t in trials:
-        values = t.user_attrs.get("values") or {p.key: p.decode(t.params[p.key]) for p in spec.params if p.key in t.params}
-        wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        values = (t.user_attrs.get("values")
+                  or {p.key: p.decode(t.params[p.key]) for p in spec.params if p.key in t.params})
+        wall = ((t.datetime_complete - t.datetime_start).total_seconds()
+                if t.datetime_complete and t.datetime_start else None)
         fit = t.user_attrs.get("fit_s")
         runs = t.user_attrs.get("runs") or {}
         rows.append({
@@ -73,7 +76,8 @@ def best_trial(trials, direction: str):
     complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
     if not complete:
         return None
-    return (min if direction == "minimize" else max)(complete, key=lambda t: (t.value, t.number) if direction == "minimize" else (t.value, -t.number))
+    return (min if direction == "minimize" else max)(
+        complete, key=lambda t: (t.value, t.number) if direction == "minimize" else (t.value, -t.number))
 
 
 def root_config(path: str | Path) -> Path:
