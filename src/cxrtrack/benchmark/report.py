@@ -13,11 +13,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from cxrtrack.benchmark.analysis import verdict  # noqa: E402
-from cxrtrack.benchmark.latency import OPS  # noqa: E402
+from cxrtrack.benchmark.analysis import verdict
+from cxrtrack.benchmark.latency import OPS
 
 PLOTS = {
     "overhead.png": "Whole run and training loop, relative to no tracker (median, bars: min-max over repeats)",

@@ -22,7 +22,6 @@ from cxrtrack.errors import CXRError
 from cxrtrack.provenance import RedactingFilter, redact
 
 EXIT_RUN_FAILED = 1  # the run failed, or a tracker does not hold all of it (the last line says what is missing)
-EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C; SIGTERM exits with 143 (128 + the signal number)
 
 

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 REGISTRY_KEY = "registry"  # the key of the plan in log_model's metadata
 CHAMPION = "champion"
-METRIC_TAG_PREFIX = "test/"
 
 
 def should_register(cfg: dict[str, Any], data_source: str) -> tuple[bool, str]:

@@ -45,7 +45,7 @@ def classification_metrics(
     out: dict[str, float] = {"acc": float(accuracy_score(y_true, y_pred))}
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
     out.update(precision_macro=float(p), recall_macro=float(r), f1_macro=float(f))
-    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
     aucs = []
     for i, name in enumerate(class_names):
         key = slug(name)

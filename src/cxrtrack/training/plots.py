@@ -9,10 +9,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed; must precede pyplot
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from sklearn.metrics import roc_curve
 
 
 def training_curves(history: list[dict[str, float]], monitor: str | None = None, best_epoch: int | None = None):

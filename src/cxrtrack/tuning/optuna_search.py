@@ -351,7 +351,6 @@ class Worker:
         self.cache = cache if cache is not None else DataCache()  # the images are decoded once per worker
         self.current = None  # the Optuna trial being run
         self.consecutive_failures = 0
-        self.trials_run = 0
 
     def run(self) -> None:
         optuna = _optuna()
@@ -472,8 +471,6 @@ class Worker:
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:500]}")
             raise
-        finally:
-            self.trials_run += 1
         trial.set_user_attr("fit_s", result.timings.get("fit_s"))
         trial.set_user_attr("run_s", result.timings.get("total_s"))
         trial.set_user_attr("epochs", len(result.fit.history))
