@@ -51,7 +51,7 @@ def _ok(runs, tracker):
 
 
 def _results(runs: list[dict], trackers: list[str]) -> dict[str, Any]:
-    table = {}
+    table: dict[str, dict[str, Any]] = {}
     for tracker in trackers:
         ok = _ok(runs, tracker)
         failed = [r for r in runs if r["tracker"] == tracker and not r["ok"]]
@@ -101,17 +101,16 @@ def _calls(run: dict, backend: str) -> dict[str, dict[str, float]]:
     return run.get("timings", {}).get("calls", {}).get(backend, {})
 
 
-def _fixed_costs(run: dict, backend: str) -> dict[str, float]:
+def _fixed_costs(run: dict, backend: str) -> dict[str, float | None]:
     calls = _calls(run, backend)
-    out = {name: sum(calls.get(m, {}).get("total_s", 0.0) for m in methods) for name, methods in FIXED_COSTS.items()}
+    costs = {name: sum(calls.get(m, {}).get("total_s", 0.0) for m in methods) for name, methods in FIXED_COSTS.items()}
     n = calls.get("log_metrics", {}).get("calls", 0)
-    out["per_epoch_logging_ms"] = 1e3 * out["epoch_logging"] / n if n else None
-    return out
+    return {**costs, "per_epoch_logging_ms": 1e3 * costs["epoch_logging"] / n if n else None}
 
 
 def _overhead(runs: list[dict], trackers: list[str]) -> dict[str, Any]:
     base = {r["repeat"]: r for r in _ok(runs, "none")}
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for tracker in trackers:
         if tracker == "none":
             continue
@@ -132,7 +131,7 @@ def _overhead(runs: list[dict], trackers: list[str]) -> dict[str, Any]:
         entry["backends"] = {}
         for backend in BACKENDS_OF[tracker]:
             costs = [_fixed_costs(r, backend) for r in ok]
-            entry["backends"][backend] = {k: spread([c[k] for c in costs if c[k] is not None]) for k in costs[0]}
+            entry["backends"][backend] = {k: spread([v for c in costs if (v := c[k]) is not None]) for k in costs[0]}
         out[tracker] = entry
     none_ok = list(base.values())
     out["none"] = {"status": "ok" if none_ok else "failed", "wall_s": spread([r["wall_s"] for r in none_ok]),

@@ -14,7 +14,7 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cxrtrack.tracking.readback import RunRecord
 
@@ -46,7 +46,9 @@ def _quiet_env() -> dict[str, str]:
 def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: str | None, work: Path,
             group: str | None, screenshot: Path | None) -> list[dict[str, Any]]:
     """``stored``: backend -> a run of this compare read back from its store."""
-    m, w = stored.get("mlflow"), stored.get("wandb")
+    found = {backend: stored.get(backend) for backend in ("mlflow", "wandb")}
+    # the checks read m and w only when their run was read back: row() reports a missing one before any check runs
+    m, w = cast(RunRecord, found["mlflow"]), cast(RunRecord, found["wandb"])
     rows = []
 
     def row(name: str, mlflow_check, wandb_check, mlflow_needs_run=True, wandb_needs_run=True) -> None:
@@ -55,8 +57,8 @@ def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: s
                 return cell(FAILED, "no run of this tracker was read back in this compare")
             return _guard(check)
 
-        rows.append({"capability": name, "mlflow": run(mlflow_check, mlflow_needs_run, m),
-                     "wandb": run(wandb_check, wandb_needs_run, w)})
+        rows.append({"capability": name, "mlflow": run(mlflow_check, mlflow_needs_run, found["mlflow"]),
+                     "wandb": run(wandb_check, wandb_needs_run, found["wandb"])})
 
     row("System metrics recorded",
         lambda: cell(YES if m.system_metrics else NO, f"{len(m.system_metrics)} system metrics in MLflow run "

@@ -37,7 +37,7 @@ def code_lines(source: str) -> int:
             first = node.body[0]
             if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
                     and isinstance(first.value.value, str)):
-                doc_lines.update(range(first.lineno, first.end_lineno + 1))
+                doc_lines.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
     lines: set[int] = set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
@@ -81,7 +81,7 @@ def client_calls(source: str, roots: dict[str, str], package: str) -> list[str]:
             calls.add(imported[name])
             continue
         head = (name or "").split(".")[0]
-        if head in imported:  # a module imported from the package: wbauth.read_netrc_auth
+        if name and head in imported:  # a module imported from the package: wbauth.read_netrc_auth
             calls.add(imported[head] + name[len(head):])
             continue
         if not name or "." not in name:
@@ -96,7 +96,7 @@ def client_calls(source: str, roots: dict[str, str], package: str) -> list[str]:
 
 def workarounds(source: str, backend: str) -> list[dict[str, Any]]:
     """``# workaround(<backend>): text`` comments (continued on the following comment lines)."""
-    out = []
+    out: list[dict[str, Any]] = []
     tag = f"workaround({backend}):"
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type != tokenize.COMMENT:

@@ -476,7 +476,7 @@ def terminal_summary(report: dict, width: int = 100) -> str:
             if v["test/acc"]["median"] is not None))
     lines.append(f"{'tracker':<8}{'whole run':>12}{'train loop':>12}{'extra s':>10}{'peak RSS':>10}"
                  f"{'disk/run':>11}{'lost':>6}")
-    fidelity_lost = {}
+    fidelity_lost: dict[str, int] = {}
     for run, backends in report.get("fidelity", {}).items():
         tracker = run.rsplit("-r", 1)[0]
         for f in backends.values():

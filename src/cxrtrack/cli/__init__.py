@@ -52,9 +52,10 @@ def paragraph(text: str) -> str:
     return "\nerror: " + textwrap.fill(redact(" ".join(str(text).split())), width=100, subsequent_indent="       ")
 
 
-_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}
+# keyed by OSError.errno, which is None for an OSError raised without one
+_DISK_ERRORS: dict[int | None, str] = {
+    errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 
 
 def run_main(main: Callable[[], int]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from cxrtrack.cli import EXIT_INTERRUPTED, setup_logging
 from cxrtrack.errors import ConfigError
@@ -48,7 +49,7 @@ def main() -> int:
     from cxrtrack.benchmark.compare import Compare, ComparePlan
     from cxrtrack.benchmark.report import terminal_summary
 
-    extra = {"out_root": Path(args.out).resolve()} if args.out else {}
+    extra: dict[str, Any] = {"out_root": Path(args.out).resolve()} if args.out else {}
     if args.no_fresh_clone:
         extra["fresh_clone"] = False
     plan = ComparePlan.make(project_root(), args.config, args.repeats, args.trackers, args.quick, data=args.data,

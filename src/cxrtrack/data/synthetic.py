@@ -359,13 +359,13 @@ def _interstitial(pose: _Pose, lung, anat, rng) -> np.ndarray:
     lines *= np.clip(1.0 + 0.4 * _smooth_noise(rng, x.shape, 0.2 * K), 0.3, None)
     # small nodules scattered through both lungs
     n = x.shape[0]
-    dots = Image.new("L", (n, n), 0)
-    draw = ImageDraw.Draw(dots)
+    canvas = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(canvas)
     count = int(rng.integers(250, 600))
     centres, radii = rng.uniform(0, n, size=(count, 2)), rng.uniform(0.005, 0.011, size=count) * K
     for (cx, cy), rad in zip(centres, radii, strict=True):
         draw.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=255)
-    dots = np.asarray(dots.filter(ImageFilter.GaussianBlur(0.004 * K)), dtype=np.float32) * (1 / 255)
+    dots = np.asarray(canvas.filter(ImageFilter.GaussianBlur(0.004 * K)), dtype=np.float32) * (1 / 255)
     # mild perihilar / basal predominance, but present everywhere in both lungs
     haze = 0.6 + 0.4 * np.exp(-((np.abs(x) - 0.22) ** 2 + (y - anat["hilum_y"] - 0.15) ** 2) / (2 * 0.3**2))
     return 0.26 * severity * (0.75 * lines + 0.6 * dots + 0.2) * haze * lung

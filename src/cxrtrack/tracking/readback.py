@@ -187,7 +187,7 @@ def read_wandb(run_dir: str | Path, step_key: str = "epoch") -> RunRecord:
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in metrics and k != step_key
                and not k.startswith("_")}
     system = sorted({k for r in records if r["type"] == "stats" for k in r["stats"]["item"]})
-    run_info = next((r["run"] for r in records if r["type"] == "run"), {})
+    run_info: dict[str, Any] = next((r["run"] for r in records if r["type"] == "run"), {})
     status = summary_flat.get("status") or _WANDB_STATUS.get(info.get("exit_code"), "FAILED")
     return RunRecord(
         name=info.get("name", ""),

@@ -113,8 +113,8 @@ class WandbTracker(BaseTracker):
         self.project = project
         self.cfg = cfg
         self.mode: str | None = None
-        self.run = None
-        self._wandb = None
+        self.run: Any = None  # the wandb.Run of start_run or attach
+        self._wandb: Any = None  # the wandb module, imported by setup (only then: it takes seconds)
         self._files: list[tuple[Path, str]] = []
         self._run_dir: Path | None = None
         self._run_id: str | None = None
@@ -250,14 +250,17 @@ class WandbTracker(BaseTracker):
         well: read the run back (``wandb leet``, ~0.6 s) and raise if its end is not in the file."""
         from cxrtrack.tracking.readback import wandb_leet
 
+        run_dir = self._run_dir
+        if run_dir is None:  # no run was started: nothing to read back
+            return
         stored, reason = None, ""
         try:
-            stored = json.loads(wandb_leet(self._run_dir, "--summary", timeout=60)).get("exit_code")
+            stored = json.loads(wandb_leet(run_dir, "--summary", timeout=60)).get("exit_code")
         except Exception as exc:  # noqa: BLE001 - an unreadable run is what this check is for
             reason = f"it cannot be read back: {type(exc).__name__}"
         if stored == exit_code:
             return
-        log_file = self._run_dir / "logs" / "debug-internal.log"
+        log_file = run_dir / "logs" / "debug-internal.log"
         try:
             errors = [line for line in log_file.read_text(errors="replace").splitlines() if '"level":"ERROR"' in line]
             if errors:  # e.g. "writer: ...: write <path>/run-x.wandb: no space left on device": keep the cause
@@ -265,7 +268,7 @@ class WandbTracker(BaseTracker):
                 reason = f"its writer failed: {first.rsplit(': ', 1)[-1][:200]}"
         except (OSError, ValueError):
             pass
-        raise WandbStoreError(f"W&B did not store the end of the offline run in {self._run_dir} "
+        raise WandbStoreError(f"W&B did not store the end of the offline run in {run_dir} "
                               f"({reason or 'no exit record'}); what W&B wrote before that is all it holds")
 
     # -- logging ----------------------------------------------------------------------------------

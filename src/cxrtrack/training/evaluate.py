@@ -7,6 +7,7 @@ checkpoint or tracked run.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import pickle
@@ -98,9 +99,12 @@ def write_report(report: TestReport, out_dir: Path, figures: dict[str, Any]) -> 
         lines.append(f"\"{p.paths[i]}\",{p.class_names[p.y_true[i]]},{p.class_names[p.y_pred[i]]},{probs}")
     write_text_atomic(paths["predictions"], "\n".join(lines) + "\n")
     for name, fig in figures.items():
-        paths[name] = atomic_write(out_dir / "plots" / name,
-                                   lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+        paths[name] = atomic_write(out_dir / "plots" / name, functools.partial(_save_png, fig))
     return paths
+
+
+def _save_png(fig, path: Path) -> None:
+    fig.savefig(path, dpi=110, format="png")
 
 
 def report_on_test(model: torch.nn.Module, loader, data: CXRData, criterion: torch.nn.Module, device: torch.device,

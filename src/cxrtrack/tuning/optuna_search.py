@@ -442,7 +442,9 @@ class Worker:
         except ConfigError as exc:
             trial.set_user_attr("error", f"ConfigError: {exc}")
             raise
-        group = _TrialTrackers(build_tracker(launch.tracker, cfg), lambda refs: trial.set_user_attr("runs", refs))
+        # ignore[abstract] below: base.forwards adds the run calls to TrackerGroup when it is created, unseen by mypy
+        group = _TrialTrackers(build_tracker(launch.tracker, cfg),  # type: ignore[abstract]
+                               lambda refs: trial.set_user_attr("runs", refs))
         pruned: dict[str, Any] = {}
 
         def report(epoch: int, row: dict[str, float]) -> None:
@@ -459,7 +461,7 @@ class Worker:
                        + ", ".join(f"{k}={v}" for k, v in sampled.items()))
         log.info("Trial %d (worker %d): %s", trial.number, self.index,
                  ", ".join(f"{k}={v}" for k, v in sampled.items()))
-        run = run_experiment
+        run: Callable[..., Any] = run_experiment
         if cfg["training"]["cv_folds"] > 1:  # a cross-validated trial: its value is the CV mean of the metric
             from cxrtrack.selection.cv import run_cv as run
         try:

@@ -12,6 +12,7 @@ import logging
 import os
 import statistics
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ def make_plots(study, out_dir: Path) -> dict[str, Path]:
     import cxrtrack.training.plots  # noqa: F401 - selects the Agg backend before pyplot is imported
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {
+    plots: dict[str, Callable[[Any], Any]] = {
         "optimization_history.png": ovm.plot_optimization_history,
         "param_importances.png": ovm.plot_param_importances,
         "parallel_coordinate.png": ovm.plot_parallel_coordinate,

@@ -52,6 +52,12 @@ class Param:
     def _encoded(self) -> list[Any]:
         return [json.dumps(c) if isinstance(c, (list, dict)) else c for c in self.choices]
 
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a numeric parameter; a categorical one has none."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"parameter '{self.key}' ({self.kind}) has no range")
+        return self.low, self.high
+
     def decode(self, value: Any) -> Any:
         if (self.kind == "categorical" and isinstance(value, str)
                 and any(isinstance(c, (list, dict)) for c in self.choices)):
@@ -64,9 +70,10 @@ class Param:
         """The value Optuna's sampler draws for this trial (decoded to the config's type)."""
         if self.kind == "categorical":
             return self.decode(trial.suggest_categorical(self.key, self._encoded()))
+        low, high = self.bounds()
         if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+            return trial.suggest_int(self.key, int(low), int(high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, low, high, step=self.step, log=self.log)
 
     def grid_values(self) -> list[Any]:
         if self.kind == "categorical":
@@ -74,13 +81,14 @@ class Param:
         if self.log:
             raise ConfigError(f"Parameter '{self.key}' is log-scaled ({self.source}); a grid search needs a list of "
                               f"values for it, e.g. values: [0.0001, 0.001, 0.01].")
+        low, high = self.bounds()
         if self.kind == "int":
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+            return list(range(int(low), int(high) + 1, int(self.step or 1)))
         if self.step is None:
             raise ConfigError(f"Parameter '{self.key}' is continuous ({self.source}); a grid search needs a list of "
                               f"values for it, or a step (q for W&B's q_uniform).")
-        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
-        return [round(self.low + i * self.step, 12) for i in range(n + 1)]
+        n = int(math.floor((high - low) / self.step + 1e-9))
+        return [round(low + i * self.step, 12) for i in range(n + 1)]
 
     def describe(self) -> str:
         if self.kind == "categorical":
@@ -96,7 +104,8 @@ class Param:
         numeric range is an interval)."""
         if self.kind == "categorical":
             return list(self.choices)
-        if not self.log and (self.kind == "int" or self.step) and (self.high - self.low) / (self.step or 1) < most:
+        low, high = self.bounds()
+        if not self.log and (self.kind == "int" or self.step) and (high - low) / (self.step or 1) < most:
             return self.grid_values()
         return self.extremes()
 
@@ -105,7 +114,7 @@ class Param:
         if self.kind == "categorical":
             return list(self.choices)
         cast = int if self.kind == "int" else float
-        return [cast(self.low), cast(self.high)]
+        return [cast(bound) for bound in self.bounds()]
 
 
 @dataclass

@@ -106,7 +106,7 @@ def tune(space: str | Path, base: BaseConfig, tracker: str = "mlflow", *, study:
              safe_url(storage), _describe(before), launch.budget, to_run, workers, "s" if workers > 1 else "")
     parent = _open_parent(study_obj, launch, created, cfg, space) if "mlflow" in names else None
     if parent is not None:
-        launch.parents = {"mlflow": parent.trackers[0].run_id}
+        launch.parents = {"mlflow": parent.trackers[0].run_ref()["run_id"]}
     cache = None
     status = FINISHED
     started = datetime.now()
@@ -181,9 +181,9 @@ def _open_parent(study, launch: Launch, created: bool, cfg: dict[str, Any], spac
                                f"for the best {spec.metric}; one nested run per trial.")
     group.start_run(info)
     if parent_id is None:
-        study.set_user_attr("mlflow_parent_run_id", group.trackers[0].run_id)
+        study.set_user_attr("mlflow_parent_run_id", group.trackers[0].run_ref()["run_id"])
     group.log_artifact(Path(space), "study")
-    log.info("MLflow parent run %s%s.", group.trackers[0].run_id, " (reopened)" if parent_id else "")
+    log.info("MLflow parent run %s%s.", group.trackers[0].run_ref()["run_id"], " (reopened)" if parent_id else "")
     return group
 
 
@@ -206,15 +206,15 @@ def _finish(study, launch: Launch, parent: TrackerGroup | None, names: list[str]
         files["study/best_config.yaml"] = result.best_config
     if status == FINISHED:
         result.plots = report.make_plots(study, out_dir / "plots")
-    summary = {"trials_complete": t.complete, "trials_pruned": t.pruned, "trials_failed": t.failed,
-               "trials_interrupted": t.interrupted}
+    summary: dict[str, float] = {"trials_complete": t.complete, "trials_pruned": t.pruned,
+                                 "trials_failed": t.failed, "trials_interrupted": t.interrupted}
     if best is not None:
         summary.update(best_value=float(best.value), best_trial=best.number)
     if result.stats.get("overhead_median") is not None:
         summary["overhead_median"] = result.stats["overhead_median"]
     best_tags = {f"best.{k}": str(v) for k, v in (result.best or {}).get("values", {}).items()}
     if parent is not None:
-        result.parent_run_id = parent.trackers[0].run_id
+        result.parent_run_id = parent.trackers[0].run_ref()["run_id"]
         _log_study(parent, rows, result, files, summary, best_tags, launch)
         if status == FINISHED and best is not None and cfg["tracking"]["log_model"] \
                 and study.user_attrs.get("registered_trial") != best.number:
