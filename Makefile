@@ -144,8 +144,9 @@ test: ## Run the test suite (no network; ~10 min on 2 cores)
 test-fast: ## Run the tests not marked slow
 	$(PY) -m pytest -n auto --dist loadfile -m "not slow"
 
-lint: ## Check the code with ruff
+lint: ## Check the code with ruff and type-check src/ with mypy (its settings: [tool.mypy] in pyproject.toml)
 	$(VENV)/bin/ruff check src scripts tests
+	$(PY) -m mypy
 
 clean: ## Remove caches and build files (never runs, data or outputs)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -82,7 +82,8 @@ class Bench:
         data = cache.get(cfg["data"], cfg["seed"])
         model = build_model(cfg["model"], cfg["data"])
         self.trainer = Trainer(model, build_loaders(data, cfg, self.device), cfg["training"], self.device,
-                               Path("/nonexistent/never-written.pt"), criterion=build_criterion(cfg["training"], data.train.labels, self.device),
+                               Path("/nonexistent/never-written.pt"),
+                               criterion=build_criterion(cfg["training"], data.train.labels, self.device),
                                recipe=Recipe(cfg, len(data.class_names)))
         self.epoch = 0
         self.n = len(data.train)
@@ -150,8 +151,8 @@ def main() -> int:
             for name in benches:
                 if "current" in this:
                     ratios[name].append(this[name] / this["current"])
-            print(f"{size}px repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{n} {v:.0f} img/s" for n, v in this.items()),
-                  flush=True)
+            print(f"{size}px repeat {rep + 1}/{args.repeats}: "
+                  + ", ".join(f"{n} {v:.0f} img/s" for n, v in this.items()), flush=True)
         results[str(size)] = {
             "images": next(iter(benches.values())).n if benches else 0,
             "variants": {n: {"images_per_s": speeds[n], "median": statistics.median(speeds[n]),
@@ -163,11 +164,12 @@ def main() -> int:
         }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps({"machine": facts, "args": vars(args), "results": results}, indent=2))
+    (out / "benchmark.json").write_text(
+        json.dumps({"machine": facts, "args": vars(args), "results": results}, indent=2))
     lines = [f"# Training-step speed ({facts['cpu']}, {facts['cores']} cores, torch {facts['torch']}, "
              f"{facts['cpu_capability']}, AVX512-BF16 {facts['avx512_bf16']}, AMX {facts['amx_bf16']})", "",
-             f"{args.repeats} interleaved repeats of {args.epochs} epoch(s) after {args.warmup} warm-up epoch(s); ratio = "
-             "variant / current within one repeat: median (min-max).", "",
+             f"{args.repeats} interleaved repeats of {args.epochs} epoch(s) after {args.warmup} warm-up epoch(s); "
+             "ratio = variant / current within one repeat: median (min-max).", "",
              "| size | variant | images/s (median) | ratio to current | warm-up epoch(s) s |", "|---|---|---|---|---|"]
     for size, res in results.items():
         for name, v in res["variants"].items():
@@ -207,7 +209,8 @@ def check_results(args, facts) -> int:
             print(f"{name} seed {seed}: val/loss {row['val/loss']:.4f} test/acc {row['test/acc']:.3f} "
                   f"test/loss {row['test/loss']:.4f} fit {row['fit_s']:.1f}s", flush=True)
     keys = ["val/loss", "val/acc", "val/f1_macro", "test/loss", "test/acc", "test/f1_macro", "fit_s"]
-    lines = [f"# Results with and without {args.check_results} ({args.config}, {size} px, seeds 42-{41 + args.seeds})", "",
+    lines = [f"# Results with and without {args.check_results} ({args.config}, {size} px, "
+             f"seeds 42-{41 + args.seeds})", "",
              f"| metric | {args.reference} mean ± std | {args.check_results} mean ± std | difference of means |",
              "|---|---|---|---|"]
     stats = {}
@@ -216,7 +219,8 @@ def check_results(args, facts) -> int:
         b = np.array([r[key] for r in runs[args.check_results]])
         sd = lambda x: float(x.std(ddof=1)) if len(x) > 1 else 0.0  # noqa: E731
         stats[key] = {args.reference: [float(a.mean()), sd(a)], args.check_results: [float(b.mean()), sd(b)]}
-        lines.append(f"| {key} | {a.mean():.4f} ± {sd(a):.4f} | {b.mean():.4f} ± {sd(b):.4f} | {b.mean() - a.mean():+.4f} |")
+        lines.append(f"| {key} | {a.mean():.4f} ± {sd(a):.4f} | {b.mean():.4f} ± {sd(b):.4f} "
+                     f"| {b.mean() - a.mean():+.4f} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"machine": facts, "runs": runs, "stats": stats}, indent=2))
     (out / "results.md").write_text("\n".join(lines) + "\n")

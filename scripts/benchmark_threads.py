@@ -66,7 +66,8 @@ def child(args) -> int:
     device = select_device(cfg["device"])
     data = DataCache().get(cfg["data"], cfg["seed"])
     trainer = Trainer(build_model(cfg["model"], cfg["data"]), build_loaders(data, cfg, device), cfg["training"], device,
-                      Path("/nonexistent/never-written.pt"), criterion=build_criterion(cfg["training"], data.train.labels, device),
+                      Path("/nonexistent/never-written.pt"),
+                      criterion=build_criterion(cfg["training"], data.train.labels, device),
                       recipe=Recipe(cfg, len(data.class_names)))
     speeds = []
     for epoch in range(1, args.warmup + args.epochs + 1):
@@ -126,7 +127,8 @@ def main() -> int:
              f"{args.repeats} interleaved repeats, {args.epochs} measured epochs after {args.warmup} warm-up)", "",
              f"Fair share = the idle speed of `{names[0]}` alone ({idle:.0f} img/s) / the number of processes."
              if idle else "", "",
-             "| processes | variant | threads each | img/s per process (median; repeats) | total img/s | ratio to fair share |",
+             "| processes | variant | threads each | img/s per process (median; repeats) | total img/s "
+             "| ratio to fair share |",
              "|---|---|---|---|---|---|"]
     for n in levels:
         for variant in names:

@@ -20,12 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 # Tiny, but every class in every split, and the Covid special formats (L, RGBA, 16-bit PNG) present.
-TINY_COUNTS = {"train": {"Covid": 9, "Normal": 8, "Viral Pneumonia": 8}, "test": {"Covid": 5, "Normal": 4, "Viral Pneumonia": 4}}
+TINY_COUNTS = {"train": {"Covid": 9, "Normal": 8, "Viral Pneumonia": 8},
+               "test": {"Covid": 5, "Normal": 4, "Viral Pneumonia": 4}}
 
 
 def pytest_configure(config):
     # Never reach a real tracker or a user's credentials from the tests.
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL", "MLFLOW_TRACKING_URI"):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_BASE_URL",
+                "MLFLOW_TRACKING_URI"):
         os.environ.pop(var, None)
     base = Path(tempfile.mkdtemp(prefix="cxrtrack-tests-"))
     # A developer's `wandb login` (~/.netrc) must not make the offline tests go online.

@@ -26,7 +26,8 @@ def run_script(name: str, *args: str, subprocess_: bool = False, timeout=300) ->
     """
     script = str(ROOT / "scripts" / name)
     if subprocess_:
-        return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
     out, err = io.StringIO(), io.StringIO()
     argv, cwd = sys.argv, os.getcwd()
     sys.argv = [script, *args]
@@ -102,7 +103,8 @@ def test_download_offline_fails_fast_with_one_clear_paragraph(tmp_path, monkeypa
     monkeypatch.setattr(kagglehub, "dataset_download", kagglehub_must_not_hang)
     start = time.perf_counter()
     with pytest.raises(DataError) as err:
-        download.download_dataset("pranavraikokte/covid19-image-dataset", tmp_path / "kaggle", check_network=lambda: False)
+        download.download_dataset("pranavraikokte/covid19-image-dataset", tmp_path / "kaggle",
+                                  check_network=lambda: False)
     assert time.perf_counter() - start < 5
     message = str(err.value)
     assert "\n" not in message
@@ -183,7 +185,8 @@ def test_train_then_evaluate_from_the_command_line(tmp_path, tiny_data_root):
 def test_make_help_lists_the_targets():
     proc = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0
-    listed = {line.split()[0] for line in re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout).splitlines() if line.startswith("  ")}
+    listed = {line.split()[0] for line in re.sub(r"\x1b\[[0-9;]*m", "", proc.stdout).splitlines()
+              if line.startswith("  ")}
     for target in ("install", "download", "mlflow-quick", "wandb-quick", "mlflow-train", "wandb-train", "train-custom",
                    "mlflow-ui", "wandb-sync", "evaluate", "replay", "test", "lint", "clean"):
         assert target in listed, target

@@ -50,7 +50,8 @@ def test_four_processes_on_a_fresh_sqlite_store(tmp_path, tiny_data_root):
     db = tmp_path / "fresh" / "mlflow.db"
     assert not db.exists()
     uri = f"sqlite:///{db}"
-    procs = start_four(tmp_path, tiny_data_root, uri, ["--set", f"tracking.mlflow.artifact_location={tmp_path / 'art'}"])
+    procs = start_four(tmp_path, tiny_data_root, uri,
+                       ["--set", f"tracking.mlflow.artifact_location={tmp_path / 'art'}"])
     assert_all_finished(tmp_path, procs, uri)
 
 

@@ -45,7 +45,8 @@ def test_the_package_has_no_import_cycle():
 
 def test_in_tuning_only_the_online_w_and_b_runner_imports_a_tracker_client():
     _, clients = import_graph()
-    assert {m: c for m, c in clients.items() if m.startswith("cxrtrack.tuning")} == {"cxrtrack.tuning.wandb_sweep": {"wandb"}}
+    tuning_clients = {m: c for m, c in clients.items() if m.startswith("cxrtrack.tuning")}
+    assert tuning_clients == {"cxrtrack.tuning.wandb_sweep": {"wandb"}}
 
 
 if __name__ == "__main__":
@@ -53,7 +54,8 @@ if __name__ == "__main__":
     edges, clients = import_graph()
     for module in sorted(m for m in edges if m.startswith(prefix)):
         inner = sorted(t for t in edges[module] if t.startswith(prefix))
-        print(f"{module} -> {', '.join(inner) or '-'}{'   [imports ' + ', '.join(sorted(clients[module])) + ']' if module in clients else ''}")
+        uses = f"   [imports {', '.join(sorted(clients[module]))}]" if module in clients else ""
+        print(f"{module} -> {', '.join(inner) or '-'}{uses}")
     try:
         TopologicalSorter(edges).prepare()
         print("no import cycle")

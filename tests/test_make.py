@@ -74,8 +74,8 @@ def test_mlflow_ui_takes_the_uri_as_data_and_never_prints_its_password(tmp_path,
     proc, argv = make(t, recorder, "mlflow-ui", env={"MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr
     assert argv == ["scripts/mlflow_ui.py", "--uri", uri, "--port", "5000"]
-    real = subprocess.run([sys.executable, "scripts/mlflow_ui.py", "--uri", uri], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    real = subprocess.run([sys.executable, "scripts/mlflow_ui.py", "--uri", uri], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     assert real.returncode == 0, real.stderr
     assert "Runs go to the tracking server http://***@h" in real.stdout and "pw-S3cret" not in real.stdout + real.stderr
     proc, argv = make(t, recorder, "mlflow-ui", f"MLFLOW_URI=sqlite:///{t}/a'b$(touch {t}/pwn2).db")

@@ -229,11 +229,13 @@ def test_compile_wraps_only_the_training_forward_and_checkpoints_plain_weights(t
     # this checks the wiring (torch.compile compiles lazily, at the first call).
     tiny_cfg["training"]["compile"] = True
     model = CustomCXRNet(image_size=64)
-    trainer = Trainer(model, {}, tiny_cfg["training"], torch.device("cpu"), tmp_path / "best.pt", recipe=Recipe(tiny_cfg))
+    trainer = Trainer(model, {}, tiny_cfg["training"], torch.device("cpu"), tmp_path / "best.pt",
+                      recipe=Recipe(tiny_cfg))
     assert isinstance(trainer.recipe.train_module(), torch._dynamo.eval_frame.OptimizedModule)
     assert trainer.recipe.train_module()._orig_mod is model and trainer.recipe.weights() is model
     trainer.save_checkpoint(1, 0.5, {})
-    assert not any(k.startswith("_orig_mod") for k in torch.load(tmp_path / "best.pt", weights_only=True)["model_state"])
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)["model_state"]
+    assert not any(k.startswith("_orig_mod") for k in saved)
 
 
 def test_a_checkpoint_from_before_the_switches_still_evaluates(tiny_cfg, tmp_path):

@@ -128,7 +128,8 @@ def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg
 
     # 4. Dataset lineage: one input per split, digest = the content fingerprint, class counts as the profile.
     run = client.get_run(tb.run_id)
-    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset for d in run.inputs.dataset_inputs}
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+              for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "val", "test"}
     for split, dataset in inputs.items():
         assert dataset.digest == b.tags["dataset_fingerprint"]
@@ -145,8 +146,9 @@ def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg
     champion_run = ta.run_id if expected == "1" else tb.run_id
     champion_result = a if expected == "1" else b
     env = {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", "models:/CustomCXRNet@champion"],
-                          cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    evaluate = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", "models:/CustomCXRNet@champion"]
+    proc = subprocess.run(evaluate, cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"Logged back to MLflow run {champion_run}" in proc.stdout
     fp8 = champion_result.tags["dataset_fingerprint"][:8]
@@ -158,8 +160,8 @@ def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg
     assert f"evaluations/{champion_result.tags['dataset_fingerprint']}.json" in files
     assert client.get_run(champion_run).info.status == "FINISHED"
     # evaluated twice: a second folder and a second point, nothing overwritten
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", "models:/CustomCXRNet@champion"],
-                          cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(evaluate, cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [m.step for m in client.get_metric_history(champion_run, f"eval/{fp8}/acc")] == [1, 2]
     assert len(list((tmp_path / "outputs").glob(f"eval-{champion_result.run_name}-{fp8}*"))) == 2

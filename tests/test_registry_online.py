@@ -16,8 +16,9 @@ from cxrtrack.tracking import fetch
 from cxrtrack.tracking.wandb_tracker import WandbTracker
 from tests.conftest import ROOT
 
-PLAN = {"register": True, "reason": "", "source": "kaggle", "fingerprint": "f" * 16, "config": "train", "run_name": "r1",
-        "git_commit": "abc", "metric": "test/f1_macro", "mode": "max", "metrics": {"test/f1_macro": 0.8},
+PLAN = {"register": True, "reason": "", "source": "kaggle", "fingerprint": "f" * 16, "config": "train",
+        "run_name": "r1", "git_commit": "abc", "metric": "test/f1_macro", "mode": "max",
+        "metrics": {"test/f1_macro": 0.8},
         "description": "CustomCXRNet from run r1"}
 
 
@@ -111,7 +112,8 @@ def test_fetch_a_wandb_artifact_reference(tmp_path):
         raise wandb.errors.CommError("no network")
 
     with pytest.raises(CXRError, match="needs the W&B server"):
-        fetch.wandb_artifact_checkpoint("wandb:team/cxr/customcxrnet:champion", api=SimpleNamespace(artifact=unreachable))
+        fetch.wandb_artifact_checkpoint("wandb:team/cxr/customcxrnet:champion",
+                                        api=SimpleNamespace(artifact=unreachable))
 
 
 def test_model_reference_kinds():
@@ -135,7 +137,8 @@ def test_console_command_dispatches_to_the_cli_modules(tmp_path):
 
 
 def test_online_resume_asks_wandb_to_continue_the_same_run(tmp_path, monkeypatch):
-    """Online, a resumed run is wandb.init(id=<run id>, resume="must") (offline is tested for real in test_resume.py)."""
+    """Online, a resumed run is wandb.init(id=<run id>, resume="must")
+    (offline is tested for real in test_resume.py)."""
     from cxrtrack.tracking.base import RunInfo
 
     calls = []

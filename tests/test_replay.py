@@ -45,7 +45,8 @@ def write_spool(root: Path, uri: str, run_id: str = "0" * 32, experiment_id: str
     records.append({"seq": 3, "method": "end_run", "time_ms": 1796554115400, "args": {"status": "FINISHED"}})
     (root / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if done:
-        (root / "replayed.jsonl").write_text("".join(json.dumps({"seq": r["seq"], "time_ms": 1}) + "\n" for r in records))
+        done_lines = (json.dumps({"seq": r["seq"], "time_ms": 1}) + "\n" for r in records)
+        (root / "replayed.jsonl").write_text("".join(done_lines))
     return Spool(root)
 
 
@@ -108,7 +109,8 @@ def test_a_spool_naming_a_file_outside_its_folder_sends_nothing_and_stays(tmp_pa
     result = replay_spool(root)
     assert not result.complete and result.sent == 0, result
     assert "outside its own folder" in result.status and "stays" in result.status, result.status
-    assert not any(SECRET in p.read_text(errors="replace") for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file())
+    stored = [p for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file()]
+    assert not any(SECRET in p.read_text(errors="replace") for p in stored)
     import mlflow
 
     run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
@@ -242,8 +244,8 @@ def test_a_dead_configured_server_is_reported_in_seconds_not_searched_for_minute
 # -- the folder, and what a closed run says ----------------------------------------------------------------------
 
 def test_make_replay_of_a_missing_folder_is_an_error(tmp_path):
-    proc = replay(f"OUTPUTS={tmp_path / 'no-such-folder'}", env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"},
-                  timeout=60)
+    proc = replay(f"OUTPUTS={tmp_path / 'no-such-folder'}",
+                  env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     message = " ".join(proc.stderr.split())
     assert f"The folder {tmp_path / 'no-such-folder'}" in message and "does not exist" in message, message

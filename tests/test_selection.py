@@ -96,7 +96,8 @@ def test_folds_are_nested_children_and_the_parent_holds_the_cv_mean_and_std(cv_r
         assert parent.summary[f"cv/{key}_mean"] == pytest.approx(np.mean(values), rel=1e-6)
         assert parent.summary[f"cv/{key}_std"] == pytest.approx(np.std(values, ddof=1), rel=1e-6, abs=1e-9)
     for c in children:  # a fold never touches the test split and registers no model
-        assert c.data.params["evaluation.run_test"] == "False" and not any(k.startswith("test/") for k in c.data.metrics)
+        assert c.data.params["evaluation.run_test"] == "False"
+        assert not any(k.startswith("test/") for k in c.data.metrics)
     sent = RunRecord.from_json((result.run_dir / "tracked.json").read_text())
     assert total_lost(diff_records(sent, read_mlflow(uri, parent_id, epoch_metrics=[]), "mlflow")) == 0
     assert_same_record(result.tracker.record, sent)  # the group's RecordingTracker holds the same record
@@ -207,7 +208,8 @@ def test_a_tuning_trial_optimises_the_cv_mean(tmp_path, tiny_data_root):
         "tracking.mlflow.artifact_location": str(tmp_path / "mlartifacts"), "tracking.mlflow.system_metrics": False,
         "tracking.log_model": False})
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({"name": "cv", "method": "grid", "metric": "val/loss", "params": {"training.lr": [0.001]}}))
+    space.write_text(yaml.safe_dump({"name": "cv", "method": "grid", "metric": "val/loss",
+                                     "params": {"training.lr": [0.001]}}))
     result = tune(space, base, "mlflow")
     trial = optuna.load_study(study_name="cv", storage=result.storage).trials[0]
     summary = json.loads((Path(trial.user_attrs["run_dir"]) / "cv_summary.json").read_text())

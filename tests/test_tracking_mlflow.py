@@ -122,7 +122,8 @@ def test_artifacts_and_their_content(mlflow_run, tmp_path):
     for stored, computed in zip(history["epochs"], result.fit.history, strict=True):
         assert stored == pytest.approx(computed)
     assert history["best_epoch"] == result.fit.best_epoch
-    ckpt = torch.load(client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path)), weights_only=True)
+    ckpt = torch.load(client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path)),
+                      weights_only=True)
     assert ckpt["epoch"] == result.fit.best_epoch
 
 

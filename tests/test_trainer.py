@@ -60,7 +60,8 @@ def test_balanced_class_weights_match_sklearn():
     np.testing.assert_allclose(balanced_class_weights(labels).numpy(), expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+@pytest.mark.parametrize("name, cls",
+                         [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
 def test_optimizers(tiny_cfg, name, cls):
     tiny_cfg["training"]["optimizer"] = name
     assert isinstance(build_optimizer(CustomCXRNet(image_size=64), tiny_cfg["training"]), cls)
@@ -78,7 +79,8 @@ def test_schedulers_and_logged_lr(tiny_cfg, name):
 
 def test_plateau_scheduler_steps_on_the_monitored_validation_metric(tiny_cfg):
     # min_delta makes every epoch after the first "no improvement": patience 0 halves the lr each epoch.
-    tiny_cfg["training"].update(scheduler="plateau", scheduler_patience=0, scheduler_factor=0.5, min_delta=10.0, epochs=3)
+    tiny_cfg["training"].update(scheduler="plateau", scheduler_patience=0, scheduler_factor=0.5, min_delta=10.0,
+                                epochs=3)
     lrs = [row["lr"] for row in run_experiment(tiny_cfg).fit.history]
     assert lrs == pytest.approx([1e-3, 1e-3, 5e-4])
 

@@ -96,7 +96,8 @@ def test_mlflow_study_parent_children_metrics_and_registered_best_model(tmp_path
     tags = versions[0].tags
     assert tags["dataset_source"] == "synthetic" and tags["config"] == "quick" and "dataset_fingerprint" in tags
     assert tags["run_name"] == Path(best.user_attrs["run_dir"]).name and tags["run_name"] in versions[0].description
-    assert str(client.get_model_version_by_alias("CustomCXRNet", "latest-synthetic").version) == str(versions[0].version)
+    by_alias = client.get_model_version_by_alias("CustomCXRNet", "latest-synthetic")
+    assert str(by_alias.version) == str(versions[0].version)
     assert not any(k.startswith("test/") for k in tags)
     assert client.get_model_version("CustomCXRNet", versions[0].version).aliases == ["latest-synthetic"]
     logged = mlflow.pytorch.load_model(f"models:/CustomCXRNet/{versions[0].version}")
@@ -236,7 +237,8 @@ def test_a_dead_workers_trial_is_failed_retried_and_its_run_closed(tmp_path, tin
     monkeypatch.setattr(optuna_search, "GRACE_S", 1)
     monkeypatch.setattr(optuna_search, "HEARTBEAT_S", 1)
     base = tiny_base(tmp_path, tiny_data_root, epochs=1)
-    space = space_file(tmp_path, {"name": "dead", "method": "grid", "metric": "val/loss", "params": {"training.lr": LRS[:2]}})
+    space = space_file(tmp_path, {"name": "dead", "method": "grid", "metric": "val/loss",
+                                  "params": {"training.lr": LRS[:2]}})
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # what a killed worker leaves: a RUNNING trial with an old heartbeat, and an open MLflow run
     launch = optuna_search.Launch(load_spec_for(space), base, "dead", storage, "mlflow", 2)
@@ -248,7 +250,8 @@ def test_a_dead_workers_trial_is_failed_retried_and_its_run_closed(tmp_path, tin
     mlflow.set_tracking_uri(cfg["tracking"]["mlflow"]["tracking_uri"])
     exp = mlflow.create_experiment("cxr-tune", artifact_location=(tmp_path / "mlartifacts").as_uri())
     orphan = mlflow.MlflowClient().create_run(exp).info.run_id
-    trial.set_user_attr("runs", {"mlflow": {"tracking_uri": cfg["tracking"]["mlflow"]["tracking_uri"], "run_id": orphan}})
+    trial.set_user_attr("runs", {"mlflow": {"tracking_uri": cfg["tracking"]["mlflow"]["tracking_uri"],
+                                            "run_id": orphan}})
     import time
 
     time.sleep(2.5)

@@ -44,8 +44,8 @@ def postgres():
     if os.geteuid() == 0:
         shutil.chown(tmp, "postgres", "postgres")
     data, port = tmp / "data", free_port()
-    subprocess.run(_as_postgres([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"]),
-                   check=True, capture_output=True, timeout=120)
+    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"]
+    subprocess.run(_as_postgres(initdb), check=True, capture_output=True, timeout=120)
     server = subprocess.Popen(_as_postgres([str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(tmp),
                                             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,7 +82,8 @@ def test_two_processes_share_one_study_in_postgresql_and_one_mlflow_server(tmp_p
                "--config", str(CONFIGS / "tune" / "quick.yaml"), "--storage", postgres, "--data", str(tiny_data_root),
                "--epochs", "1", "--set", "data.image_size=64", "--set", f"output_dir={tmp_path / 'outputs'}"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "TQDM_DISABLE": "1"}
-    machines = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    machines = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
                 for _ in range(2)]
     outputs = [m.communicate(timeout=600)[0] for m in machines]
     assert [m.returncode for m in machines] == [0, 0], "\n\n".join(o[-3000:] for o in outputs)

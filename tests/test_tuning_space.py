@@ -72,8 +72,9 @@ def test_wandb_sweep_translation_of_each_distribution():
         "method": "random", "metric": {"name": "val/acc", "goal": "maximize", "target": 0.99}, "run_cap": 4,
         "early_terminate": {"type": "hyperband", "max_iter": 27, "s": 2, "eta": 3},
         "parameters": {
-            "training": {"parameters": {"lr": {"distribution": "log_uniform", "min": math.log(1e-4), "max": math.log(1e-2)},
-                                        "weight_decay": {"distribution": "inv_log_uniform_values", "min": 1e-6, "max": 1e-3}}},
+            "training": {"parameters": {
+                "lr": {"distribution": "log_uniform", "min": math.log(1e-4), "max": math.log(1e-2)},
+                "weight_decay": {"distribution": "inv_log_uniform_values", "min": 1e-6, "max": 1e-3}}},
             "data.batch_size": {"min": 8, "max": 32},  # integers: W&B infers int_uniform
             "model.dropout_dense": {"min": 0.1, "max": 0.5},  # W&B infers uniform
             "training.optimizer": {"values": ["adam", "sgd"]},
@@ -91,23 +92,29 @@ def test_wandb_sweep_translation_of_each_distribution():
 
 @pytest.mark.parametrize("space, fragment", [
     ({"method": "grid", "metric": {"name": "val/loss"}, "paramters": {}}, "unknown key 'paramters'"),
-    ({"method": "bayes", "metric": {"name": "val/loss"}, "parameters": {"training.lr": {"distribution": "log_uniformm", "min": 0.1, "max": 1}}},
+    ({"method": "bayes", "metric": {"name": "val/loss"},
+      "parameters": {"training.lr": {"distribution": "log_uniformm", "min": 0.1, "max": 1}}},
      "distribution 'log_uniformm', which W&B does not define. Did you mean 'log_uniform'"),
     ({"method": "random", "metric": {"name": "val/loss"}, "parameters": {"training.lr": {"min": 0.01, "max": 0.001}}},
      "parameter 'training.lr' (uniform) needs min below max"),
     ({"method": "random", "metric": {"name": "val/loss"}, "parameters": {"training.lr": {"min": "1e-4", "max": 0.01}}},
      "YAML reads a number like 1e-4"),
-    ({"method": "random", "metric": {"name": "val/loss"}, "parameters": {"training.lr": {"distribution": "int_uniform", "min": 1, "max": 2.5}}},
+    ({"method": "random", "metric": {"name": "val/loss"},
+      "parameters": {"training.lr": {"distribution": "int_uniform", "min": 1, "max": 2.5}}},
      "int_uniform, so 'max' must be a whole number"),
-    ({"method": "random", "metric": {"name": "val/loss"}, "parameters": {"training.lr": {"distribution": "normal", "mu": 0, "sigma": 1}}},
+    ({"method": "random", "metric": {"name": "val/loss"},
+      "parameters": {"training.lr": {"distribution": "normal", "mu": 0, "sigma": 1}}},
      "cannot run: Optuna samples bounded ranges"),
-    ({"method": "random", "metric": {"name": "val/loss"}, "parameters": {"training.lr": {"values": [0.1], "maximum": 3}}},
+    ({"method": "random", "metric": {"name": "val/loss"},
+      "parameters": {"training.lr": {"values": [0.1], "maximum": 3}}},
      "unknown key 'maximum' in parameter 'training.lr'"),
     ({"method": "hyperopt", "metric": {"name": "val/loss"}, "parameters": {"training.lr": {"values": [0.1]}}},
      "method 'hyperopt' is not one W&B defines"),
-    ({"method": "random", "metric": {"name": "val/loss", "goal": "minimise"}, "parameters": {"training.lr": {"values": [0.1]}}},
+    ({"method": "random", "metric": {"name": "val/loss", "goal": "minimise"},
+      "parameters": {"training.lr": {"values": [0.1]}}},
      "goal must be minimize or maximize"),
-    ({"method": "grid", "metric": {"name": "val/loss"}, "early_terminate": {"type": "hyperband"}, "parameters": {"training.lr": {"values": [0.1]}}},
+    ({"method": "grid", "metric": {"name": "val/loss"}, "early_terminate": {"type": "hyperband"},
+      "parameters": {"training.lr": {"values": [0.1]}}},
      "needs min_iter, or max_iter together with s"),
 ])
 def test_invalid_sweep_files_name_the_key(tmp_path, space, fragment):
@@ -133,8 +140,10 @@ def test_bad_parameters_are_refused_before_any_trial(params, fragment):
 
 @pytest.mark.parametrize("data, fragment", [
     ({"metric": "test/acc", "direction": "maximize", "params": {"training.lr": [0.1]}}, "test split is never used"),
-    ({"metric": "val/acc", "direction": "minimize", "params": {"training.lr": [0.1]}}, "set the direction (goal) to maximize"),
-    ({"method": "grid", "params": {"training.lr": {"distribution": "uniform", "low": 0.001, "high": 0.01}}}, "grid search needs a list"),
+    ({"metric": "val/acc", "direction": "minimize", "params": {"training.lr": [0.1]}},
+     "set the direction (goal) to maximize"),
+    ({"method": "grid", "params": {"training.lr": {"distribution": "uniform", "low": 0.001, "high": 0.01}}},
+     "grid search needs a list"),
     ({"methd": "grid", "params": {"training.lr": [0.1]}}, "Did you mean 'method'"),
     ({"params": {"training.lr": [0.1]}, "pruner": {"type": "hyperbnd"}}, "Did you mean 'hyperband'"),
 ])
@@ -148,8 +157,8 @@ def test_an_invalid_sweep_is_one_paragraph_and_exit_status_2(tmp_path):
     bad = write(tmp_path, {"method": "bayes", "metric": {"name": "val/loss"}, "run_cap": 2,
                            "parameters": {"training.lr": {"distribution": "loguniform", "min": 0.001, "max": 0.1}}})
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune.py"), "--tracker", "wandb", "--space", str(bad),
-                           "--config", str(CONFIGS / "tune" / "quick.yaml")], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120)
+                           "--config", str(CONFIGS / "tune" / "quick.yaml")], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     message = proc.stderr[proc.stderr.index("error:"):]
@@ -184,7 +193,8 @@ def test_samplers_respect_bounds_log_scales_integers_and_choices(method):
     for v in draws:
         assert 1e-5 <= v["training.lr"] <= 1e-1 and isinstance(v["training.lr"], float)
         assert 0.1 <= v["model.dropout_dense"] <= 0.4
-        assert isinstance(v["data.batch_size"], int) and 8 <= v["data.batch_size"] <= 40 and v["data.batch_size"] % 4 == 0
+        assert isinstance(v["data.batch_size"], int) and 8 <= v["data.batch_size"] <= 40
+        assert v["data.batch_size"] % 4 == 0
         assert isinstance(v["training.scheduler_patience"], int) and 1 <= v["training.scheduler_patience"] <= 64
         assert v["training.optimizer"] in ("adam", "adamw", "sgd")
         assert v["model.dropout_conv"] in ([0.1, 0.2, 0.3], [0.25, 0.3, 0.4])  # decoded back to the list

@@ -49,7 +49,8 @@ def test_online_sweep_creates_the_sweep_runs_the_agent_function_and_writes_the_b
     base = tiny_base(tmp_path, tiny_data_root)
     base.values["tracking.wandb.mode"] = "offline"  # the trial runs themselves are written offline here
     calls, runs = {}, []
-    choices = [{"training.lr": 0.003, "training.optimizer": "adam"}, {"training.lr": 0.001, "training.optimizer": "sgd"}]
+    choices = [{"training.lr": 0.003, "training.optimizer": "adam"},
+               {"training.lr": 0.001, "training.optimizer": "sgd"}]
 
     def fake_sweep(config, project=None, entity=None):
         calls["sweep"] = (config, project, entity)

@@ -1,8 +1,8 @@
 """User-facing errors. Each message is one paragraph: what went wrong and how to fix it.
 
-The entry points in ``scripts/`` print these without a traceback and exit with the error's
-``exit_code``: 2 for input the user can fix before running (a path, a setting), 1 for a run that
-failed (its trackers were told so, and the message says what was kept).
+The entry points (``cxrtrack <command>`` and ``scripts/*.py``, through :func:`cxrtrack.cli.run_main`) print these
+without a traceback and exit with the error's ``exit_code``: 2 for input the user can fix before running (a path,
+a setting), 1 for a run that failed (its trackers were told so, and the message says what was kept).
 """
 
 

@@ -18,7 +18,8 @@ _URL_CREDENTIALS = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s?#]*@", re.IGNORECA
 _SECRET_ENV = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 # A query parameter whose name looks like a credential: ?token=..., &api_key=..., &sig=... (not the MLflow UI's
 # viewStateShareKey, the name of a shared chart layout stored in the experiment: the project prints it)
-_URL_QUERY_SECRET = re.compile(r"([?&](?!viewStateShareKey=)[^=&#\s]*(?:key|token|secret|password|passwd|credential|auth|sig)"
+_URL_QUERY_SECRET = re.compile(r"([?&](?!viewStateShareKey=)[^=&#\s]*"
+                               r"(?:key|token|secret|password|passwd|credential|auth|sig)"
                                r"[^=&#\s]*=)[^&#\s]+", re.IGNORECASE)
 
 

@@ -70,4 +70,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    def write(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+
+    return atomic_write(path, write)

@@ -51,7 +51,7 @@ def _ok(runs, tracker):
 
 
 def _results(runs: list[dict], trackers: list[str]) -> dict[str, Any]:
-    table = {}
+    table: dict[str, dict[str, Any]] = {}
     for tracker in trackers:
         ok = _ok(runs, tracker)
         failed = [r for r in runs if r["tracker"] == tracker and not r["ok"]]
@@ -101,17 +101,16 @@ def _calls(run: dict, backend: str) -> dict[str, dict[str, float]]:
     return run.get("timings", {}).get("calls", {}).get(backend, {})
 
 
-def _fixed_costs(run: dict, backend: str) -> dict[str, float]:
+def _fixed_costs(run: dict, backend: str) -> dict[str, float | None]:
     calls = _calls(run, backend)
-    out = {name: sum(calls.get(m, {}).get("total_s", 0.0) for m in methods) for name, methods in FIXED_COSTS.items()}
+    costs = {name: sum(calls.get(m, {}).get("total_s", 0.0) for m in methods) for name, methods in FIXED_COSTS.items()}
     n = calls.get("log_metrics", {}).get("calls", 0)
-    out["per_epoch_logging_ms"] = 1e3 * out["epoch_logging"] / n if n else None
-    return out
+    return {**costs, "per_epoch_logging_ms": 1e3 * costs["epoch_logging"] / n if n else None}
 
 
 def _overhead(runs: list[dict], trackers: list[str]) -> dict[str, Any]:
     base = {r["repeat"]: r for r in _ok(runs, "none")}
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for tracker in trackers:
         if tracker == "none":
             continue
@@ -132,7 +131,7 @@ def _overhead(runs: list[dict], trackers: list[str]) -> dict[str, Any]:
         entry["backends"] = {}
         for backend in BACKENDS_OF[tracker]:
             costs = [_fixed_costs(r, backend) for r in ok]
-            entry["backends"][backend] = {k: spread([c[k] for c in costs if c[k] is not None]) for k in costs[0]}
+            entry["backends"][backend] = {k: spread([v for c in costs if (v := c[k]) is not None]) for k in costs[0]}
         out[tracker] = entry
     none_ok = list(base.values())
     out["none"] = {"status": "ok" if none_ok else "failed", "wall_s": spread([r["wall_s"] for r in none_ok]),
@@ -217,7 +216,8 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         if entry["fit_ratio"]["n"] < 2:
             measured += "; one repeat has no spread to judge it by, so no verdict: use REPEATS=3 or more"
         elif noisy:
-            measured += "; the repeats disagree too much to judge, so no verdict (a busy machine): rerun on a quiet one, more REPEATS"
+            measured += ("; the repeats disagree too much to judge, so no verdict (a busy machine): "
+                         "rerun on a quiet one, more REPEATS")
         targets.append({"target": f"training-loop overhead of {tracker} <= 1 % (median of repeats)",
                         "measured": measured, "met": None if noisy else med <= 1.01})
     for backend, result in report.get("latency", {}).items():
@@ -234,10 +234,11 @@ def _targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         verify = result.get("verify_offline") or {}
         if verify.get("median_s") is not None:
             raw_finish = ops["finish"]["raw"]["median_s"]
-            targets.append({"target": f"tracker layer adds <= 10 % to the raw {backend} finish, with the read-back check",
+            targets.append({"target": f"tracker layer adds <= 10 % to the raw {backend} finish, "
+                                      "with the read-back check",
                             "measured": f"+{fmt_s_plain(verify['median_s'])} per run for reading the offline run back "
-                                        f"(tracking.wandb.verify_offline), {verify['median_s'] / raw_finish:.0f}x the raw "
-                                        f"finish; a deliberate reliability cost, once per run",
+                                        f"(tracking.wandb.verify_offline), {verify['median_s'] / raw_finish:.0f}x "
+                                        f"the raw finish; a deliberate reliability cost, once per run",
                             "met": verify["median_s"] <= 0.10 * raw_finish})
     meta = report["meta"]
     limit = 300 if meta.get("quick") else 1200

@@ -14,7 +14,7 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cxrtrack.tracking.readback import RunRecord
 
@@ -46,7 +46,9 @@ def _quiet_env() -> dict[str, str]:
 def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: str | None, work: Path,
             group: str | None, screenshot: Path | None) -> list[dict[str, Any]]:
     """``stored``: backend -> a run of this compare read back from its store."""
-    m, w = stored.get("mlflow"), stored.get("wandb")
+    found = {backend: stored.get(backend) for backend in ("mlflow", "wandb")}
+    # the checks read m and w only when their run was read back: row() reports a missing one before any check runs
+    m, w = cast(RunRecord, found["mlflow"]), cast(RunRecord, found["wandb"])
     rows = []
 
     def row(name: str, mlflow_check, wandb_check, mlflow_needs_run=True, wandb_needs_run=True) -> None:
@@ -55,8 +57,8 @@ def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: s
                 return cell(FAILED, "no run of this tracker was read back in this compare")
             return _guard(check)
 
-        rows.append({"capability": name, "mlflow": run(mlflow_check, mlflow_needs_run, m),
-                     "wandb": run(wandb_check, wandb_needs_run, w)})
+        rows.append({"capability": name, "mlflow": run(mlflow_check, mlflow_needs_run, found["mlflow"]),
+                     "wandb": run(wandb_check, wandb_needs_run, found["wandb"])})
 
     row("System metrics recorded",
         lambda: cell(YES if m.system_metrics else NO, f"{len(m.system_metrics)} system metrics in MLflow run "
@@ -67,8 +69,8 @@ def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: s
         lambda: cell(YES if m.images else NO, f"{len(m.images)} PNG artifacts: {', '.join(m.images[:3])}"),
         lambda: cell(YES if w.images else NO, f"{len(w.images)} logged images: {', '.join(w.images[:3])}"))
     row("Tables",
-        lambda: cell(YES if m.tables else NO, "; ".join(f"{k}: {v} rows (mlflow.log_table)" for k, v in m.tables.items())
-                     or "no table"),
+        lambda: cell(YES if m.tables else NO,
+                     "; ".join(f"{k}: {v} rows (mlflow.log_table)" for k, v in m.tables.items()) or "no table"),
         lambda: cell(YES if w.tables else NO, "; ".join(f"{k}: {v} rows (wandb.Table)" for k, v in w.tables.items())
                      or "no table"))
     row("Model registry / versioned model",
@@ -114,8 +116,8 @@ def _mlflow_without_store(work: Path) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=work, env=env)
     said = (proc.stdout.strip() or proc.stderr.strip().splitlines()[-1])[:220]
     status = NO if not said.startswith("started") else YES
-    return cell(status, f"no offline mode or sync command in MLflow: start_run against an unreachable server -> {said}. "
-                        f"A local SQLite store is the offline option (runs stay in that file)")
+    return cell(status, "no offline mode or sync command in MLflow: start_run against an unreachable server "
+                        f"-> {said}. A local SQLite store is the offline option (runs stay in that file)")
 
 
 def _mlflow_ui(server_uri: str | None, screenshot: Path | None) -> dict[str, Any]:
@@ -136,7 +138,8 @@ def _wandb_ui(work: Path) -> dict[str, Any]:
                           env=_quiet_env(), stdin=subprocess.DEVNULL, cwd=work)
     docker = shutil.which("docker")
     server = "no Docker engine here" if not docker else (
-        "Docker client only" if subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode else "Docker runs")
+        "Docker client only" if subprocess.run([docker, "info"], capture_output=True, timeout=30).returncode
+        else "Docker runs")
     status = YES if proc.returncode == 0 else NO
     return cell(status, f"terminal UI: `wandb leet` (exit {proc.returncode}); a local web UI needs W&B Server, a "
                         f"Docker image ({server}); the web app is {OFFLINE}")
@@ -174,7 +177,8 @@ def _mlflow_sweeps() -> dict[str, Any]:
     engine = importlib.util.find_spec("optuna") is not None
     evidence = "MLflow has no search engine (no sweep/tune API in the mlflow package); "
     if has_tuning and engine:
-        return cell(YES, evidence + "this project drives it with Optuna: `make mlflow-tune` (parent run + nested trials)")
+        return cell(YES, evidence
+                    + "this project drives it with Optuna: `make mlflow-tune` (parent run + nested trials)")
     return cell(NO, evidence + "an external engine (Optuna, Ray Tune) is needed")
 
 
@@ -200,7 +204,8 @@ def _async(latency: dict[str, Any], sync_key: str, async_key: str | None) -> dic
     s = ops(sync_key).get("log_metrics")
     if not s:
         return cell(FAILED, "latency of W&B logging was not measured")
-    return cell(YES, f"always: run.log hands the row to W&B's service process (median {s['raw']['median_s'] * 1e3:.2f} ms)")
+    return cell(YES, "always: run.log hands the row to W&B's service process "
+                     f"(median {s['raw']['median_s'] * 1e3:.2f} ms)")
 
 
 def _wandb_lineage(w) -> dict[str, Any]:

@@ -151,7 +151,8 @@ class Compare:
         return self.report
 
     def _phase(self, name: str, fn) -> None:
-        entry = self.report["phases"][name] = {"status": "running"}
+        entry: dict[str, Any] = {"status": "running"}
+        self.report["phases"][name] = entry
         log.info("compare: %s ...", name)
         start = time.perf_counter()
         try:
@@ -190,7 +191,7 @@ class Compare:
     def phase_fidelity(self) -> None:
         from cxrtrack.tracking.readback import RunRecord, diff_records, read_mlflow, read_wandb, total_lost
 
-        out = {}
+        out: dict[str, Any] = {}
         for m in self.runs:
             if m.tracker == "none" or not m.runs:
                 continue
@@ -212,7 +213,7 @@ class Compare:
                                      "mismatched": s.mismatched} for k, s in sections.items()},
                 }
         self.report["fidelity"] = out
-        curves = {}  # the first repeat's curves as each store holds them, for the overlay plot
+        curves: dict[str, Any] = {}  # the first repeat's curves as each store holds them, for the overlay plot
         for name in sorted(self.records, key=lambda n: (n.rsplit("-r", 1)[1], n)):
             for backend, record in self.records[name].items():
                 label = f"{backend} store ({name})"
@@ -266,10 +267,11 @@ class Compare:
             command = [sys.executable, "-m", "cxrtrack.benchmark.latency", "--backend", backend, "--run-dir",
                        str(run_dir), "--store", str(self.dir / "latency" / backend), "--cycles",
                        str(self.plan.latency_cycles), "--out", str(out)]
-            if backend == "mlflow-server":
+            if backend == "mlflow-server" and self.server is not None:  # (else skipped above)
                 command += ["--uri", self.server.uri]
             result[backend] = self._subprocess_json(command, out, self.dir / "logs" / f"latency-{backend}.log")
-            shutil.rmtree(self.dir / "latency" / backend, ignore_errors=True)  # ~0.5 GB of timing runs: keep the numbers
+            # ~0.5 GB of timing runs: keep the numbers
+            shutil.rmtree(self.dir / "latency" / backend, ignore_errors=True)
             log.info("compare: latency %s done", backend)
         self.report["latency"] = result
 
@@ -314,12 +316,14 @@ class Compare:
             out.parent.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, "-m", "cxrtrack.benchmark.scaling", "--backend", backend, "--what", what,
                        "--sizes", sizes, "--store", str(self.dir / "scaling" / f"{what}-{backend}"), "--out", str(out)]
-            if backend == "mlflow-server":
+            if backend == "mlflow-server" and self.server is not None:  # (else skipped above)
                 command += ["--uri", self.server.uri, "--db", str(self.server.folder / "server.db")]
-            result[what][backend] = self._subprocess_json(command, out, self.dir / "logs" / f"scaling-{what}-{backend}.log")
+            result[what][backend] = self._subprocess_json(command, out,
+                                                          self.dir / "logs" / f"scaling-{what}-{backend}.log")
             log.info("compare: scaling %s %s done", what, backend)
-        result["runs"]["wandb-offline"] = {"skipped": "not measurable offline: W&B keeps no local run index; "
-                                                      "listing and searching runs is a W&B server API (wandb.Api().runs)"}
+        result["runs"]["wandb-offline"] = {
+            "skipped": "not measurable offline: W&B keeps no local run index; "
+                       "listing and searching runs is a W&B server API (wandb.Api().runs)"}
         self.report["scaling"] = result
 
     def phase_capabilities(self) -> None:
@@ -385,7 +389,7 @@ class Compare:
         """The report, as an artifact of every MLflow run it measured and of one W&B run in the same group."""
         import mlflow
 
-        logged = {"mlflow": [], "wandb": None}
+        logged: dict[str, Any] = {"mlflow": [], "wandb": None}
         for m in self.runs:
             ref = m.runs.get("mlflow")
             if ref and ref.get("run_id"):

@@ -35,8 +35,9 @@ def code_lines(source: str) -> int:
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-                doc_lines.update(range(first.lineno, first.end_lineno + 1))
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                doc_lines.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
     lines: set[int] = set()
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
@@ -80,7 +81,7 @@ def client_calls(source: str, roots: dict[str, str], package: str) -> list[str]:
             calls.add(imported[name])
             continue
         head = (name or "").split(".")[0]
-        if head in imported:  # a module imported from the package: wbauth.read_netrc_auth
+        if name and head in imported:  # a module imported from the package: wbauth.read_netrc_auth
             calls.add(imported[head] + name[len(head):])
             continue
         if not name or "." not in name:
@@ -95,7 +96,7 @@ def client_calls(source: str, roots: dict[str, str], package: str) -> list[str]:
 
 def workarounds(source: str, backend: str) -> list[dict[str, Any]]:
     """``# workaround(<backend>): text`` comments (continued on the following comment lines)."""
-    out = []
+    out: list[dict[str, Any]] = []
     tag = f"workaround({backend}):"
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type != tokenize.COMMENT:
@@ -117,7 +118,8 @@ def measure_effort() -> dict[str, Any]:
     for backend, filenames in BACKENDS.items():
         sources = [(folder / name).read_text() for name in filenames]
         calls = sorted({c for source in sources for c in client_calls(source, CLIENT_ROOTS[backend], backend)})
-        found = [{"file": p.name, **w} for p in sorted(folder.glob("*.py")) for w in workarounds(p.read_text(), backend)]
+        found = [{"file": p.name, **w}
+                 for p in sorted(folder.glob("*.py")) for w in workarounds(p.read_text(), backend)]
         result[backend] = {"file": ", ".join(f"src/cxrtrack/tracking/{name}" for name in filenames),
                            "code_lines": sum(code_lines(source) for source in sources),
                            "client_calls": calls, "n_client_calls": len(calls), "workarounds": found}

@@ -33,6 +33,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import yaml
@@ -308,12 +309,9 @@ def layer_own_cost(bench: _Bench, n: int = 300) -> dict[str, dict[str, float]]:
     # the stale-run housekeeping at start is a store query (client work), not the layer's own code
     from cxrtrack.tracking import mlflow_tracker
 
-    real_close_orphans, mlflow_tracker.close_orphans = mlflow_tracker.close_orphans, lambda *a, **k: None
     samples: dict[str, list[float]] = defaultdict(list)
-    try:
+    with mock.patch.object(mlflow_tracker, "close_orphans", lambda *a, **k: None):
         _own_cost_loop(bench, start, samples, n)
-    finally:
-        mlflow_tracker.close_orphans = real_close_orphans
     return {op: summarise(v) for op, v in samples.items()}
 
 
@@ -336,7 +334,11 @@ def _own_cost_loop(bench: _Bench, start, samples: dict[str, list[float]], n: int
 def verify_offline_cost(bench: WandbBench, n: int = 5) -> dict[str, float]:
     """Our W&B layer reads each offline run back at its end (``tracking.wandb.verify_offline``: W&B's writer fails
     silently on a full disk): the part of the layer's finish that is this check, timed on a finished run."""
+    from cxrtrack.tracking.wandb_tracker import WandbTracker
+
     tracker = bench._new_group().trackers[0]
+    if not isinstance(tracker, WandbTracker):
+        raise TypeError(f"a W&B bench tracks with a WandbTracker, not a {type(tracker).__name__}")
     tracker.setup()
     runs = sorted(bench.store.glob("wandb/offline-run-*"))
     if not runs:

@@ -13,11 +13,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from cxrtrack.benchmark.analysis import verdict  # noqa: E402
-from cxrtrack.benchmark.latency import OPS  # noqa: E402
+from cxrtrack.benchmark.analysis import verdict
+from cxrtrack.benchmark.latency import OPS
 
 PLOTS = {
     "overhead.png": "Whole run and training loop, relative to no tracker (median, bars: min-max over repeats)",
@@ -129,7 +129,8 @@ def plot_latency(report: dict, path: Path) -> bool:
         pos = x - 0.4 + width * (i + 0.5)
         ax.bar(pos, layer, width, yerr=[np.zeros_like(p95), p95 - layer], capsize=2, label=backend,
                color=COLORS.get(backend, None), edgecolor="black", linewidth=0.5)
-        ax.scatter(pos, raw, marker="_", s=120, color="black", zorder=3, label="raw client (median)" if i == 0 else None)
+        ax.scatter(pos, raw, marker="_", s=120, color="black", zorder=3,
+                   label="raw client (median)" if i == 0 else None)
     ax.set_yscale("log")
     ax.set_xticks(x, [op.replace("_", "\n") for op in OPS])
     ax.set_ylabel("seconds per call (log)")
@@ -154,7 +155,8 @@ def plot_scaling(report: dict, path: Path) -> bool:
     for backend, rows in runs.items():
         n = [r["runs"] for r in rows]
         axes[2].plot(n, [r["list_s"] for r in rows], "-o", label=f"{backend}: list all", color=COLORS.get(backend))
-        axes[2].plot(n, [r["search_s"] for r in rows], "--s", label=f"{backend}: filtered search", color=COLORS.get(backend))
+        axes[2].plot(n, [r["search_s"] for r in rows], "--s", label=f"{backend}: filtered search",
+                     color=COLORS.get(backend))
     titles = ("metric points in one run -> seconds", "metric points -> bytes on disk", "runs in the store -> seconds")
     for ax, title in zip(axes, titles, strict=True):
         ax.set(xscale="log", yscale="log", title=title)
@@ -253,16 +255,20 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
         if e.get("status") != "ok":
             rows.append([tracker, e.get("status", "?"), e.get("reason", ""), "", "", ""])
             continue
-        rows.append([tracker, f"{e['repeats']}", f"{pct(e['wall_ratio']['median'])} ({pct(e['wall_ratio']['min'])} .. "
-                     f"{pct(e['wall_ratio']['max'])})", f"{pct(e['fit_ratio']['median'])} ({pct(e['fit_ratio']['min'])} .. "
+        rows.append([tracker, f"{e['repeats']}",
+                     f"{pct(e['wall_ratio']['median'])} ({pct(e['wall_ratio']['min'])} .. "
+                     f"{pct(e['wall_ratio']['max'])})",
+                     f"{pct(e['fit_ratio']['median'])} ({pct(e['fit_ratio']['min'])} .. "
                      f"{pct(e['fit_ratio']['max'])})", fmt_s(e["extra_wall_s"]["median"]),
                      fmt_s(e["phases_s"]["epoch_logging_s"]["median"])])
     base = report.get("overhead", {}).get("none", {})
     epochs = report.get("epoch_times", {})
-    where = "; ".join(f"{t}: first epoch {pct(e.get('first_epoch_ratio'))}, later epochs {pct(e.get('later_epochs_ratio'))}"
+    where = "; ".join(f"{t}: first epoch {pct(e.get('first_epoch_ratio'))}, "
+                      f"later epochs {pct(e.get('later_epochs_ratio'))}"
                       for t, e in epochs.items() if t != "none" and "first_epoch_ratio" in e)
     note = (f"Where the training-loop overhead sits (epoch time against no tracker, median): {where or 'n/a'}. "
-            f"Against the same repeat with no tracker (median {fmt_s((base.get('wall_s') or {}).get('median'))} whole run, "
+            "Against the same repeat with no tracker "
+            f"(median {fmt_s((base.get('wall_s') or {}).get('median'))} whole run, "
             f"{fmt_s((base.get('fit_s') or {}).get('median'))} training loop). Ranges are min .. max over repeats.")
     out.append(("2. Overhead", note, ["tracker", "repeats", "whole run", "training loop", "extra seconds",
                                       "epoch logging (total)"], rows))
@@ -280,11 +286,13 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     rows = []
     for backend, r in report.get("latency", {}).items():
         if not isinstance(r, dict) or not r.get("ops"):
-            rows.append([backend, *(["skipped: " + r["skipped"]] if "skipped" in r else ["FAILED: " + str(r.get("failed"))]),
+            rows.append([backend,
+                         *(["skipped: " + r["skipped"]] if "skipped" in r else ["FAILED: " + str(r.get("failed"))]),
                          *[""] * (len(OPS) - 1)])
             continue
         rows.append([backend, *[f"{fmt_s(r['ops'][op]['layer']['median_s'])} / {fmt_s(r['ops'][op]['raw']['median_s'])}"
-                                f" (p95 {fmt_s(r['ops'][op]['layer']['p95_s'])}; own {fmt_s(r['ops'][op]['layer_own']['median_s'])})"
+                                f" (p95 {fmt_s(r['ops'][op]['layer']['p95_s'])}; "
+                                f"own {fmt_s(r['ops'][op]['layer_own']['median_s'])})"
                                 for op in OPS]])
     out.append(("3. Per-call latency", "Median through our layer / median of the raw client call (p95 of the layer; "
                 "own: the layer's own time, measured with the client stubbed out over thousands of calls). "
@@ -364,8 +372,9 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
         if backend in eff:
             e = eff[backend]
             rows.append([backend, str(e["code_lines"]), f"{e['n_client_calls']}: " + ", ".join(e["client_calls"]),
-                         f"{len(e['workarounds'])}: " + "; ".join(f"{w['text']} ({w['file']}:{w['line']})"
-                                                                  for w in e["workarounds"]) if e["workarounds"] else "none tagged"])
+                         f"{len(e['workarounds'])}: "
+                         + "; ".join(f"{w['text']} ({w['file']}:{w['line']})" for w in e["workarounds"])
+                         if e["workarounds"] else "none tagged"])
     first = eff.get("first_run", {})
     note = "Counted from src/cxrtrack/tracking/ (code lines exclude comments and docstrings). First tracked run: " + \
         ", ".join(f"{k} {fmt_s(v['seconds'])} ({v.get('command', v.get('how', ''))})" for k, v in first.items()
@@ -374,8 +383,10 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
         note += f"; git clone {fmt_s(first['clone_s'])}; {first.get('install', '')}"
     out.append(("8. Integration effort", note + ".", ["backend", "code lines", "distinct client calls",
                                                       "workarounds (from `# workaround(...)` comments)"], rows))
-    rows = [[name, p["status"], fmt_s(p.get("seconds")), p.get("error", "")] for name, p in report.get("phases", {}).items()]
-    out.append(("Phases", f"{'complete' if meta.get('complete') else 'INCOMPLETE: ' + str(meta.get('incomplete_reason'))}.",
+    rows = [[name, p["status"], fmt_s(p.get("seconds")), p.get("error", "")]
+            for name, p in report.get("phases", {}).items()]
+    out.append(("Phases",
+                f"{'complete' if meta.get('complete') else 'INCOMPLETE: ' + str(meta.get('incomplete_reason'))}.",
                 ["phase", "status", "time", "error"], rows))
     return out
 
@@ -426,7 +437,8 @@ def write_html(report: dict, folder: Path, plots: list[str]) -> None:
             f"<p class='meta'>{e(headline(report))}</p>"]
     if not meta.get("complete"):
         body.append(f"<p class='warn'>Incomplete: {e(str(meta.get('incomplete_reason')))}</p>")
-    plot_after = {"2. Overhead": ["overhead.png", "epoch_times.png"], "2b. Fixed costs per backend": ["fixed_costs.png"],
+    plot_after = {"2. Overhead": ["overhead.png", "epoch_times.png"],
+                  "2b. Fixed costs per backend": ["fixed_costs.png"],
                   "3. Per-call latency": ["latency.png"], "4b. Cost vs work: runs in a store": ["scaling.png"],
                   "5. Fidelity": ["curves.png"], "6. Footprint": ["storage.png"],
                   "7. Capabilities, observed": ["mlflow_ui.png"]}
@@ -464,7 +476,7 @@ def terminal_summary(report: dict, width: int = 100) -> str:
             if v["test/acc"]["median"] is not None))
     lines.append(f"{'tracker':<8}{'whole run':>12}{'train loop':>12}{'extra s':>10}{'peak RSS':>10}"
                  f"{'disk/run':>11}{'lost':>6}")
-    fidelity_lost = {}
+    fidelity_lost: dict[str, int] = {}
     for run, backends in report.get("fidelity", {}).items():
         tracker = run.rsplit("-r", 1)[0]
         for f in backends.values():
@@ -478,11 +490,13 @@ def terminal_summary(report: dict, width: int = 100) -> str:
             continue
         lines.append(f"{tracker:<8}{pct(e['wall_ratio']['median']):>12}{pct(e['fit_ratio']['median']):>12}"
                      f"{e['extra_wall_s']['median']:>9.1f}s{fp.get('peak_rss_mb', {}).get('median', 0):>8.0f}MB"
-                     f"{fmt_bytes(fp.get('store_bytes_total', {}).get('median')):>11}{fidelity_lost.get(tracker, 0):>6}")
+                     f"{fmt_bytes(fp.get('store_bytes_total', {}).get('median')):>11}"
+                     f"{fidelity_lost.get(tracker, 0):>6}")
     lat = report.get("latency", {})
     if lat:
         lines.append("log_metrics per call (layer / raw median): " + "; ".join(
-            f"{b} {fmt_s(r['ops']['log_metrics']['layer']['median_s'])}/{fmt_s(r['ops']['log_metrics']['raw']['median_s'])}"
+            f"{b} {fmt_s(r['ops']['log_metrics']['layer']['median_s'])}/"
+            f"{fmt_s(r['ops']['log_metrics']['raw']['median_s'])}"
             if isinstance(r, dict) and r.get("ops") else f"{b} {'skipped' if 'skipped' in r else 'FAILED'}"
             for b, r in lat.items()))
     for t in report.get("targets", []):

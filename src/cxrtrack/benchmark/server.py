@@ -111,9 +111,14 @@ class MLflowServer:
     def kill(self) -> None:
         self.stop(kill=True)
 
+    def _pid(self) -> int:
+        if self.process is None:
+            raise RuntimeError("the MLflow server was not started")
+        return self.process.pid
+
     def pause(self) -> None:
         """SIGSTOP: the server accepts connections and never answers (a hung store)."""
-        os.killpg(self.process.pid, signal.SIGSTOP)
+        os.killpg(self._pid(), signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.killpg(self.process.pid, signal.SIGCONT)
+        os.killpg(self._pid(), signal.SIGCONT)

@@ -22,7 +22,6 @@ from cxrtrack.errors import CXRError
 from cxrtrack.provenance import RedactingFilter, redact
 
 EXIT_RUN_FAILED = 1  # the run failed, or a tracker does not hold all of it (the last line says what is missing)
-EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C; SIGTERM exits with 143 (128 + the signal number)
 
 
@@ -42,7 +41,8 @@ def setup_logging(verbose: bool = False) -> None:
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
-    parser.add_argument("--data", help="dataset folder, any supported layout (default: downloaded Kaggle data, else synthetic)")
+    parser.add_argument("--data", help="dataset folder, any supported layout "
+                                       "(default: downloaded Kaggle data, else synthetic)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set training.optimizer=sgd (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -54,9 +54,10 @@ def paragraph(text: str) -> str:
                                        break_long_words=False, break_on_hyphens=False)
 
 
-_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "permission denied"}
+# keyed by OSError.errno, which is None for an OSError raised without one
+_DISK_ERRORS: dict[int | None, str] = {
+    errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+    errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 
 
 def run_main(main: Callable[[], int]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from cxrtrack.cli import EXIT_INTERRUPTED, setup_logging
 from cxrtrack.errors import ConfigError
@@ -33,7 +34,8 @@ def main() -> int:
     parser.add_argument("--data", help="dataset folder (default: the training targets' default)")
     parser.add_argument("--repeats", type=int, help="runs per tracker (default 3; 1 with --quick)")
     parser.add_argument("--trackers", help="comma list of none,mlflow,wandb,both (default: all; none is always run)")
-    parser.add_argument("--quick", action="store_true", help="a fast look: one repeat, smaller latency and scaling work")
+    parser.add_argument("--quick", action="store_true",
+                        help="a fast look: one repeat, smaller latency and scaling work")
     parser.add_argument("--out", help="report root (default: reports/comparison)")
     parser.add_argument("--mlflow-uri", help="use this MLflow store instead of a private one under the report folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -47,7 +49,7 @@ def main() -> int:
     from cxrtrack.benchmark.compare import Compare, ComparePlan
     from cxrtrack.benchmark.report import terminal_summary
 
-    extra = {"out_root": Path(args.out).resolve()} if args.out else {}
+    extra: dict[str, Any] = {"out_root": Path(args.out).resolve()} if args.out else {}
     if args.no_fresh_clone:
         extra["fresh_clone"] = False
     plan = ComparePlan.make(project_root(), args.config, args.repeats, args.trackers, args.quick, data=args.data,

@@ -18,6 +18,7 @@ def main() -> int:
     args = parser.parse_args()
     setup_logging()
     data_cfg = load_config(args.config)["data"]
-    location = download_dataset(args.handle or data_cfg["kaggle_handle"], args.dest or data_cfg["download_dir"], args.force)
+    location = download_dataset(args.handle or data_cfg["kaggle_handle"], args.dest or data_cfg["download_dir"],
+                                args.force)
     print(f"Dataset ready: {location.root}")
     return 0

@@ -15,7 +15,8 @@ from cxrtrack.errors import CXRError
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="models:/CustomCXRNet@champion | wandb:<entity>/<project>/customcxrnet:champion "
+    source.add_argument("--model", help="models:/CustomCXRNet@champion "
+                                        "| wandb:<entity>/<project>/customcxrnet:champion "
                                         "| a checkpoint file | an MLflow run id")
     source.add_argument("--checkpoint", help="a best.pt written by training (outputs/<run>/checkpoints/best.pt)")
     source.add_argument("--run-id", help="an MLflow run id: its checkpoints/best.pt artifact is downloaded")
@@ -28,9 +29,9 @@ def main() -> int:
     setup_logging()
     ref = args.model or args.checkpoint or args.run_id
     if not ref:
-        raise CXRError("Say what to evaluate: MODEL=models:/CustomCXRNet@champion, MODEL=outputs/<run>/checkpoints/best.pt, "
-                       "CHECKPOINT=... or RUN_ID=<mlflow run id> (scripts/evaluate.py --model ... | --checkpoint ... | "
-                       "--run-id ...).")
+        raise CXRError("Say what to evaluate: MODEL=models:/CustomCXRNet@champion, "
+                       "MODEL=outputs/<run>/checkpoints/best.pt, CHECKPOINT=... or RUN_ID=<mlflow run id> "
+                       "(scripts/evaluate.py --model ... | --checkpoint ... | --run-id ...).")
     from cxrtrack.tracking.fetch import kind_of
 
     # what the flag says, else what the reference looks like (an unknown kind fails here, before torch is imported)

@@ -28,7 +28,8 @@ def latest_run(uri: str) -> tuple[str, str, str] | None:
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=200) if experiments else []
+    runs = (client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=200)
+            if experiments else [])
     top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags] or runs[:1]
     return (top[0].info.experiment_id, top[0].info.run_id, top[0].info.run_name) if top else None
 
@@ -43,15 +44,16 @@ def main() -> int:
         if not 1 <= port <= 65535:
             raise ValueError
     except ValueError:
-        raise CXRError(f"PORT={args.port!r} is not a port number; pass one from 1 to 65535, e.g. make mlflow-ui PORT=5001.") from None
+        raise CXRError(f"PORT={args.port!r} is not a port number; pass one from 1 to 65535, "
+                       "e.g. make mlflow-ui PORT=5001.") from None
     if args.uri.startswith(("http://", "https://")):
         from cxrtrack.provenance import redact
 
         print(f"Runs go to the tracking server {redact(args.uri)}: open it in your browser.")
         return 0
     if port_in_use(port):
-        raise CXRError(f"Port {port} on 127.0.0.1 is already in use (another MLflow UI or another program): pick a free "
-                       f"one with make mlflow-ui PORT={port + 1}, or stop what is listening on {port}.")
+        raise CXRError(f"Port {port} on 127.0.0.1 is already in use (another MLflow UI or another program): "
+                       f"pick a free one with make mlflow-ui PORT={port + 1}, or stop what is listening on {port}.")
     from cxrtrack.tracking.mlflow_tracker import curves_url, run_url, sqlite_path
 
     db = sqlite_path(args.uri)

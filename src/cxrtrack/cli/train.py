@@ -32,11 +32,13 @@ def main() -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--image-size", type=int)
     parser.add_argument("--run-name")
-    parser.add_argument("--folds", type=int, help="k-fold cross-validation on train/ (training.cv_folds; FOLDS= in make)")
-    parser.add_argument("--seeds", type=int, help="run n seeds, report mean +- std of the test metrics (SEEDS= in make)")
+    parser.add_argument("--folds", type=int,
+                        help="k-fold cross-validation on train/ (training.cv_folds; FOLDS= in make)")
+    parser.add_argument("--seeds", type=int,
+                        help="run n seeds, report mean +- std of the test metrics (SEEDS= in make)")
     parser.add_argument("--threads", help="CPU threads for torch: auto or a number (threads; THREADS= in make)")
-    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run: its folder (outputs/<run>), its MLflow "
-                                                        "run id or its W&B run id (RESUME= in make)")
+    parser.add_argument("--resume", metavar="RUN", help="continue an interrupted run: its folder (outputs/<run>), "
+                                                        "its MLflow run id or its W&B run id (RESUME= in make)")
     args = parser.parse_args()
     setup_logging(args.verbose)
 

@@ -26,7 +26,8 @@ def main() -> int:
     parser.add_argument("--tracker", default="mlflow", help="mlflow | wandb | both | none (default: mlflow)")
     parser.add_argument("--trials", type=int, help="trial budget (default: trials / run_cap in the space)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default: 1)")
-    parser.add_argument("--study", help="study name (default: 'name' in the space, else its file name); reuse it to resume")
+    parser.add_argument("--study",
+                        help="study name (default: 'name' in the space, else its file name); reuse it to resume")
     parser.add_argument("--storage", help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: SQLite "
                                           "optuna.db beside the MLflow store)")
     parser.add_argument("--epochs", type=int, help="epochs per trial (overrides the config)")
@@ -47,7 +48,8 @@ def main() -> int:
         from cxrtrack.tuning.wandb_sweep import online_requested, tune_online
 
         if online_requested(base, args.engine, args.sweep_id):
-            if tune_online(args.space, base, sweep_id=args.sweep_id, trials=args.trials, required=args.engine == "wandb"):
+            if tune_online(args.space, base, sweep_id=args.sweep_id, trials=args.trials,
+                           required=args.engine == "wandb"):
                 return 0
 
     from cxrtrack.tuning.study import print_result, tune

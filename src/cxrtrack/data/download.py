@@ -53,7 +53,8 @@ def _offline_error(handle: str, target: Path, reason: str) -> DataError:
     )
 
 
-def download_dataset(handle: str, target: str | Path, force: bool = False, check_network=kaggle_reachable) -> DatasetLocation:
+def download_dataset(handle: str, target: str | Path, force: bool = False,
+                     check_network=kaggle_reachable) -> DatasetLocation:
     """Download ``handle`` into ``target`` (skipped when a complete dataset is already there)."""
     target = Path(target)
     found = _existing(target)

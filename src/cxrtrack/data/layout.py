@@ -129,8 +129,9 @@ def locate_dataset(path: str | Path) -> DatasetLocation:
         searched += 1
         if searched > _MAX_FOLDERS_SEARCHED:
             raise DataError(
-                f"No chest X-ray dataset found in the first {_MAX_FOLDERS_SEARCHED} folders under {path}: DATA= (or --data) "
-                f"must point at the dataset folder itself (the one holding train/ and test/, or the class folders), "
+                f"No chest X-ray dataset found in the first {_MAX_FOLDERS_SEARCHED} folders under {path}: "
+                f"DATA= (or --data) must point at the dataset folder itself (the one holding train/ and test/, "
+                f"or the class folders), "
                 f"not at a large tree such as / or your home folder."
             )
         train = _child(folder, "train")

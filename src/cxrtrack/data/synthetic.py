@@ -359,13 +359,13 @@ def _interstitial(pose: _Pose, lung, anat, rng) -> np.ndarray:
     lines *= np.clip(1.0 + 0.4 * _smooth_noise(rng, x.shape, 0.2 * K), 0.3, None)
     # small nodules scattered through both lungs
     n = x.shape[0]
-    dots = Image.new("L", (n, n), 0)
-    draw = ImageDraw.Draw(dots)
+    canvas = Image.new("L", (n, n), 0)
+    draw = ImageDraw.Draw(canvas)
     count = int(rng.integers(250, 600))
     centres, radii = rng.uniform(0, n, size=(count, 2)), rng.uniform(0.005, 0.011, size=count) * K
     for (cx, cy), rad in zip(centres, radii, strict=True):
         draw.ellipse([cx - rad, cy - rad, cx + rad, cy + rad], fill=255)
-    dots = np.asarray(dots.filter(ImageFilter.GaussianBlur(0.004 * K)), dtype=np.float32) * (1 / 255)
+    dots = np.asarray(canvas.filter(ImageFilter.GaussianBlur(0.004 * K)), dtype=np.float32) * (1 / 255)
     # mild perihilar / basal predominance, but present everywhere in both lungs
     haze = 0.6 + 0.4 * np.exp(-((np.abs(x) - 0.22) ** 2 + (y - anat["hilum_y"] - 0.15) ** 2) / (2 * 0.3**2))
     return 0.26 * severity * (0.75 * lines + 0.6 * dots + 0.2) * haze * lung
@@ -409,7 +409,8 @@ def render_radiograph(label: str, rng: np.random.Generator, size: int = 256) -> 
 
 
 def write_png16(path, array_uint16: np.ndarray) -> None:
-    """Write a 16-bit PNG (HxW gray -> color type 0, or HxWx4 RGBA -> color type 6, bit depth 16) with zlib+struct (Pillow cannot write 16-bit RGBA). Tests elsewhere use this too.
+    """Write a 16-bit PNG (HxW gray -> color type 0, or HxWx4 RGBA -> color type 6, bit depth 16) with
+    zlib+struct (Pillow cannot write 16-bit RGBA). Tests elsewhere use this too.
 
     HxWx2 (gray+alpha, color type 4) and HxWx3 (RGB, color type 2) are accepted as well. Values
     are stored big-endian as the PNG spec requires; every row uses the "Up" filter.
@@ -641,8 +642,9 @@ def _is_replaceable(root: Path) -> bool:
 def generate_synthetic_dataset(
     root, *, seed: int = 0, counts=None, size_range=(340, 1400), n_large: int = 1, progress: bool = False
 ) -> Path:
-    """Write root/Covid19-dataset/{train,test}/<class>/<files> plus root/SYNTHETIC_DATA.md; return root/'Covid19-dataset'.
-    counts defaults to KAGGLE_COUNTS. n_large images (Covid, train) are written at about 4200x4095 like the real max.
+    """Write root/Covid19-dataset/{train,test}/<class>/<files> plus root/SYNTHETIC_DATA.md; return
+    root/'Covid19-dataset'. counts defaults to KAGGLE_COUNTS. n_large images (Covid, train) are written at
+    about 4200x4095 like the real max.
 
     ``root`` should be dedicated to the synthetic data: an existing ``root`` is replaced only if
     it is empty or carries the synthetic marker (otherwise FileExistsError). Generation happens in
@@ -699,7 +701,8 @@ def _tree_matches(dataset: Path, counts: dict) -> bool:
 
 
 def ensure_synthetic_dataset(root, *, seed: int = 0, counts=None, **kw) -> Path:
-    """Return the dataset dir, generating it only if the marker is missing or records a different seed/version/counts (then regenerate into a clean folder). Cheap when already present.
+    """Return the dataset dir, generating it only if the marker is missing or records a different
+    seed/version/counts (then regenerate into a clean folder). Cheap when already present.
 
     ``kw`` is passed on to :func:`generate_synthetic_dataset` (``size_range``, ``n_large``,
     ``progress``); ``size_range`` and ``n_large`` are part of the comparison too.

@@ -77,7 +77,7 @@ def build_batch_augment(data_cfg: dict[str, Any]) -> torch.nn.Module:
     import kornia.augmentation as K
 
     aug_cfg, size = data_cfg["augment"], data_cfg["image_size"]
-    steps = []
+    steps: list[K.AugmentationBase2D] = []
     if aug_cfg["resized_crop"]:
         steps.append(K.RandomResizedCrop((size, size), scale=tuple(aug_cfg["crop_scale"]),
                                          ratio=tuple(aug_cfg["crop_ratio"]), p=1.0))

@@ -23,7 +23,8 @@ SUPPORTED_SIZES = (64, 128, 224, 256)  # the sizes the tests train at; any size 
 
 
 def _conv_block(c_in: int, c_out: int, padding: int, dropout: float | None) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=padding), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=padding), nn.ReLU(inplace=True),
+                               nn.MaxPool2d(2)]
     if dropout is not None:
         layers.append(nn.Dropout(dropout))
     return layers

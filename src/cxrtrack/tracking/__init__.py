@@ -22,7 +22,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 
 from cxrtrack.errors import ConfigError
-from cxrtrack.tracking.base import FAILED, FINISHED, KILLED, BaseTracker, Predictions, TrackerGroup
+from cxrtrack.tracking.base import FAILED, FINISHED, KILLED, Attachable, BaseTracker, Predictions, TrackerGroup
 
 
 def _mlflow(cfg: dict[str, Any]) -> BaseTracker:
@@ -31,7 +31,8 @@ def _mlflow(cfg: dict[str, Any]) -> BaseTracker:
 
     # Calls that fail after the start are spooled to outputs/<run>/spool/mlflow and replayed in order.
     mlflow_cfg = cfg["tracking"]["mlflow"]
-    return SpoolingTracker(MLflowTracker(cfg["experiment"], mlflow_cfg), cfg["output_dir"],
+    # ignore[abstract] below: base.forwards adds the run calls to the class when it is created, unseen by mypy
+    return SpoolingTracker(MLflowTracker(cfg["experiment"], mlflow_cfg), cfg["output_dir"],  # type: ignore[abstract]
                            mlflow_cfg.get("reconnect_interval", 15))
 
 
@@ -61,7 +62,7 @@ def tracker_names(spec: str) -> list[str]:
 
 
 def build_tracker(spec: str, cfg: dict[str, Any]) -> TrackerGroup:
-    return TrackerGroup([TRACKERS[name](cfg) for name in tracker_names(spec)])
+    return TrackerGroup([TRACKERS[name](cfg) for name in tracker_names(spec)])  # type: ignore[abstract]  # as above
 
 
 def _mlflow_run(ref: dict[str, Any], tracking_uri: str | None) -> BaseTracker:
@@ -81,11 +82,14 @@ EXISTING_RUNS = {"mlflow": _mlflow_run, "wandb": _wandb_run}  # backends whose t
 
 
 @contextmanager
-def attached(backend: str, ref: dict[str, Any], tracking_uri: str | None = None, **options: Any) -> Iterator[BaseTracker]:
+def attached(backend: str, ref: dict[str, Any], tracking_uri: str | None = None,
+             **options: Any) -> Iterator[BaseTracker]:
     """The run ``ref`` of ``backend`` (its ``run_ref()``, e.g. from ``tracked.json``), to add to it without changing
     its status: ``make evaluate`` reports its results back through this. ``options`` go to the backend's ``attach``
     (W&B: ``job_type``)."""
     tracker = EXISTING_RUNS[backend](ref, tracking_uri)
+    if not isinstance(tracker, Attachable):
+        raise TypeError(f"the {backend} tracker cannot attach to an existing run")
     tracker.setup()
     tracker.attach(ref, reopen=False, **options)
     try:

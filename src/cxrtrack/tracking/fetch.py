@@ -34,9 +34,9 @@ def kind_of(ref: str) -> str:
     if RUN_ID.fullmatch(ref):
         return "mlflow-run"
     raise CXRError(
-        f"Cannot tell what {ref!r} is. Pass a checkpoint file (outputs/<run>/checkpoints/best.pt), a registry reference "
-        f"(models:/CustomCXRNet@champion), a W&B artifact (wandb:<entity>/<project>/customcxrnet:champion) or an MLflow "
-        f"run id (32 hex digits)."
+        f"Cannot tell what {ref!r} is. Pass a checkpoint file (outputs/<run>/checkpoints/best.pt), "
+        f"a registry reference (models:/CustomCXRNet@champion), "
+        f"a W&B artifact (wandb:<entity>/<project>/customcxrnet:champion) or an MLflow run id (32 hex digits)."
     )
 
 
@@ -73,7 +73,8 @@ def mlflow_model_checkpoint(ref: str, tracking_uri: str, dest: str | Path | None
         from cxrtrack.tracking.mlflow_store import download_checkpoint
 
         return download_checkpoint(version.run_id, tracking_uri, dst), info
-    raise CXRError(f"{ref} (version {version.version}) holds no training checkpoint and names no run to fetch one from.")
+    raise CXRError(f"{ref} (version {version.version}) holds no training checkpoint "
+                   "and names no run to fetch one from.")
 
 
 def wandb_artifact_checkpoint(ref: str, dest: str | Path | None = None, api=None) -> tuple[Path, dict[str, Any]]:
@@ -90,8 +91,9 @@ def wandb_artifact_checkpoint(ref: str, dest: str | Path | None = None, api=None
         folder = Path(artifact.download(root=str(dest or tempfile.mkdtemp(prefix="cxrtrack-wandb-"))))
     except Exception as exc:  # noqa: BLE001 - W&B raises several types for "not found" and "no network"
         raise CXRError(
-            f"Could not fetch the W&B artifact {name} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}). It needs "
-            f"the W&B server (an API key and network; offline runs must be uploaded with `make wandb-sync` first). "
+            f"Could not fetch the W&B artifact {name} ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}). "
+            f"It needs the W&B server (an API key and network; offline runs must be uploaded with `make wandb-sync` "
+            f"first). "
             f"Offline, evaluate the run's checkpoint instead: MODEL=outputs/<run>/checkpoints/best.pt."
         ) from None
     path = folder / "best.pt"

@@ -108,7 +108,8 @@ def read_mlflow(tracking_uri: str, run_id: str, epoch_metrics: list[str] | None 
         system_metrics=sorted(system),
         extra={"run_id": run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking_uri,
                "parent_run_id": run.data.tags.get("mlflow.parentRunId"),
-               "registered_versions": [f"{v.name} v{v.version}" for v in client.search_model_versions(f"run_id='{run_id}'")],
+               "registered_versions": [f"{v.name} v{v.version}"
+                                       for v in client.search_model_versions(f"run_id='{run_id}'")],
                "dataset_inputs": [d.dataset.name for d in (run.inputs.dataset_inputs if run.inputs else [])]},
     )
 
@@ -186,7 +187,7 @@ def read_wandb(run_dir: str | Path, step_key: str = "epoch") -> RunRecord:
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in metrics and k != step_key
                and not k.startswith("_")}
     system = sorted({k for r in records if r["type"] == "stats" for k in r["stats"]["item"]})
-    run_info = next((r["run"] for r in records if r["type"] == "run"), {})
+    run_info: dict[str, Any] = next((r["run"] for r in records if r["type"] == "run"), {})
     status = summary_flat.get("status") or _WANDB_STATUS.get(info.get("exit_code"), "FAILED")
     return RunRecord(
         name=info.get("name", ""),
@@ -271,7 +272,8 @@ def diff_records(sent: RunRecord, stored: RunRecord, backend: str) -> dict[str, 
     nan = lambda k, v: isinstance(v, float) and math.isnan(v)  # noqa: E731
     empty = lambda k, v: isinstance(v, dict) and not v  # noqa: E731
     sections = {
-        "params": _compare_map(sent.params, stored.params, as_text=mlflow, skip=(lambda k, v: False) if mlflow else empty),
+        "params": _compare_map(sent.params, stored.params, as_text=mlflow,
+                               skip=(lambda k, v: False) if mlflow else empty),
         "summary": _compare_map(sent.summary, stored.summary, skip=nan),
         "tags": _compare_map(sent.tags, stored.tags),
         "artifacts": _compare_set(sent.artifacts, stored.artifacts),

@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 REGISTRY_KEY = "registry"  # the key of the plan in log_model's metadata
 CHAMPION = "champion"
-METRIC_TAG_PREFIX = "test/"
 
 
 def should_register(cfg: dict[str, Any], data_source: str) -> tuple[bool, str]:
@@ -62,7 +61,8 @@ def build_plan(cfg: dict[str, Any], *, source: str, fingerprint: str, run_name: 
     metric = cfg["tracking"]["champion_metric"]
     value = test_metrics.get(metric)
     metrics = {k: float(v) for k, v in test_metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    shown = f"{metric} {value:.4f}" if isinstance(value, (int, float)) and math.isfinite(float(value)) else "no test metric"
+    finite = isinstance(value, (int, float)) and math.isfinite(float(value))
+    shown = f"{metric} {value:.4f}" if finite else "no test metric"
     if test_split == "carved" and metrics:
         shown += f" {CARVED_NOTE}"
     return {

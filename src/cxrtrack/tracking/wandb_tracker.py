@@ -99,7 +99,10 @@ def leet_command(run_dir: Path | None) -> str:
 
     exe = Path(sys.executable).with_name("wandb")
     on_path = shutil.which("wandb")
-    shown = "wandb" if on_path and Path(on_path).resolve() == exe.resolve() else _shown(exe) if exe.exists() else "wandb"
+    if on_path and Path(on_path).resolve() == exe.resolve():
+        shown = "wandb"
+    else:
+        shown = _shown(exe) if exe.exists() else "wandb"
     return f"{shown} leet {_shown(run_dir) if run_dir else ''}".strip()
 
 
@@ -110,8 +113,8 @@ class WandbTracker(BaseTracker):
         self.project = project
         self.cfg = cfg
         self.mode: str | None = None
-        self.run = None
-        self._wandb = None
+        self.run: Any = None  # the wandb.Run of start_run or attach
+        self._wandb: Any = None  # the wandb module, imported by setup (only then: it takes seconds)
         self._files: list[tuple[Path, str]] = []
         self._run_dir: Path | None = None
         self._run_id: str | None = None
@@ -247,14 +250,17 @@ class WandbTracker(BaseTracker):
         well: read the run back (``wandb leet``, ~0.6 s) and raise if its end is not in the file."""
         from cxrtrack.tracking.readback import wandb_leet
 
+        run_dir = self._run_dir
+        if run_dir is None:  # no run was started: nothing to read back
+            return
         stored, reason = None, ""
         try:
-            stored = json.loads(wandb_leet(self._run_dir, "--summary", timeout=60)).get("exit_code")
+            stored = json.loads(wandb_leet(run_dir, "--summary", timeout=60)).get("exit_code")
         except Exception as exc:  # noqa: BLE001 - an unreadable run is what this check is for
             reason = f"it cannot be read back: {type(exc).__name__}"
         if stored == exit_code:
             return
-        log_file = self._run_dir / "logs" / "debug-internal.log"
+        log_file = run_dir / "logs" / "debug-internal.log"
         try:
             errors = [line for line in log_file.read_text(errors="replace").splitlines() if '"level":"ERROR"' in line]
             if errors:  # e.g. "writer: ...: write <path>/run-x.wandb: no space left on device": keep the cause
@@ -262,8 +268,8 @@ class WandbTracker(BaseTracker):
                 reason = f"its writer failed: {first.rsplit(': ', 1)[-1][:200]}"
         except (OSError, ValueError):
             pass
-        raise WandbStoreError(f"W&B did not store the end of the offline run in {self._run_dir} ({reason or 'no exit record'}); "
-                              f"what W&B wrote before that is all it holds")
+        raise WandbStoreError(f"W&B did not store the end of the offline run in {run_dir} "
+                              f"({reason or 'no exit record'}); what W&B wrote before that is all it holds")
 
     # -- logging ----------------------------------------------------------------------------------
     def log_params(self, params):
@@ -302,7 +308,8 @@ class WandbTracker(BaseTracker):
                     "test_split": dataset.get("test_split"), "splits": dataset["splits"],
                     "used_as": "input" if self.mode != "offline" else "logged (offline: use_artifact is online only)"}
         artifact = wandb.Artifact(dataset["name"], type="dataset", metadata=metadata,
-                                  description=f"{dataset['source']} chest X-ray images, fingerprint {dataset['fingerprint']} "
+                                  description=f"{dataset['source']} chest X-ray images, "
+                                              f"fingerprint {dataset['fingerprint']} "
                                               f"(a reference to {dataset['root']}; no image copied)")
         artifact.add_reference(Path(dataset["root"]).resolve().as_uri(), name="images", max_objects=100_000)
         aliases = [f"fp-{dataset['fingerprint']}"]
@@ -350,7 +357,8 @@ class WandbTracker(BaseTracker):
         metadata = dict(metadata)
         plan = metadata.pop(REGISTRY_KEY, None)
         name = self.cfg.get("model_artifact_name") or "customcxrnet"
-        aliases = ["latest", "best", *([f"epoch-{metadata['best_epoch']}"] if metadata.get("best_epoch") is not None else [])]
+        best_epoch = metadata.get("best_epoch")
+        aliases = ["latest", "best", *([f"epoch-{best_epoch}"] if best_epoch is not None else [])]
         description = "CustomCXRNet best checkpoint (state_dict + hyperparameters)"
         if plan is not None:
             metadata.update({k: v for k, v in version_tags(plan).items() if k not in metadata})

@@ -7,6 +7,7 @@ checkpoint or tracked run.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import pickle
@@ -50,7 +51,8 @@ class TestReport:
         p = self.predictions
         n = min(len(p.y_true), p.extra.get("n_grid", 16))
         aucs = {name: self.metrics[f"roc_auc_{slug(name)}"] for name in p.class_names}
-        captions = [(p.class_names[t], p.class_names[q], p.probs[i, q]) for i, (t, q) in enumerate(zip(p.y_true, p.y_pred, strict=True))]
+        captions = [(p.class_names[t], p.class_names[q], p.probs[i, q])
+                    for i, (t, q) in enumerate(zip(p.y_true, p.y_pred, strict=True))]
         return {
             "confusion_matrix.png": plots.confusion_matrix_figure(self.confusion, p.class_names),
             "roc_curves.png": plots.roc_figure(p.y_true, p.probs, p.class_names, aucs),
@@ -97,8 +99,12 @@ def write_report(report: TestReport, out_dir: Path, figures: dict[str, Any]) -> 
         lines.append(f"\"{p.paths[i]}\",{p.class_names[p.y_true[i]]},{p.class_names[p.y_pred[i]]},{probs}")
     write_text_atomic(paths["predictions"], "\n".join(lines) + "\n")
     for name, fig in figures.items():
-        paths[name] = atomic_write(out_dir / "plots" / name, lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, format="png"))
+        paths[name] = atomic_write(out_dir / "plots" / name, functools.partial(_save_png, fig))
     return paths
+
+
+def _save_png(fig, path: Path) -> None:
+    fig.savefig(path, dpi=110, format="png")
 
 
 def report_on_test(model: torch.nn.Module, loader, data: CXRData, criterion: torch.nn.Module, device: torch.device,
@@ -127,7 +133,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
         ckpt = torch.load(path, map_location=device, weights_only=True)  # plain types only: safe to load
         model = model_from_checkpoint(ckpt)
     except (KeyError, TypeError, RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise CXRError(f"{path} is not a CustomCXRNet checkpoint written by this project ({type(exc).__name__}: {exc}).") from None
+        raise CXRError(f"{path} is not a CustomCXRNet checkpoint written by this project "
+                       f"({type(exc).__name__}: {exc}).") from None
     return model.to(device).eval(), ckpt
 
 
@@ -181,5 +188,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | None = None, ou
     report, _ = report_on_test(model, data.loaders(cfg["data"]["batch_size"])["test"], data, criterion, dev, out,
                                cfg["evaluation"]["n_prediction_images"])
     report.data = {"source": data.source, "fingerprint": data.fingerprint, "root": str(data.location.root),
-                   "n_test": len(data.test), "trained_on": trained_on.get("fingerprint"), "run_name": ckpt.get("run_name")}
+                   "n_test": len(data.test), "trained_on": trained_on.get("fingerprint"),
+                   "run_name": ckpt.get("run_name")}
     return report, out

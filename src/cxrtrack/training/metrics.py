@@ -27,7 +27,8 @@ def epoch_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
 
 
 def recall_per_class(y_true: np.ndarray, y_pred: np.ndarray, class_names: tuple[str, ...]) -> dict[str, float]:
-    """``recall_<class>`` for every class: the fraction of its images predicted as it (NaN for a class with no image)."""
+    """``recall_<class>`` for every class: the fraction of its images predicted as it
+    (NaN for a class with no image)."""
     labels = list(range(len(class_names)))
     _, recall, _, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=np.nan)
     return {f"recall_{slug(name)}": float(r) for name, r in zip(class_names, recall, strict=True)}
@@ -44,7 +45,7 @@ def classification_metrics(
     out: dict[str, float] = {"acc": float(accuracy_score(y_true, y_pred))}
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="macro", zero_division=0)
     out.update(precision_macro=float(p), recall_macro=float(r), f1_macro=float(f))
-    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
     aucs = []
     for i, name in enumerate(class_names):
         key = slug(name)

@@ -9,10 +9,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed; must precede pyplot
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import seaborn as sns  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+from sklearn.metrics import roc_curve
 
 
 def training_curves(history: list[dict[str, float]], monitor: str | None = None, best_epoch: int | None = None):
@@ -40,7 +40,8 @@ def training_curves(history: list[dict[str, float]], monitor: str | None = None,
 
 def confusion_matrix_figure(cm: np.ndarray, class_names: tuple[str, ...], title: str = "Test confusion matrix"):
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", xticklabels=class_names, yticklabels=class_names, ax=ax, cbar=False)
+    sns.heatmap(cm, annot=True, fmt="d", cmap="Blues", xticklabels=class_names, yticklabels=class_names, ax=ax,
+                cbar=False)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     return fig

@@ -20,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from cxrtrack.models.ensemble import with_tta
+
+if TYPE_CHECKING:
+    from torch.optim.swa_utils import SWALR, AveragedModel
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,8 @@ class Recipe:
 
             self.mix = build_mix(cfg["data"], num_classes)
         self.model: nn.Module | None = None
-        self.averaged = None
-        self.swa_scheduler = None
+        self.averaged: AveragedModel | None = None
+        self.swa_scheduler: SWALR | None = None
         self.swa_start_epoch: int | None = None
         self._train_module: nn.Module | None = None
         self.device_type = "cpu"
@@ -104,18 +107,25 @@ class Recipe:
             model.to(memory_format=torch.channels_last)
         self._train_module = model
         if self.compile:
-            self._train_module = torch.compile(model)
+            # torch.compile of a module is an OptimizedModule, a module (its annotation says only "a callable")
+            self._train_module = cast(nn.Module, torch.compile(model))
         if self.averaging == "ema":
             self.averaged = AveragedModel(model, avg_fn=ema_avg_fn(self.ema_decay), use_buffers=True)
         elif self.averaging == "swa":
             self.averaged = AveragedModel(model)
             self.swa_start_epoch = int(math.floor(self.swa_start * epochs)) + 1
-            self.swa_scheduler = SWALR(optimizer, swa_lr=self.swa_lr, anneal_epochs=max(1, min(5, epochs - self.swa_start_epoch)),
+            self.swa_scheduler = SWALR(optimizer, swa_lr=self.swa_lr,
+                                       anneal_epochs=max(1, min(5, epochs - self.swa_start_epoch)),
                                        anneal_strategy="cos")
 
     # -- the training step --------------------------------------------------------------------------
+    def _model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("Recipe.attach(model, ...) has not been called")
+        return self.model
+
     def train_module(self) -> nn.Module:
-        return self._train_module if self._train_module is not None else self.model
+        return self._train_module if self._train_module is not None else self._model()
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, targets): targets are the labels, or soft labels after MixUp / CutMix."""
@@ -132,20 +142,22 @@ class Recipe:
         return contextlib.nullcontext()
 
     def after_step(self) -> None:
-        if self.averaging == "ema":
-            self.averaged.update_parameters(self.model)
+        if self.averaging == "ema" and self.averaged is not None:
+            self.averaged.update_parameters(self._model())
 
     def after_epoch(self, epoch: int, train_loader=None) -> bool:
         """End of an epoch's training, before validation. True when SWA now drives the learning rate (the
         trainer then does not step its own scheduler)."""
-        if self.averaging != "swa" or epoch < self.swa_start_epoch:
+        averaged, scheduler, start = self.averaged, self.swa_scheduler, self.swa_start_epoch
+        if self.averaging != "swa" or averaged is None or scheduler is None or start is None or epoch < start:
             return False
-        self.averaged.update_parameters(self.model)
-        if train_loader is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+        model = self._model()
+        averaged.update_parameters(model)
+        if train_loader is not None and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             from torch.optim.swa_utils import update_bn
 
-            update_bn(train_loader, self.averaged, device=next(self.model.parameters()).device)
-        self.swa_scheduler.step()
+            update_bn(train_loader, averaged, device=next(model.parameters()).device)
+        scheduler.step()
         return True
 
     # -- what is evaluated and checkpointed ---------------------------------------------------------
@@ -158,7 +170,9 @@ class Recipe:
 
     def weights(self) -> nn.Module:
         """The module whose weights are validated and checkpointed."""
-        return self.averaged.module if self.weights_kind != "raw" else self.model
+        if self.averaged is not None and self.weights_kind != "raw":
+            return self.averaged.module
+        return self._model()
 
     def predictor(self, module: nn.Module | None = None) -> nn.Module:
         """``module`` (default: :meth:`weights`) as it predicts: with flip TTA when ``evaluation.tta`` asks."""

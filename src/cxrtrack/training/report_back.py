@@ -64,6 +64,10 @@ def report_to_mlflow(ref: dict[str, Any], report: TestReport, out: Path, trackin
     fp = report.data["fingerprint"]
     metrics = eval_metrics(report)
     with attached("mlflow", ref, tracking_uri=tracking_uri) as run:
+        from cxrtrack.tracking.mlflow_tracker import MLflowTracker  # imported by attached: free here
+
+        if not isinstance(run, MLflowTracker):
+            raise TypeError(f"attached('mlflow') gave a {type(run).__name__}")
         step = run.last_step(next(iter(metrics))) + 1  # a re-evaluation adds a point, never replaces one
         run.log_metrics(metrics, step, timestamp_ms=int(time.time() * 1000))
         row = {"evaluated_at": time.strftime("%Y-%m-%d %H:%M:%S"), "data_fingerprint": fp,
@@ -81,7 +85,12 @@ def report_to_mlflow(ref: dict[str, Any], report: TestReport, out: Path, trackin
 def report_to_wandb(ref: dict[str, Any], report: TestReport) -> str:
     metrics = eval_metrics(report)
     with attached("wandb", ref, job_type="evaluation") as run:
-        run.log_summary({**metrics, f"eval/{report.data['fingerprint'][:8]}/data_fingerprint": report.data["fingerprint"]})
+        from cxrtrack.tracking.wandb_tracker import WandbTracker  # imported by attached: free here
+
+        if not isinstance(run, WandbTracker):
+            raise TypeError(f"attached('wandb') gave a {type(run).__name__}")
+        fingerprint = report.data["fingerprint"]
+        run.log_summary({**metrics, f"eval/{fingerprint[:8]}/data_fingerprint": fingerprint})
         mode, new_dir = run.mode, run.run_dir
     how = ("offline: a new offline folder with the same run id, appended to the run by `make wandb-sync`"
            if mode == "offline" else "the run was resumed")

@@ -356,7 +356,6 @@ class Worker:
         self.cache = cache if cache is not None else DataCache()  # the images are decoded once per worker
         self.current = None  # the Optuna trial being run
         self.consecutive_failures = 0
-        self.trials_run = 0
 
     def run(self) -> None:
         optuna = _optuna()
@@ -388,7 +387,8 @@ class Worker:
         if target is not None and frozen.value is not None:
             reached = frozen.value <= target if self.launch.spec.direction == "minimize" else frozen.value >= target
             if reached:
-                log.info("Trial %d reached the target %s = %s: stopping the study.", frozen.number, self.launch.spec.metric, target)
+                log.info("Trial %d reached the target %s = %s: stopping the study.", frozen.number,
+                         self.launch.spec.metric, target)
                 study.set_user_attr("target_reached", frozen.number)
                 study.stop()
         if study.user_attrs.get("target_reached") is not None:
@@ -447,7 +447,9 @@ class Worker:
         except ConfigError as exc:
             trial.set_user_attr("error", f"ConfigError: {exc}")
             raise
-        group = _TrialTrackers(build_tracker(launch.tracker, cfg), lambda refs: trial.set_user_attr("runs", refs))
+        # ignore[abstract] below: base.forwards adds the run calls to TrackerGroup when it is created, unseen by mypy
+        group = _TrialTrackers(build_tracker(launch.tracker, cfg),  # type: ignore[abstract]
+                               lambda refs: trial.set_user_attr("runs", refs))
         pruned: dict[str, Any] = {}
 
         def report(epoch: int, row: dict[str, float]) -> None:
@@ -462,8 +464,9 @@ class Worker:
         description = (f"Trial {trial.number} of study '{launch.study}'"
                        + (f" (retry of trial {retry_of[0]})" if retry_of else "") + ": "
                        + ", ".join(f"{k}={v}" for k, v in sampled.items()))
-        log.info("Trial %d (worker %d): %s", trial.number, self.index, ", ".join(f"{k}={v}" for k, v in sampled.items()))
-        run = run_experiment
+        log.info("Trial %d (worker %d): %s", trial.number, self.index,
+                 ", ".join(f"{k}={v}" for k, v in sampled.items()))
+        run: Callable[..., Any] = run_experiment
         if cfg["training"]["cv_folds"] > 1:  # a cross-validated trial: its value is the CV mean of the metric
             from cxrtrack.selection.cv import run_cv as run
         try:
@@ -475,8 +478,6 @@ class Worker:
         except Exception as exc:
             trial.set_user_attr("error", f"{type(exc).__name__}: {str(exc)[:500]}")
             raise
-        finally:
-            self.trials_run += 1
         trial.set_user_attr("fit_s", result.timings.get("fit_s"))
         trial.set_user_attr("run_s", result.timings.get("total_s"))
         trial.set_user_attr("epochs", len(result.fit.history))
@@ -547,7 +548,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [worker {args.index}] %(message)s", "%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [worker {args.index}] %(message)s",
+                                               "%H:%M:%S"))
 
     def main() -> int:
         launch = Launch.from_json(Path(args.worker).read_text())

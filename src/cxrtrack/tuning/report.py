@@ -12,6 +12,7 @@ import logging
 import os
 import statistics
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,10 @@ from cxrtrack.tuning.space import BaseConfig, StudySpec, trial_values
 
 log = logging.getLogger(__name__)
 
-# keys the best config leaves at their defaults: they belong to the trial, not to the winning settings
 # Settings of the search, not of the winner: training the best config in full tests it and registers it as the
 # default policy says (tracking.register: auto), whatever the (quick) tuning base config set for its trials.
-_NOT_IN_BEST = ("config_name", "run_name", "tracking.tracker", "tracking.tags", "evaluation.run_test", "tracking.log_model",
-                "tracking.register")
+_NOT_IN_BEST = ("config_name", "run_name", "tracking.tracker", "tracking.tags", "evaluation.run_test",
+                "tracking.log_model", "tracking.register")
 
 
 def _plain(value: Any) -> Any:
@@ -40,8 +40,10 @@ def trial_rows(trials, spec: StudySpec) -> list[dict[str, Any]]:
     retried = tally(trials).retried
     rows = []
     for t in trials:
-        values = t.user_attrs.get("values") or {p.key: p.decode(t.params[p.key]) for p in spec.params if p.key in t.params}
-        wall = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        values = (t.user_attrs.get("values")
+                  or {p.key: p.decode(t.params[p.key]) for p in spec.params if p.key in t.params})
+        wall = ((t.datetime_complete - t.datetime_start).total_seconds()
+                if t.datetime_complete and t.datetime_start else None)
         fit = t.user_attrs.get("fit_s")
         runs = t.user_attrs.get("runs") or {}
         rows.append({
@@ -76,7 +78,8 @@ def best_trial(trials, direction: str):
     complete = [t for t in trials if t.state.name == "COMPLETE" and t.value is not None]
     if not complete:
         return None
-    return (min if direction == "minimize" else max)(complete, key=lambda t: (t.value, t.number) if direction == "minimize" else (t.value, -t.number))
+    return (min if direction == "minimize" else max)(
+        complete, key=lambda t: (t.value, t.number) if direction == "minimize" else (t.value, -t.number))
 
 
 def root_config(path: str | Path) -> Path:
@@ -131,7 +134,7 @@ def make_plots(study, out_dir: Path) -> dict[str, Path]:
     import cxrtrack.training.plots  # noqa: F401 - selects the Agg backend before pyplot is imported
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = {
+    plots: dict[str, Callable[[Any], Any]] = {
         "optimization_history.png": ovm.plot_optimization_history,
         "param_importances.png": ovm.plot_param_importances,
         "parallel_coordinate.png": ovm.plot_parallel_coordinate,

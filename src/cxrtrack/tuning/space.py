@@ -52,8 +52,15 @@ class Param:
     def _encoded(self) -> list[Any]:
         return [json.dumps(c) if isinstance(c, (list, dict)) else c for c in self.choices]
 
+    def bounds(self) -> tuple[float, float]:
+        """(low, high) of a numeric parameter; a categorical one has none."""
+        if self.low is None or self.high is None:
+            raise ValueError(f"parameter '{self.key}' ({self.kind}) has no range")
+        return self.low, self.high
+
     def decode(self, value: Any) -> Any:
-        if self.kind == "categorical" and isinstance(value, str) and any(isinstance(c, (list, dict)) for c in self.choices):
+        if (self.kind == "categorical" and isinstance(value, str)
+                and any(isinstance(c, (list, dict)) for c in self.choices)):
             for choice, encoded in zip(self.choices, self._encoded(), strict=True):
                 if encoded == value:
                     return choice
@@ -63,23 +70,25 @@ class Param:
         """The value Optuna's sampler draws for this trial (decoded to the config's type)."""
         if self.kind == "categorical":
             return self.decode(trial.suggest_categorical(self.key, self._encoded()))
+        low, high = self.bounds()
         if self.kind == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
-        return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
+            return trial.suggest_int(self.key, int(low), int(high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, low, high, step=self.step, log=self.log)
 
     def grid_values(self) -> list[Any]:
         if self.kind == "categorical":
             return self._encoded()
         if self.log:
-            raise ConfigError(f"Parameter '{self.key}' is log-scaled ({self.source}); a grid search needs a list of values "
-                              f"for it, e.g. values: [0.0001, 0.001, 0.01].")
+            raise ConfigError(f"Parameter '{self.key}' is log-scaled ({self.source}); a grid search needs a list of "
+                              f"values for it, e.g. values: [0.0001, 0.001, 0.01].")
+        low, high = self.bounds()
         if self.kind == "int":
-            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+            return list(range(int(low), int(high) + 1, int(self.step or 1)))
         if self.step is None:
-            raise ConfigError(f"Parameter '{self.key}' is continuous ({self.source}); a grid search needs a list of values "
-                              f"for it, or a step (q for W&B's q_uniform).")
-        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
-        return [round(self.low + i * self.step, 12) for i in range(n + 1)]
+            raise ConfigError(f"Parameter '{self.key}' is continuous ({self.source}); a grid search needs a list of "
+                              f"values for it, or a step (q for W&B's q_uniform).")
+        n = int(math.floor((high - low) / self.step + 1e-9))
+        return [round(low + i * self.step, 12) for i in range(n + 1)]
 
     def describe(self) -> str:
         if self.kind == "categorical":
@@ -95,7 +104,8 @@ class Param:
         numeric range is an interval)."""
         if self.kind == "categorical":
             return list(self.choices)
-        if not self.log and (self.kind == "int" or self.step) and (self.high - self.low) / (self.step or 1) < most:
+        low, high = self.bounds()
+        if not self.log and (self.kind == "int" or self.step) and (high - low) / (self.step or 1) < most:
             return self.grid_values()
         return self.extremes()
 
@@ -104,7 +114,7 @@ class Param:
         if self.kind == "categorical":
             return list(self.choices)
         cast = int if self.kind == "int" else float
-        return [cast(self.low), cast(self.high)]
+        return [cast(bound) for bound in self.bounds()]
 
 
 @dataclass
@@ -191,7 +201,8 @@ def check_spec(spec: StudySpec, base: BaseConfig) -> None:
             f"Choose one of {', '.join(METRIC_DIRECTIONS)}.{suggest_key(spec.metric, METRIC_DIRECTIONS)}")
     if spec.direction != METRIC_DIRECTIONS[spec.metric]:
         raise ConfigError(
-            f"{where}: {spec.metric} is better when it is {'lower' if METRIC_DIRECTIONS[spec.metric] == 'minimize' else 'higher'}: "
+            f"{where}: {spec.metric} is better when it is "
+            f"{'lower' if METRIC_DIRECTIONS[spec.metric] == 'minimize' else 'higher'}: "
             f"set the direction (goal) to {METRIC_DIRECTIONS[spec.metric]}, not {spec.direction}.")
     if not spec.params:
         raise ConfigError(f"{where}: no parameter is searched; add at least one under the parameters.")
@@ -218,11 +229,11 @@ def check_spec(spec: StudySpec, base: BaseConfig) -> None:
     for p in spec.params:
         if p.kind in ("float", "int"):
             if p.low is None or p.high is None or not p.low < p.high:
-                raise ConfigError(f"{where}: parameter '{p.key}' ({p.source}) needs a lower bound below its upper bound; "
-                                  f"got {p.low!r} and {p.high!r}.")
+                raise ConfigError(f"{where}: parameter '{p.key}' ({p.source}) needs a lower bound below its upper "
+                                  f"bound; got {p.low!r} and {p.high!r}.")
             if p.log and p.low <= 0:
-                raise ConfigError(f"{where}: parameter '{p.key}' is log-scaled ({p.source}), so its lower bound must be "
-                                  f"above 0, not {p.low!r}.")
+                raise ConfigError(f"{where}: parameter '{p.key}' is log-scaled ({p.source}), so its lower bound must "
+                                  f"be above 0, not {p.low!r}.")
             if p.step is not None and (p.step <= 0 or p.step > p.high - p.low):
                 raise ConfigError(f"{where}: parameter '{p.key}' has step {p.step!r}; it must be above 0 and at most "
                                   f"the range {p.high - p.low!r}.")
@@ -257,9 +268,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Search space file {path} does not exist: pass SPACE=<file> (the shipped ones are "
                           f"configs/mlflow/hyperparameters.yaml and configs/wandb/sweep.yaml).") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Search space file {path} is not valid YAML ({exc}). Fix the syntax and run again.") from None
+        raise ConfigError(f"Search space file {path} is not valid YAML ({exc}). "
+                          "Fix the syntax and run again.") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"Search space file {path} must hold a mapping at the top level (method, metric, parameters).")
+        raise ConfigError(f"Search space file {path} must hold a mapping at the top level "
+                          "(method, metric, parameters).")
     return data
 
 
@@ -287,8 +300,9 @@ def parse_param(key: str, raw: Any, where: str) -> Param | tuple[str, Any]:
         return ("fixed", raw)
     if raw and not any(k in PARAM_KEYS for k in raw):
         first = next(iter(raw))
-        raise ConfigError(f"{where}: parameter '{key}' is a section ({', '.join(map(str, raw))}); name each searched key "
-                          f"in full instead, e.g. {key}.{first}: [...] (dotted keys of configs/default.yaml).")
+        raise ConfigError(f"{where}: parameter '{key}' is a section ({', '.join(map(str, raw))}); "
+                          f"name each searched key in full instead, e.g. {key}.{first}: [...] "
+                          f"(dotted keys of configs/default.yaml).")
     for k in raw:
         if k not in PARAM_KEYS:
             raise _unknown(where, f"in parameter '{key}'", k, PARAM_KEYS)
@@ -313,7 +327,8 @@ def parse_param(key: str, raw: Any, where: str) -> Param | tuple[str, Any]:
     if dist.startswith("int"):
         for name, value in (("low", low), ("high", high), ("step", step)):
             if value is not None and value != int(value):
-                raise ConfigError(f"{where}: parameter '{key}' is an integer ({dist}): its {name} must be a whole number, not {value!r}.")
+                raise ConfigError(f"{where}: parameter '{key}' is an integer ({dist}): its {name} must be a whole "
+                                  f"number, not {value!r}.")
         return Param(key, "int", low=int(low), high=int(high), log=dist == "int_log_uniform",
                      step=int(step) if step else None, source=dist)
     if dist == "log_uniform" and step is not None:
@@ -330,7 +345,8 @@ def parse_space(data: dict[str, Any], path: str = "") -> StudySpec:
             raise _unknown(where, "at the top level", key, TOP_KEYS)
     method = str(data.get("method", "tpe"))
     if method not in METHODS:
-        raise ConfigError(f"{where}: method '{method}' is not one of {', '.join(METHODS)}.{suggest_key(method, METHODS)}")
+        raise ConfigError(f"{where}: method '{method}' is not one of {', '.join(METHODS)}."
+                          f"{suggest_key(method, METHODS)}")
     metric = str(data.get("metric", "val/loss"))
     direction = str(data.get("direction", METRIC_DIRECTIONS.get(metric, "minimize")))
     if direction not in ("minimize", "maximize"):
@@ -365,7 +381,8 @@ def _parse_pruner(raw: Any, where: str) -> PrunerSpec:
             raise _unknown(where, "in pruner", key, PRUNER_KEYS)
     kind = str(raw.get("type", "none"))
     if kind not in PRUNERS:
-        raise ConfigError(f"{where}: pruner type '{kind}' is not one of {', '.join(PRUNERS)}.{suggest_key(kind, PRUNERS)}")
+        raise ConfigError(f"{where}: pruner type '{kind}' is not one of {', '.join(PRUNERS)}."
+                          f"{suggest_key(kind, PRUNERS)}")
     spec = PrunerSpec(type=kind)
     for key in PRUNER_KEYS[1:]:
         if key in raw:

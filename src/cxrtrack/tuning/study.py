@@ -102,13 +102,14 @@ def tune(space: str | Path, base: BaseConfig, tracker: str = "mlflow", *, study:
     out_dir = Path(cfg["output_dir"]) / "tune" / launch.study
     out_dir.mkdir(parents=True, exist_ok=True)
     to_run = max(0, launch.budget - before.claimed) + before.waiting
-    log.info("Study '%s' (%s, %s sampler, metric %s %s, pruner %s) in %s: %s; budget %d trials, %d to run with %d worker%s.",
+    log.info("Study '%s' (%s, %s sampler, metric %s %s, pruner %s) in %s: %s; "
+             "budget %d trials, %d to run with %d worker%s.",
              launch.study, "new" if created else "resumed", sampler_name(spec), spec.metric, spec.direction,
              spec.pruner.type,
              safe_url(storage), _describe(before), launch.budget, to_run, workers, "s" if workers > 1 else "")
     parent = _open_parent(study_obj, launch, created, cfg, space) if "mlflow" in names else None
     if parent is not None:
-        launch.parents = {"mlflow": parent.trackers[0].run_id}
+        launch.parents = {"mlflow": parent.trackers[0].run_ref()["run_id"]}
     cache = None
     status = FINISHED
     started = datetime.now()
@@ -183,9 +184,9 @@ def _open_parent(study, launch: Launch, created: bool, cfg: dict[str, Any], spac
                                f"for the best {spec.metric}; one nested run per trial.")
     group.start_run(info)
     if parent_id is None:
-        study.set_user_attr("mlflow_parent_run_id", group.trackers[0].run_id)
+        study.set_user_attr("mlflow_parent_run_id", group.trackers[0].run_ref()["run_id"])
     group.log_artifact(Path(space), "study")
-    log.info("MLflow parent run %s%s.", group.trackers[0].run_id, " (reopened)" if parent_id else "")
+    log.info("MLflow parent run %s%s.", group.trackers[0].run_ref()["run_id"], " (reopened)" if parent_id else "")
     return group
 
 
@@ -208,15 +209,15 @@ def _finish(study, launch: Launch, parent: TrackerGroup | None, names: list[str]
         files["study/best_config.yaml"] = result.best_config
     if status == FINISHED:
         result.plots = report.make_plots(study, out_dir / "plots")
-    summary = {"trials_complete": t.complete, "trials_pruned": t.pruned, "trials_failed": t.failed,
-               "trials_interrupted": t.interrupted}
+    summary: dict[str, float] = {"trials_complete": t.complete, "trials_pruned": t.pruned,
+                                 "trials_failed": t.failed, "trials_interrupted": t.interrupted}
     if best is not None:
         summary.update(best_value=float(best.value), best_trial=best.number)
     if result.stats.get("overhead_median") is not None:
         summary["overhead_median"] = result.stats["overhead_median"]
     best_tags = {f"best.{k}": str(v) for k, v in (result.best or {}).get("values", {}).items()}
     if parent is not None:
-        result.parent_run_id = parent.trackers[0].run_id
+        result.parent_run_id = parent.trackers[0].run_ref()["run_id"]
         result.parent_where = parent.describe()
         _log_study(parent, rows, result, files, summary, best_tags, launch)
         if status == FINISHED and best is not None and cfg["tracking"]["log_model"] \
@@ -258,7 +259,8 @@ def _log_best_model(group: TrackerGroup, best, launch: Launch, cfg: dict[str, An
                     "(it is an artifact of the trial's run).", checkpoint)
         return
     model, ckpt = load_checkpoint(checkpoint)
-    epoch = ckpt.get("epoch", (ckpt.get("cv") or {}).get("chosen_epoch"))  # a CV trial's checkpoint is its fold ensemble
+    # a CV trial's checkpoint is its fold ensemble
+    epoch = ckpt.get("epoch", (ckpt.get("cv") or {}).get("chosen_epoch"))
     data_cfg = ckpt["config"]["data"]
     data = (cache or DataCache()).get(data_cfg, ckpt["config"]["seed"])
     loader = data.loaders(2, 0, 0)["val"]  # an input example only: shapes and values the model takes
@@ -266,7 +268,8 @@ def _log_best_model(group: TrackerGroup, best, launch: Launch, cfg: dict[str, An
     metadata = registry.model_metadata(
         cfg, {"study": launch.study, "trial": best.number, "image_size": data.image_size,
               launch.spec.metric: float(best.value), **({"best_epoch": epoch} if epoch is not None else {})},
-        source=data.source, fingerprint=data.fingerprint, run_name=ckpt.get("run_name") or Path(checkpoint).parents[1].name,
+        source=data.source, fingerprint=data.fingerprint,
+        run_name=ckpt.get("run_name") or Path(checkpoint).parents[1].name,
         git_commit=git_info().get("git_commit", "unknown"), test_metrics={})
     errors = sum(group.errors.values())
     group.log_model(model, Path(checkpoint), example, metadata)
@@ -276,7 +279,8 @@ def _log_best_model(group: TrackerGroup, best, launch: Launch, cfg: dict[str, An
                     best.number)
         return
     log.info("%s the best trial's model (trial %d, %s = %.4f)%s.", "Registered" if plan["register"] else "Logged",
-             best.number, launch.spec.metric, best.value, "" if plan["register"] else f", not registered: {plan['reason']}")
+             best.number, launch.spec.metric, best.value,
+             "" if plan["register"] else f", not registered: {plan['reason']}")
 
 
 def _wandb_summary(rows, result: TuneResult, files, summary, best_tags, launch: Launch, cfg, best, cache) -> str | None:
@@ -301,26 +305,30 @@ def print_result(result: TuneResult, tracker: str, local_sweep: bool) -> None:
     lines = ["", f"Study '{result.study}' {'interrupted' if result.status == KILLED else result.status.lower()}: "
              f"{_describe(t)} (budget {result.budget}). Optuna storage: {safe_url(result.storage)}"]
     if local_sweep:
-        lines.append("This was a LOCAL sweep run by Optuna on this machine, not a W&B-server sweep: its trials are offline "
-                     f"W&B runs grouped as '{result.study}' (upload them with `make wandb-sync`).")
+        lines.append("This was a LOCAL sweep run by Optuna on this machine, not a W&B-server sweep: its trials are "
+                     f"offline W&B runs grouped as '{result.study}' (upload them with `make wandb-sync`).")
     if result.best:
         values = ", ".join(f"{k}={v}" for k, v in result.best["values"].items())
         lines.append(f"Best trial {result.best['trial']}: {result.metric} = {result.best['value']:.4f} with {values}")
     if result.stats.get("overhead_median") is not None:
         tpm = result.stats.get("trials_per_minute")
-        lines.append(f"Per-trial overhead (trial wall time / training loop): median {result.stats['overhead_median']:.3f} "
-                     f"over {result.stats['trials_measured']} trials" + (f"; {tpm:.2f} trials/minute this session" if tpm else ""))
+        lines.append("Per-trial overhead (trial wall time / training loop): "
+                     f"median {result.stats['overhead_median']:.3f} over {result.stats['trials_measured']} trials"
+                     + (f"; {tpm:.2f} trials/minute this session" if tpm else ""))
     lines.append(f"Trials table, plots and best config: {result.out_dir}")
     if result.parent_run_id:
-        lines.append(f"The study's MLflow parent run (every trial nested under it): {result.parent_where or result.parent_run_id}")
+        lines.append("The study's MLflow parent run (every trial nested under it): "
+                     f"{result.parent_where or result.parent_run_id}")
     if result.summary_run_dir:
         lines.append(f"W&B summary run: {result.summary_run_dir}")
     if result.status == KILLED:
-        lines.append("Interrupted: the current trial is marked KILLED and queued again. Rerun the same command to resume.")
+        lines.append("Interrupted: the current trial is marked KILLED and queued again. "
+                     "Rerun the same command to resume.")
     if result.best_config:
         where = report._rel(result.best_config)
-        lines += ["", f"Best config: {where}", "Train it in full (evaluated on the test split; registered if the data is real, as tracking.register: auto "
-                  "decides):",
+        lines += ["", f"Best config: {where}",
+                  "Train it in full (evaluated on the test split; registered if the data is real, as "
+                  "tracking.register: auto decides):",
                   f"  make train-custom CONFIG={where} TRACKER={tracker}",
                   f"  .venv/bin/python scripts/train.py --config {where} --tracker {tracker}"]
     print("\n".join(lines), flush=True)

@@ -47,7 +47,8 @@ DISTRIBUTIONS = {
     "normal": ("mu", "sigma"), "q_normal": ("mu", "sigma", "q"), "log_normal": ("mu", "sigma"),
     "q_log_normal": ("mu", "sigma", "q"), "beta": ("a", "b"), "q_beta": ("a", "b", "q"),
 }
-PARAM_KEYS = ("distribution", "values", "value", "probabilities", "min", "max", "q", "mu", "sigma", "a", "b", "parameters")
+PARAM_KEYS = ("distribution", "values", "value", "probabilities", "min", "max", "q", "mu", "sigma", "a", "b",
+              "parameters")
 # Valid W&B, but Optuna's samplers draw from bounded uniform / log-uniform ranges or lists only.
 UNSUPPORTED_LOCALLY = {
     "categorical_w_probabilities": "Optuna's samplers have no weighted choices; drop 'probabilities'",
@@ -102,7 +103,8 @@ def _params(raw: Any, where: str, prefix: str = "") -> tuple[list[Param], dict[s
         if "parameters" in spec:  # a nested section: its parameters are sub-keys
             if len(spec) > 1:
                 raise _error(where, f"parameter '{key}' has 'parameters' (a nested section) beside other keys "
-                                    f"({', '.join(k for k in spec if k != 'parameters')}); W&B allows only 'parameters' there.")
+                                    f"({', '.join(k for k in spec if k != 'parameters')}); "
+                                    "W&B allows only 'parameters' there.")
             sub_params, sub_fixed = _params(spec["parameters"], where, key + ".")
             params += sub_params
             fixed.update(sub_fixed)
@@ -131,8 +133,8 @@ def _params(raw: Any, where: str, prefix: str = "") -> tuple[list[Param], dict[s
             if k not in spec and dist not in ("normal", "log_normal", "q_normal", "q_log_normal", "beta", "q_beta"):
                 raise _error(where, f"parameter '{key}' ({dist}) needs '{k}'.")
         if dist in UNSUPPORTED_LOCALLY:
-            raise _error(where, f"parameter '{key}' uses {dist}, which W&B's server accepts but the local (Optuna) sweep "
-                                f"cannot run: {UNSUPPORTED_LOCALLY[dist]}.")
+            raise _error(where, f"parameter '{key}' uses {dist}, which W&B's server accepts but the local (Optuna) "
+                                f"sweep cannot run: {UNSUPPORTED_LOCALLY[dist]}.")
         if dist == "constant":
             fixed[key] = spec["value"]
             continue
@@ -161,7 +163,8 @@ def _params(raw: Any, where: str, prefix: str = "") -> tuple[list[Param], dict[s
             if isinstance(q, int) and isinstance(low, int) and isinstance(high, int):
                 params.append(Param(key, "int", low=first * q, high=last * q, step=q, source=dist))
             else:
-                params.append(Param(key, "float", low=round(first * q, 12), high=round(last * q, 12), step=q, source=dist))
+                params.append(Param(key, "float", low=round(first * q, 12), high=round(last * q, 12), step=q,
+                                    source=dist))
         else:  # the log-uniform family: all are log-uniform over a range of values
             if dist == "log_uniform":  # min and max are natural-log exponents
                 low, high = math.exp(low), math.exp(high)
@@ -187,18 +190,21 @@ def parse_sweep(data: dict[str, Any], path: str = "") -> StudySpec:
     if method == "custom" or "metrics" in data:
         raise _error(where, "multi-objective sweeps (method: custom, metrics:) cannot run locally; use one 'metric'.")
     if method not in METHODS:
-        raise _error(where, f"method '{method}' is not one W&B defines (grid, random, bayes).{suggest_key(method, METHODS)}")
+        raise _error(where, f"method '{method}' is not one W&B defines (grid, random, bayes)."
+                            f"{suggest_key(method, METHODS)}")
     metric = data.get("metric")
     if not isinstance(metric, dict) or "name" not in metric:
         raise _error(where, "a local sweep needs the metric to pick the best trial: add metric: {name: val/loss, "
                             "goal: minimize} (or val/acc, val/f1_macro with goal: maximize).")
     for key in metric:
         if key not in METRIC_KEYS:
-            raise _error(where, f"unknown key '{key}' in metric.{suggest_key(key, METRIC_KEYS)} W&B knows: {', '.join(METRIC_KEYS)}.")
+            raise _error(where, f"unknown key '{key}' in metric.{suggest_key(key, METRIC_KEYS)} "
+                                f"W&B knows: {', '.join(METRIC_KEYS)}.")
     goal = metric.get("goal", "minimize")
     if goal not in ("minimize", "maximize"):
         raise _error(where, f"metric goal must be minimize or maximize, not '{goal}'.")
-    notes = [f"'{k}' is for W&B's own agents and controller; the local sweep does not use it" for k in NOT_USED_LOCALLY if k in data]
+    notes = [f"'{k}' is for W&B's own agents and controller; the local sweep does not use it"
+             for k in NOT_USED_LOCALLY if k in data]
     for key in ("impute", "impute_while_running"):
         if key in metric:
             notes.append(f"metric.{key} has no Optuna equivalent (a failed trial is simply not modelled)")
@@ -225,7 +231,8 @@ def _hyperband(raw: Any, where: str, notes: list[str]) -> PrunerSpec:
             raise _error(where, f"unknown key '{key}' in early_terminate.{suggest_key(key, HYPERBAND_KEYS)} "
                                 f"W&B knows: {', '.join(HYPERBAND_KEYS)}.")
     if raw.get("type") != "hyperband":
-        raise _error(where, f"early_terminate type must be hyperband (the only one W&B defines), not {raw.get('type')!r}.")
+        raise _error(where, "early_terminate type must be hyperband (the only one W&B defines), "
+                            f"not {raw.get('type')!r}.")
     eta = raw.get("eta", 3)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta <= 1:
         raise _error(where, f"early_terminate eta must be a number above 1, not {eta!r}.")
@@ -235,7 +242,8 @@ def _hyperband(raw: Any, where: str, notes: list[str]) -> PrunerSpec:
             raise _error(where, f"early_terminate min_iter must be a whole number >= 1, not {min_iter!r}.")
     elif "max_iter" in raw and "s" in raw:  # W&B: brackets at max_iter / eta^k, k = 1..s
         max_iter, s = raw["max_iter"], raw["s"]
-        if not isinstance(max_iter, int) or max_iter < 1 or isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0:
+        if (not isinstance(max_iter, int) or max_iter < 1
+                or isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0):
             raise _error(where, f"early_terminate needs a whole max_iter >= 1 and s >= 0; got {max_iter!r}, {s!r}.")
         min_iter = max(1, int(max_iter / eta ** s))
     else:
@@ -243,7 +251,8 @@ def _hyperband(raw: Any, where: str, notes: list[str]) -> PrunerSpec:
     if "strict" in raw:
         notes.append("early_terminate.strict has no Optuna equivalent; HyperbandPruner's rule is used")
     if eta != int(eta):
-        notes.append(f"early_terminate eta {eta} is rounded to {int(round(eta))} (Optuna's reduction_factor is an integer)")
+        notes.append(f"early_terminate eta {eta} is rounded to {int(round(eta))} "
+                     "(Optuna's reduction_factor is an integer)")
     return PrunerSpec(type="hyperband", min_epochs=int(min_iter), reduction_factor=max(2, int(round(eta))))
 
 

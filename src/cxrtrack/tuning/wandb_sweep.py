@@ -81,9 +81,9 @@ def online_requested(base: BaseConfig, engine: str, sweep_id: str | None) -> boo
     mode = resolve_mode(base.load()["tracking"]["wandb"].get("mode", "auto"))
     if engine == "wandb" or sweep_id:
         if mode != "online":
-            raise ConfigError("A W&B-server sweep needs W&B online: an API key (`.venv/bin/wandb login` or WANDB_API_KEY) "
-                              "and no WANDB_MODE=offline. Without them, run the sweep locally: drop --engine wandb / "
-                              "SWEEP_ID= (the default runs it with Optuna).")
+            raise ConfigError("A W&B-server sweep needs W&B online: an API key (`.venv/bin/wandb login` or "
+                              "WANDB_API_KEY) and no WANDB_MODE=offline. Without them, run the sweep locally: "
+                              "drop --engine wandb / SWEEP_ID= (the default runs it with Optuna).")
         return True
     return mode == "online"
 
@@ -128,8 +128,9 @@ def tune_online(space: str | Path, base: BaseConfig, *, sweep_id: str | None, tr
         raise
     except Exception as exc:  # noqa: BLE001 - the server refused or could not be reached
         if required:
-            raise CXRError(f"The W&B server did not accept the sweep ({type(exc).__name__}: {str(exc)[:300]}). Check the "
-                           f"network and `wandb login`, or run the sweep locally without --engine wandb.") from None
+            raise CXRError(f"The W&B server did not accept the sweep ({type(exc).__name__}: {str(exc)[:300]}). "
+                           f"Check the network and `wandb login`, "
+                           f"or run the sweep locally without --engine wandb.") from None
         log.warning("W&B server sweep unavailable (%s: %s): running the sweep locally with Optuna instead.",
                     type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         return False
