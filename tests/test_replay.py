@@ -264,3 +264,16 @@ def test_same_store_ignores_credentials_case_and_a_trailing_slash(tmp_path, monk
     assert mine.for_spool("http://host:5000/") == "http://host:5000" and mine.for_spool("http://evil:1") is None
     assert Destination("http://host:5000", to_recorded=True).for_spool("http://other:1") == "http://other:1"
     assert Destination("http://new:5000", override=True).for_spool("http://old:5000") == "http://new:5000"
+
+
+def test_spools_of_folds_seeds_and_tuning_trials_are_found(tmp_path):
+    """`make mlflow-train` is a cross-validation: an outage during it spools inside outputs/<cv>/folds/<fold>/, and
+    a tuning trial's inside outputs/tune/<study>/<trial>/. `make replay` looked one level down only."""
+    from cxrtrack.tracking.replay import find_spools
+
+    runs = ["run", "cv/folds/cv-fold1", "st/seeds/st-seed42", "st/seeds/st-seed43/folds/st-seed43-fold2",
+            "tune/study/trial-000", "tune/study/trial-001/folds/trial-001-fold1"]
+    for run in runs:
+        (tmp_path / run / "spool" / "mlflow").mkdir(parents=True)
+        (tmp_path / run / "spool" / "mlflow" / "spool.json").write_text("{}")
+    assert find_spools(tmp_path) == sorted(tmp_path / run / "spool" / "mlflow" for run in runs)

@@ -21,6 +21,7 @@ from cxrtrack import signals
 from cxrtrack.errors import CXRError
 from cxrtrack.provenance import RedactingFilter, redact
 
+EXIT_USER_ERROR = 2  # bad input: a one-paragraph error naming the fix, nothing was done
 EXIT_RUN_FAILED = 1  # the run failed, or a tracker does not hold all of it (the last line says what is missing)
 EXIT_INTERRUPTED = 130  # Ctrl-C; SIGTERM exits with 143 (128 + the signal number)
 

@@ -151,13 +151,18 @@ def replay_spool(root: Path, tracking_uri: str | Destination | None = None) -> R
             return result
         recorded = meta["ref"].get("tracking_uri")
         recorded = result.recorded = recorded if isinstance(recorded, str) and recorded else None
-        uri = tracking_uri.for_spool(recorded) if isinstance(tracking_uri, Destination) else tracking_uri or recorded
-        if uri is None:
-            result.refused = "store"
-            result.error = (f"it records the store {redact(str(recorded))}, not the configured one "
-                            f"({redact(tracking_uri.configured)}, named by {tracking_uri.source})")
-            result.status = f"not sent: {result.error}; the spool stays as it is"
-            return result
+        if isinstance(tracking_uri, Destination):
+            uri = tracking_uri.for_spool(recorded)
+            if uri is None:
+                result.refused = "store"
+                result.error = (f"it records the store {redact(str(recorded))}, not the configured one "
+                                f"({redact(tracking_uri.configured)}, named by {tracking_uri.source})")
+                result.status = f"not sent: {result.error}; the spool stays as it is"
+                return result
+        else:
+            uri = tracking_uri or recorded
+            if uri is None:
+                raise SpoolRefused(f"{spool.meta_file} names no store, and none was given")
         with spool.lock(timeout=0):
             pending = spool.pending()  # again, under the lock
             for record in pending:  # every file it names inside its folder, before any store is called
@@ -202,9 +207,15 @@ def replay_spool(root: Path, tracking_uri: str | Destination | None = None) -> R
     return result
 
 
+# Where runs keep their folders below outputs/: a run, a CV's folds or a seed study's seeds (and a seed study of
+# CVs), a tuning study's trials (and a CV trial's folds). A spool is <run folder>/spool/<backend>/spool.json.
+RUN_FOLDERS = ("*", "*/folds/*", "*/seeds/*", "*/seeds/*/folds/*", "tune/*/*", "tune/*/*/folds/*")
+
+
 def find_spools(outputs: Path) -> list[Path]:
-    """Every spool folder under ``outputs`` (``<run>/spool/<backend>/spool.json``)."""
-    return sorted(p.parent for p in Path(outputs).glob("*/spool/*/spool.json"))
+    """Every spool folder under ``outputs``, at every depth a run folder can be (:data:`RUN_FOLDERS`)."""
+    found = {p.parent for pattern in RUN_FOLDERS for p in Path(outputs).glob(f"{pattern}/spool/*/spool.json")}
+    return sorted(found)
 
 
 @dataclass
