@@ -158,3 +158,39 @@ def test_every_way_into_the_ui_lands_in_model_training_mode(ui_server):
             assert "Judges" in _sidebar(direct)
         finally:
             browser.close()
+
+
+def test_the_ui_page_gets_the_seed_and_everything_else_passes_untouched():
+    import asyncio
+
+    from cxrtrack.tracking.mlflow_ui_app import SEED_SCRIPT, ModelTrainingByDefault, seed_model_training
+
+    page = b'<!doctype html><html lang="en"><head><meta charset="utf-8"/></head><body></body></html>'
+    seen: list[dict] = []
+
+    async def mlflow_app(scope, receive, send):  # stands in for MLflow's app: the page in two chunks, with an etag
+        seen.append(scope)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/html; charset=utf-8"), (b"etag", b'"x"'),
+                                (b"content-length", str(len(page)).encode())]})
+        await send({"type": "http.response.body", "body": page[:20], "more_body": True})
+        await send({"type": "http.response.body", "body": page[20:]})
+
+    def get(method: str, path: str) -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "headers": [(b"if-none-match", b'"x"')]}
+        asyncio.run(ModelTrainingByDefault(mlflow_app)(scope, None, send))
+        return sent
+
+    start, body = get("GET", "/")
+    assert body["body"] == seed_model_training(page) and body["body"].index(SEED_SCRIPT.encode()) == len(b'<!doctype html><html lang="en"><head>')
+    headers = dict(start["headers"])
+    assert headers[b"content-length"] == str(len(body["body"])).encode() and b"etag" not in headers
+    assert seen[-1]["headers"] == []  # no 304 for a copy cached without the script
+    assert b"".join(m.get("body", b"") for m in get("GET", "/ajax-api/2.0/mlflow/runs/search")) == page
+    assert b"".join(m.get("body", b"") for m in get("POST", "/")) == page
+    assert seed_model_training(b"no head here") == b"no head here"
