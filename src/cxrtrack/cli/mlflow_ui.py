@@ -62,10 +62,17 @@ def main() -> int:
         if latest:
             print(f"Latest run {latest[2]}: {run_url(args.uri, latest[0], latest[1], port)}\n"
                   f"Its experiment's train/val curves: {curves_url(args.uri, latest[0], port)}")
-    print(f"MLflow UI: http://127.0.0.1:{port}  (store: {args.uri}; Ctrl-C to stop)", flush=True)
+    from cxrtrack.tracking.mlflow_ui_app import APP_NAME, installed
+
+    app = ["--app-name", APP_NAME] if installed() else []
+    if not app:  # an install from before the app existed: MLflow's own app, whose UI defaults to GenAI
+        print("note: this install does not register the cxrtrack-ui app (run make install again); the UI may open in "
+              "GenAI mode: switch it to 'Model training' at the top left once, the browser remembers it.")
+    mode = "; opens in Model-training mode" if app else ""
+    print(f"MLflow UI: http://127.0.0.1:{port}  (store: {args.uri}{mode}; Ctrl-C to stop)", flush=True)
     mlflow_exe = Path(sys.executable).with_name("mlflow")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     command = [str(mlflow_exe) if mlflow_exe.exists() else "mlflow", "ui", "--backend-store-uri", args.uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *app]
     os.execv(command[0], command) if mlflow_exe.exists() else os.execvp(command[0], command)
     return 0

@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 PING_TIMEOUT = 3.0  # seconds: a server that does not answer /health in this time is reported at once
 # Tags that identify the process that owns a run: a run left RUNNING by a process that is gone was killed.
 HOST_TAG, PID_TAG, START_TAG = "cxrtrack.host", "cxrtrack.pid", "cxrtrack.process_start"
-# MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, prompts); "custom_model_development"
-# (the value its own "experiment type" switch writes) opens it on the runs table and the training charts.
+# The experiment's kind as MLflow's own "experiment type" setting writes it. MLflow 3.17's UI no longer chooses its
+# GenAI / Model-training mode from it (a per-browser setting does: see cxrtrack/tracking/mlflow_ui_app.py); kept for the
+# MLflow versions and tools that read it.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 UI_PORT = 5000  # `make mlflow-ui` (PORT=... to change)
 # The experiment's Chart view opened on train and val of each quantity overlaid in one chart: MLflow's own "shared
@@ -80,9 +81,9 @@ EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
 def run_url(tracking_uri: str, experiment_id: str | None, run_id: str | None, port: int = UI_PORT) -> str:
     """The run page in the MLflow UI: the server itself for an http store, else `make mlflow-ui`'s address.
 
-    ``workflowType=machine_learning``: MLflow 3.17's UI keeps a global GenAI / Model-training switch (default GenAI)
-    that wins over the experiment's ``mlflow.experimentKind`` tag; this query parameter opens the page in Model
-    training mode (runs, metrics, models) whatever the switch says."""
+    ``workflowType=machine_learning``: MLflow 3.17's UI keeps a per-browser GenAI / Model-training setting (default
+    GenAI; ``make mlflow-ui`` seeds Model training, see mlflow_ui_app.py); this query parameter opens the page in
+    Model training mode (runs, metrics, models) in any browser, whatever the setting says."""
     base = tracking_uri.rstrip("/") if is_http(tracking_uri) else f"http://127.0.0.1:{port}"
     return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
