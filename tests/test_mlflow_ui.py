@@ -187,7 +187,8 @@ def test_the_ui_page_gets_the_seed_and_everything_else_passes_untouched():
         return sent
 
     start, body = get("GET", "/")
-    assert body["body"] == seed_model_training(page) and body["body"].index(SEED_SCRIPT.encode()) == len(b'<!doctype html><html lang="en"><head>')
+    assert body["body"] == seed_model_training(page)
+    assert body["body"].index(SEED_SCRIPT.encode()) == len(b'<!doctype html><html lang="en"><head>')
     headers = dict(start["headers"])
     assert headers[b"content-length"] == str(len(body["body"])).encode() and b"etag" not in headers
     assert seen[-1]["headers"] == []  # no 304 for a copy cached without the script

@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-WORKFLOW_KEY = "mlflow.workflowType_v1"  # useLocalStorage({key: "mlflow.workflowType", version: 1}) -> `${key}_v${version}`
+# MLflow's UI: useLocalStorage({key: "mlflow.workflowType", version: 1}) stores under `${key}_v${version}`
+WORKFLOW_KEY = "mlflow.workflowType_v1"
 MODEL_TRAINING = "machine_learning"
 APP_NAME = "cxrtrack-ui"
 SEED_SCRIPT = (f'<script>try{{if(window.localStorage.getItem("{WORKFLOW_KEY}")===null)'
@@ -27,7 +28,8 @@ SEED_SCRIPT = (f'<script>try{{if(window.localStorage.getItem("{WORKFLOW_KEY}")==
 
 
 def seed_model_training(html: bytes) -> bytes:
-    """The page with the script as the first element of <head> (before MLflow's deferred bundle); unchanged if no <head>."""
+    """The page with the script as the first element of <head> (before MLflow's deferred bundle); unchanged if no
+    <head>."""
     head = html.find(b"<head>")
     if head < 0:
         return html
