@@ -188,6 +188,7 @@ def test_hostile_dataset_entries_are_skipped_and_reported(tiny_cfg, tiny_data_ro
     Image.new("1", (20_000, 10_000)).save(normal / "zz_bigbomb.png")  # 200 Mpx: Pillow's own error
     (normal / "zz_big.jpeg").write_bytes(os.urandom(2 * 2**20))
     (normal / "zz_text.png").write_bytes(b"a text file renamed to .png\n" * 4)
+    Image.new("I;16", (5000, 5000)).save(normal / "zz_16bit.png")  # ~40 KB, 25 Mpx: under Pillow's limit (issue 14)
     expected = {
         "zz_fifo.png": "a named pipe (FIFO), not an image file",
         "zz_zero.png": "outside the dataset folder",
@@ -199,6 +200,7 @@ def test_hostile_dataset_entries_are_skipped_and_reported(tiny_cfg, tiny_data_ro
         "zz_bigbomb.png": "refused as a decompression bomb",
         "zz_big.jpeg": "2.0 MB, over the limit of data.max_file_mb=1",
         "zz_text.png": "not an image Pillow can identify",
+        "zz_16bit.png": "5000x5000 = 25,000,000 pixels is over the limit of 24,000,000 for data.image_size=64",
     }
     cfg = {**tiny_cfg["data"], "path": str(root), "max_file_mb": 1}
     data = _build_with_deadline(cfg)
