@@ -224,6 +224,27 @@ def test_truncated_image_reason_is_readable(tiny_cfg, tiny_data_root, tmp_path):
     assert skipped.reason.startswith("cannot decode it (") and "0x" not in skipped.reason, skipped.reason
 
 
+def test_a_file_name_with_a_newline_keeps_its_record_in_skipped_files_txt(tiny_cfg, tiny_data_root, tmp_path):
+    """Issue 14: "a\\nb.png" split its line of skipped_files.txt in two; every record is one line now, escaped."""
+    from cxrtrack.data.dataset import read_skipped_report, skipped_report
+
+    root = Path(shutil.copytree(tiny_data_root, tmp_path / "copy"))
+    normal = root / DATASET_DIRNAME / "train" / "Normal"
+    names = ["zz_new\nline.png", "zz_tab\tfake\treason.png", "zz_back\\slash.png", os.fsdecode(b"zz_caf\xe9.png")]
+    for name in names:
+        (normal / name).write_bytes(b"not an image")
+    data = build_data({**tiny_cfg["data"], "path": str(root)}, 0)
+    assert sorted(s.path.name for s in data.skipped) == sorted(names)
+    text = skipped_report(data.skipped)
+    text.encode("utf-8")  # a name that is not UTF-8 is written too (escaped)
+    lines = text.splitlines()
+    assert lines[0].startswith("# path<TAB>reason") and len(lines) == 1 + len(names), lines
+    assert all(line.count("\t") == 1 for line in lines[1:]), lines
+    assert any(line.endswith("/Normal/zz_new\\nline.png\tnot an image Pillow can identify (another format, or damaged)")
+               for line in lines), lines
+    assert read_skipped_report(text) == data.skipped
+
+
 @pytest.mark.slow
 def test_evaluate_writes_where_the_user_says_or_under_outputs_never_where_a_checkpoint_says(tiny_cfg, tmp_path):
     import torch

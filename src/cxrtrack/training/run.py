@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import torch
 from PIL import Image
 
-from cxrtrack.data.dataset import CXRData, DataCache
+from cxrtrack.data.dataset import CXRData, DataCache, skipped_report
 from cxrtrack.data.loading import build_loaders, example_batch
 from cxrtrack.data.transforms import denormalize
 from cxrtrack.errors import CXRError, RunFailedError
@@ -210,7 +210,7 @@ def _before_training(exp: _Experiment, tracker: TrackerGroup) -> None:
     if montage is not None:
         run.log_image(tracker, montage, name, caption="augmented training images as the model sees them")
     if data.skipped:
-        run.save("skipped_files.txt", "".join(f"{s.path}\t{s.reason}\n" for s in data.skipped), "data/skipped_files.txt")
+        run.save("skipped_files.txt", skipped_report(data.skipped), "data/skipped_files.txt")  # escaped: one line each
 
 
 def _evaluate(exp: _Experiment, fit: FitResult) -> tuple[TestReport, dict[str, Path]] | None:
