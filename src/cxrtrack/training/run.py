@@ -120,8 +120,9 @@ def run_experiment(
         _before_training(exp, tracker)
         with timed(run.timings, "fit_s"):
             fit = exp.trainer.fit()
-        if isinstance(fit.error, OSError):  # the checkpoint could not be written (a full disk)
-            run.files.lost_file("checkpoints/best.pt", fit.error)
+        if isinstance(fit.error, OSError) and fit.unsaved is not None:  # a checkpoint not written (a full disk)
+            path, epoch = fit.unsaved
+            run.files.lost_file(f"{path.relative_to(run.dir).as_posix()} of epoch {epoch}", fit.error)
         with timed(run.timings, "test_eval_s"):  # evaluation and files on disk: no tracker involved
             test = _evaluate(exp, fit)
         _publish(exp, tracker, fit, test)
@@ -156,7 +157,8 @@ def _prepare(cfg: dict[str, Any], data: CXRData | DataCache | None, device: torc
     }
     trainer = Trainer(model, loaders, cfg["training"], device, run.dir / "checkpoints" / "best.pt",
                       checkpoint_extra, build_criterion(cfg["training"], data.train.labels, device),
-                      callbacks=(_epoch_logger(tracker, run), *callbacks), recipe=Recipe(cfg, len(data.class_names)))
+                      callbacks=callbacks, recipe=Recipe(cfg, len(data.class_names)),
+                      loggers=(_epoch_logger(tracker, run),))  # the trackers get each epoch before any file of it
     if resume is not None:
         trainer.resume_from = resume.state
         for row in resume.state["history"]:  # logged before the interruption: the record holds the whole run
