@@ -90,6 +90,7 @@ BAD_CONFIG_FILES = {
     "non-text setting name": (EXTENDS + b"1: x\n", "Setting names in"),
     "invalid YAML": (EXTENDS + b"training: [unclosed\n", "is not valid YAML"),
     "extends a missing file": (b"extends: nowhere.yaml\n", "nowhere.yaml does not exist"),
+    "duplicated key": (EXTENDS + b"training:\n  lr: 0.001\n  epochs: 1\n  lr: 9.0\n", "sets 'lr' twice in one mapping (lines 3 and 5)"),
 }
 
 
