@@ -30,8 +30,26 @@ UNKNOWN_VARS := $(filter-out $(KNOWN_VARS),$(foreach v,$(.VARIABLES),$(if $(filt
 ifneq ($(strip $(UNKNOWN_VARS)),)
 $(error unknown variable $(UNKNOWN_VARS)$(foreach v,$(UNKNOWN_VARS),$(if $(filter $(v)%,$(KNOWN_VARS)), (did you mean $(firstword $(filter $(v)%,$(KNOWN_VARS)))?))). Nothing was run. Known variables: $(sort $(USER_VARS)) (see `make help`))
 endif
-uri          = $(if $(filter command line environment,$(origin MLFLOW_URI)),$(value MLFLOW_URI),$(MLFLOW_URI))
 shq          = '$(subst ','\'',$(1))'
+
+# A control character in a variable is refused before any recipe runs: make runs each line of an expanded
+# recipe as a command of its own, so a newline in RUN_NAME would start a new shell command whatever the
+# quoting. A newline is found by make itself; the other control characters (tab, carriage return, escape,
+# ...) by one shell call over the values the user set (make drops newlines from a $(shell) command).
+define newline
+
+
+endef
+USER_SET     := $(strip $(foreach v,$(KNOWN_VARS),$(if $(filter command line environment environment override,$(origin $(v))),$(v))))
+CONTROL_VARS := $(strip $(foreach v,$(USER_SET),$(if $(findstring $(newline),$(value $(v))),$(v))))
+ifeq ($(CONTROL_VARS)$(if $(USER_SET),,none),)
+CONTROL_VARS := $(shell export LC_ALL=C; $(foreach v,$(USER_SET),printf '%s' $(call shq,$(value $(v))) | grep -q '[[:cntrl:]]' && echo $(v);) true)
+endif
+ifneq ($(strip $(CONTROL_VARS)),)
+$(error $(strip $(CONTROL_VARS)): the value holds a control character (a newline, tab, carriage return, escape: any character below 0x20, or DEL). Nothing was run: make would run each line of a value as a command of its own, and no name, path or URI needs such a character. Give the value on one line without them)
+endif
+
+uri          = $(if $(filter command line environment,$(origin MLFLOW_URI)),$(value MLFLOW_URI),$(MLFLOW_URI))
 opt          = $(if $(value $(1)),$(2) $(call shq,$(value $(1))))
 
 # Optional flags shared by the training and evaluation targets. Honest model selection (docs/model-quality.md):

@@ -52,6 +52,19 @@ def test_invalid_yaml(tmp_path):
         load_config(bad)
 
 
+def test_a_key_set_twice_is_refused_not_silently_replaced(tmp_path):
+    """Issue 14: ``lr: 0.001`` then ``lr: 9.0`` trained at 9.0 without a word."""
+    bad = tmp_path / "twice.yaml"
+    bad.write_text(f"extends: {CONFIGS / 'default.yaml'}\ntraining:\n  lr: 0.001\n  epochs: 1\n  lr: 9.0\n")
+    with pytest.raises(ConfigError, match=r"sets 'lr' twice in one mapping \(lines 3 and 5\).*Keep the one you mean"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"--set tracking.tags sets 'team' twice in one mapping \(both on line 1\)"):
+        load_config(CONFIGS / "quick.yaml", ["tracking.tags={team: a, team: b}"])  # a flow mapping on one line too
+    merged = tmp_path / "merge.yaml"  # a << merge may be overridden: that is what it is for
+    merged.write_text(f"extends: {CONFIGS / 'default.yaml'}\ntraining:\n  <<: {{lr: 0.5}}\n  lr: 0.25\n")
+    assert load_config(merged)["training"]["lr"] == 0.25
+
+
 def test_flatten_roundtrip():
     nested = {"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}
     assert flatten(nested) == {"a.b": 1, "a.c.d": [1, 2], "e": None}

@@ -90,6 +90,7 @@ BAD_CONFIG_FILES = {
     "non-text setting name": (EXTENDS + b"1: x\n", "Setting names in"),
     "invalid YAML": (EXTENDS + b"training: [unclosed\n", "is not valid YAML"),
     "extends a missing file": (b"extends: nowhere.yaml\n", "nowhere.yaml does not exist"),
+    "duplicated key": (EXTENDS + b"training:\n  lr: 0.001\n  epochs: 1\n  lr: 9.0\n", "sets 'lr' twice in one mapping (lines 3 and 5)"),
 }
 
 
@@ -188,6 +189,7 @@ def test_hostile_dataset_entries_are_skipped_and_reported(tiny_cfg, tiny_data_ro
     Image.new("1", (20_000, 10_000)).save(normal / "zz_bigbomb.png")  # 200 Mpx: Pillow's own error
     (normal / "zz_big.jpeg").write_bytes(os.urandom(2 * 2**20))
     (normal / "zz_text.png").write_bytes(b"a text file renamed to .png\n" * 4)
+    Image.new("I;16", (5000, 5000)).save(normal / "zz_16bit.png")  # ~40 KB, 25 Mpx: under Pillow's limit (issue 14)
     expected = {
         "zz_fifo.png": "a named pipe (FIFO), not an image file",
         "zz_zero.png": "outside the dataset folder",
@@ -199,6 +201,7 @@ def test_hostile_dataset_entries_are_skipped_and_reported(tiny_cfg, tiny_data_ro
         "zz_bigbomb.png": "refused as a decompression bomb",
         "zz_big.jpeg": "2.0 MB, over the limit of data.max_file_mb=1",
         "zz_text.png": "not an image Pillow can identify",
+        "zz_16bit.png": "5000x5000 = 25,000,000 pixels is over the limit of 24,000,000 for data.image_size=64",
     }
     cfg = {**tiny_cfg["data"], "path": str(root), "max_file_mb": 1}
     data = _build_with_deadline(cfg)
@@ -220,6 +223,27 @@ def test_truncated_image_reason_is_readable(tiny_cfg, tiny_data_root, tmp_path):
     data = build_data({**tiny_cfg["data"], "path": str(root)}, 0)
     (skipped,) = data.skipped
     assert skipped.reason.startswith("cannot decode it (") and "0x" not in skipped.reason, skipped.reason
+
+
+def test_a_file_name_with_a_newline_keeps_its_record_in_skipped_files_txt(tiny_cfg, tiny_data_root, tmp_path):
+    """Issue 14: "a\\nb.png" split its line of skipped_files.txt in two; every record is one line now, escaped."""
+    from cxrtrack.data.dataset import read_skipped_report, skipped_report
+
+    root = Path(shutil.copytree(tiny_data_root, tmp_path / "copy"))
+    normal = root / DATASET_DIRNAME / "train" / "Normal"
+    names = ["zz_new\nline.png", "zz_tab\tfake\treason.png", "zz_back\\slash.png", os.fsdecode(b"zz_caf\xe9.png")]
+    for name in names:
+        (normal / name).write_bytes(b"not an image")
+    data = build_data({**tiny_cfg["data"], "path": str(root)}, 0)
+    assert sorted(s.path.name for s in data.skipped) == sorted(names)
+    text = skipped_report(data.skipped)
+    text.encode("utf-8")  # a name that is not UTF-8 is written too (escaped)
+    lines = text.splitlines()
+    assert lines[0].startswith("# path<TAB>reason") and len(lines) == 1 + len(names), lines
+    assert all(line.count("\t") == 1 for line in lines[1:]), lines
+    assert any(line.endswith("/Normal/zz_new\\nline.png\tnot an image Pillow can identify (another format, or damaged)")
+               for line in lines), lines
+    assert read_skipped_report(text) == data.skipped
 
 
 @pytest.mark.slow

@@ -367,3 +367,76 @@ def test_16bit_scaling_has_no_jump_at_powers_of_two(tmp_path):
         write_png16(tmp_path / f"p{peak}.png", arr)
         decoded.append(int(decode_image((tmp_path / f"p{peak}.png").read_bytes(), 32).float().mean()))
     assert decoded == [127, 128]
+
+
+# ---------------------------------------------------------------------------------------------
+# memory: a file is capped relative to the training size, and 16-bit data never becomes a full-size float array
+# ---------------------------------------------------------------------------------------------
+
+
+def _old_float_conversion(img: Image.Image) -> np.ndarray:
+    """to_grayscale's high-bit path before issue 14 (a full-size float64 array): the reference for identity."""
+    arr = np.asarray(img, dtype=np.float64)
+    peak = float(np.nanmax(arr)) if arr.size else 0.0
+    if peak > 255:
+        arr = arr * (255.0 / (4095.0 if peak <= 4095 else 65535.0))
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("case", ["16-bit, every value", "12-bit, every value", "8-bit in 16", "I with negatives",
+                                  "F with a NaN"])
+def test_strip_wise_integer_conversion_equals_the_old_float_one_value_for_value(case, monkeypatch):
+    import cxrtrack.data.images as images
+
+    if case == "16-bit, every value":
+        img = Image.fromarray(np.arange(65536, dtype=np.uint16).reshape(256, 256))
+    elif case == "12-bit, every value":
+        img = Image.fromarray(np.arange(4096, dtype=np.uint16).reshape(64, 64))
+    elif case == "8-bit in 16":
+        img = Image.fromarray(np.arange(256, dtype=np.uint16).reshape(16, 16))
+    elif case == "I with negatives":
+        img = Image.fromarray(np.linspace(-70000, 200000, 97 * 31).round().astype(np.int32).reshape(97, 31))
+    else:
+        values = np.linspace(-5, 70000, 50 * 40, dtype=np.float32).reshape(50, 40)
+        values[3, 3] = np.nan
+        img = Image.fromarray(values)
+    assert img.mode in images._HIGH_BIT_MODES
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 700)  # many strips, the last one short
+    with np.errstate(invalid="ignore"):  # NaN -> uint8, as before
+        got, want = np.asarray(to_grayscale(img)), _old_float_conversion(img)
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    mask = np.ones(want.shape, bool) if case != "F with a NaN" else ~np.isnan(np.asarray(img))
+    assert np.array_equal(got[mask], want[mask])
+
+
+def test_a_16bit_image_is_never_converted_as_a_full_size_float_array():
+    """Issue 14: to_grayscale made float64 copies of the whole image (8 bytes a pixel, several at once); two
+    158 KB 9000x9000 PNGs took peak memory from 1.29 to 5.40 GB. Now one strip at a time: NumPy's largest
+    allocations (tracemalloc sees them) stay below a single full-size float64 array."""
+    import tracemalloc
+
+    img = Image.fromarray(np.tile(np.arange(3000, dtype=np.uint16) * 20, (3000, 1)))
+    full_float64 = 3000 * 3000 * 8
+    tracemalloc.start()
+    try:
+        gray = to_grayscale(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert gray.mode == "L" and gray.size == (3000, 3000)
+    assert peak < full_float64, f"{peak / 2**20:.0f} MB traced, a full-size float64 array is {full_float64 / 2**20:.0f} MB"
+
+
+def test_a_file_over_the_pixel_cap_for_the_training_size_is_refused_before_it_is_decoded():
+    """A 5000x5000 PNG is under Pillow's own limit (89 Mpx) and a few KB on disk; at 64 px it is refused."""
+    data = encode(Image.new("1", (5000, 5000)), "PNG")
+    assert len(data) < 100_000
+    with pytest.raises(UnreadableImageError, match=r"refused as a decompression bomb: 5000x5000 = 25,000,000 pixels is "
+                                                   r"over the limit of 24,000,000 for data.image_size=64"):
+        decode_image(data, 64)
+    from cxrtrack.data.images import MIN_PIXEL_CAP, check_pixels, max_pixels
+
+    assert max_pixels(64) == max_pixels(216) == MIN_PIXEL_CAP  # the floor
+    assert max_pixels(256) == 512 * 256 * 256  # relative to the training size above it
+    check_pixels((5000, 5000), 256)  # allowed at 256 px
+    check_pixels((4200, 4095), 32)  # the real dataset's largest image is never refused

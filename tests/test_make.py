@@ -124,3 +124,28 @@ def test_experiment_tags_and_resume_reach_the_script_as_data(tmp_path, recorder)
     assert argv[argv.index("--resume") + 1] == "outputs/run 1"
     sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     assert sets == ["experiment=my exp`x`", "tracking.tags.team=rad", "tracking.tags.owner=a'b"]
+
+
+@pytest.mark.parametrize("var,value", [
+    ("RUN_NAME", "x\ntouch {t}/pwn\ny"),  # issue 14: make ran each line as a command of its own
+    ("DATA", "data\ttab"),
+    ("ARGS", "--epochs 1\r"),
+    ("TAGS", "team=\x1b[31mred"),
+    ("EXPERIMENT", "e\x7f"),
+])
+def test_control_characters_in_a_variable_are_refused_before_any_recipe_runs(tmp_path, recorder, var, value):
+    value = value.format(t=tmp_path)
+    for ignore_errors in ([], ["-i"]):  # -i: make would go on with the next line of a split recipe
+        proc, argv = make(tmp_path, recorder, *ignore_errors, "train-custom", f"{var}={value}")
+        assert proc.returncode == 2 and argv == [], (proc.stdout, proc.stderr)  # the recorder never ran
+        assert f"{var}: the value holds a control character" in proc.stderr and "Nothing was run" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one paragraph
+    assert not (tmp_path / "pwn").exists()
+
+
+def test_a_control_character_in_the_environment_is_refused_too(tmp_path, recorder):
+    proc, argv = make(tmp_path, recorder, "mlflow-ui", env={"MLFLOW_TRACKING_URI": "http://h:5000\ntouch x"})
+    assert proc.returncode == 2 and argv == []
+    assert "MLFLOW_TRACKING_URI: the value holds a control character" in proc.stderr
+    proc, argv = make(tmp_path, recorder, "train-custom", "RUN_NAME=café 1")  # non-ASCII text is not a control character
+    assert proc.returncode == 0 and argv[argv.index("--run-name") + 1] == "café 1", proc.stderr

@@ -245,6 +245,43 @@ def test_injected_enospc_in_the_outputs_ends_failed_everywhere(tiny_cfg, monkeyp
     assert not (run_dir / "history.json").exists()  # not written, rather than written half
 
 
+def test_a_full_disk_at_the_end_of_an_epoch_still_sends_that_epoch_to_the_trackers(tiny_cfg, tmp_path):
+    """Issue 14: with outputs/ on a small tmpfs, last.pt failing at the end of an epoch kept that epoch from the
+    trackers (MLflow had no point of it while history.json held it), and the message said "Not saved:
+    checkpoints/best.pt". Here the disk fills after epoch 1 so that epoch 2's best.pt still fits and its last.pt
+    (weights and optimizer state) does not: MLflow holds epoch 2 all the same, and the message names last.pt."""
+    from cxrtrack.tracking import build_tracker
+
+    with small_filesystem(tmp_path / "small", "8m") as out:
+        tiny_cfg["output_dir"] = str(out)
+
+        def fill_between_best_and_last(epoch, row):
+            if epoch == 1:
+                (folder,) = out.glob("*/checkpoints")
+                best, last = (folder / "best.pt").stat().st_size, (folder / "last.pt").stat().st_size
+                assert last > best + 2**16, (best, last)  # room for one and not for the other
+                fill_disk(out, leave=best + (last - best) // 2)
+
+        group = build_tracker("mlflow", tiny_cfg)
+        with pytest.raises(RunFailedError) as err:
+            run_experiment(tiny_cfg, tracker=group, callbacks=(fill_between_best_and_last,))
+        (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+        text = " ".join(str(err.value).split())
+        assert "(writing checkpoints/last.pt of epoch 2)" in text, text
+        assert re.search(rf"Not saved in {re.escape(str(run_dir))}: checkpoints/last\.pt of epoch 2[;,]", text), text
+        assert "best.pt of epoch" not in text, text  # best.pt was written: it is not named as lost
+        kept = int(re.search(r"Kept: the best checkpoint of epoch (\d+)", text).group(1))
+        assert torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"] == kept
+        tracker = group.trackers[0]
+        client = mlflow.MlflowClient(tracker.tracking_uri)
+        assert client.get_run(tracker.run_id).info.status == FAILED
+        steps = [m.step for m in client.get_metric_history(tracker.run_id, "val/acc")]
+        assert sorted(steps) == [1, 2], steps  # the epoch whose last.pt failed reached MLflow
+        history = json.loads((run_dir / "history.json").read_text())
+        assert [row["epoch"] for row in history["epochs"]] == [1, 2]
+        no_partial_files(run_dir)
+
+
 def test_mlflow_store_on_a_full_file_system_is_spooled_then_replayed(tiny_cfg, tmp_path, caplog):
     with small_filesystem(tmp_path / "store", "16m") as store:
         tiny_cfg["tracking"]["tracker"] = "mlflow"

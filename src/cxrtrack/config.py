@@ -44,6 +44,29 @@ class _NoAliasLoader(yaml.SafeLoader):
             )
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        """A mapping that sets one key twice is refused: YAML keeps the last value silently, so ``lr: 0.001`` and
+        a forgotten ``lr: 9.0`` further down would train at 9.0. (Keys brought in by a ``<<`` merge may be
+        overridden; that is what a merge is for.)"""
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    earlier = first.get(key)
+                except TypeError:  # an unhashable key: SafeConstructor says so below
+                    continue
+                if earlier is not None:
+                    where = f"lines {earlier} and {line}" if earlier != line else f"both on line {line}"
+                    raise ConfigError(
+                        f"sets {key!r} twice in one mapping ({where}); YAML would keep the second value silently. "
+                        f"Keep the one you mean and delete the other"
+                    )
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
 
 def parse_yaml(text: str, where: str) -> Any:
     """YAML text -> Python values with :class:`_NoAliasLoader`; every failure is a :class:`ConfigError`."""
@@ -135,7 +158,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = parse_yaml(raw, f"The value of --set {key.strip()}") if raw.strip() else None
     except ConfigError as exc:
-        if "alias" in str(exc) or "deeply" in str(exc):
+        if "alias" in str(exc) or "deeply" in str(exc) or "twice in one mapping" in str(exc):
             raise
         value = raw  # not YAML: the text itself (e.g. a name with a colon)
     if isinstance(value, str):

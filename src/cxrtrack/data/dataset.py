@@ -19,6 +19,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import stat
 from collections import Counter
 from collections.abc import Sequence
@@ -49,6 +50,63 @@ DEFAULT_MAX_FILE_BYTES = 64 * 2**20  # data.max_file_mb's default
 class SkippedFile:
     path: Path
     reason: str
+
+
+# skipped_files.txt: one skipped file a line, "<path>\t<reason>", each field escaped so that a file name with a
+# newline or a tab (both allowed on Linux) cannot split its record or fake another one.
+SKIPPED_HEADER = ("# path<TAB>reason, one skipped file a line; in both fields \\\\ \\t \\n \\r stand for a backslash, "
+                  "tab, newline and carriage return, \\xNN (hex) for another control character (00-1f, 7f) or a byte "
+                  "of the name that is not UTF-8 (80-ff), \\uNNNN for another line separator\n")
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_LINE_BREAKS = {"\x85", "\u2028", "\u2029"}  # also lines ends for str.splitlines, with \x1c-\x1e (escaped as \xNN)
+
+
+def escape_field(text: str) -> str:
+    """``text`` on one line without a tab, reversibly (:func:`unescape_field`): see SKIPPED_HEADER."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\x{code:02x}")
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte of the file name that is not UTF-8 (Python's surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch in _LINE_BREAKS or 0x80 <= code <= 0x9F:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def unescape_field(text: str) -> str:
+    """The inverse of :func:`escape_field`."""
+    def one(match: re.Match) -> str:
+        code = match.group(1)
+        if code[0] == "x":
+            value = int(code[1:], 16)
+            return chr(0xDC00 + value) if value >= 0x80 else chr(value)
+        if code[0] == "u":
+            return chr(int(code[1:], 16))
+        return {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}[code]
+
+    return re.sub(r"\\(\\|t|n|r|x[0-9a-f]{2}|u[0-9a-f]{4})", one, text)
+
+
+def skipped_report(skipped: Sequence[SkippedFile]) -> str:
+    """The text of skipped_files.txt: a header line, then one escaped ``path<TAB>reason`` line per file."""
+    return SKIPPED_HEADER + "".join(f"{escape_field(str(s.path))}\t{escape_field(s.reason)}\n" for s in skipped)
+
+
+def read_skipped_report(text: str) -> list[SkippedFile]:
+    """The files listed in a skipped_files.txt (the inverse of :func:`skipped_report`)."""
+    records = []
+    lines = text.split("\n")
+    for line in lines[1:] if lines and lines[0].startswith("#") else lines:
+        if line:
+            path, _, reason = line.partition("\t")
+            records.append(SkippedFile(Path(unescape_field(path)), unescape_field(reason)))
+    return records
 
 
 @dataclass
@@ -311,7 +369,8 @@ def detect_source(location: DatasetLocation, requested: Path) -> str:
 def fingerprint_of(digests: dict[str, str]) -> str:
     h = hashlib.sha256()
     for rel in sorted(digests):
-        h.update(f"{rel}\0{digests[rel]}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 is hashed as its bytes (it used to raise UnicodeEncodeError)
+        h.update(f"{rel}\0{digests[rel]}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
@@ -377,7 +436,7 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> CXRData:
     train, val = _stratified_split(train_all, data_cfg["val_fraction"], seed, "val")
 
     for item in skipped:
-        log.warning("Skipped %s: %s", item.path, item.reason)
+        log.warning("Skipped %s: %s", escape_field(str(item.path)), escape_field(item.reason))
     train_tf, eval_tf = build_transforms(data_cfg)
     data = CXRData(
         train=CXRDataset(train, train_tf),

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import torch
 from PIL import Image
 
-from cxrtrack.data.dataset import CXRData, DataCache
+from cxrtrack.data.dataset import CXRData, DataCache, skipped_report
 from cxrtrack.data.loading import build_loaders, example_batch
 from cxrtrack.data.transforms import denormalize
 from cxrtrack.errors import CXRError, RunFailedError
@@ -120,8 +120,9 @@ def run_experiment(
         _before_training(exp, tracker)
         with timed(run.timings, "fit_s"):
             fit = exp.trainer.fit()
-        if isinstance(fit.error, OSError):  # the checkpoint could not be written (a full disk)
-            run.files.lost_file("checkpoints/best.pt", fit.error)
+        if isinstance(fit.error, OSError) and fit.unsaved is not None:  # a checkpoint not written (a full disk)
+            path, epoch = fit.unsaved
+            run.files.lost_file(f"{path.relative_to(run.dir).as_posix()} of epoch {epoch}", fit.error)
         with timed(run.timings, "test_eval_s"):  # evaluation and files on disk: no tracker involved
             test = _evaluate(exp, fit)
         _publish(exp, tracker, fit, test)
@@ -156,7 +157,8 @@ def _prepare(cfg: dict[str, Any], data: CXRData | DataCache | None, device: torc
     }
     trainer = Trainer(model, loaders, cfg["training"], device, run.dir / "checkpoints" / "best.pt",
                       checkpoint_extra, build_criterion(cfg["training"], data.train.labels, device),
-                      callbacks=(_epoch_logger(tracker, run), *callbacks), recipe=Recipe(cfg, len(data.class_names)))
+                      callbacks=callbacks, recipe=Recipe(cfg, len(data.class_names)),
+                      loggers=(_epoch_logger(tracker, run),))  # the trackers get each epoch before any file of it
     if resume is not None:
         trainer.resume_from = resume.state
         for row in resume.state["history"]:  # logged before the interruption: the record holds the whole run
@@ -210,7 +212,7 @@ def _before_training(exp: _Experiment, tracker: TrackerGroup) -> None:
     if montage is not None:
         run.log_image(tracker, montage, name, caption="augmented training images as the model sees them")
     if data.skipped:
-        run.save("skipped_files.txt", "".join(f"{s.path}\t{s.reason}\n" for s in data.skipped), "data/skipped_files.txt")
+        run.save("skipped_files.txt", skipped_report(data.skipped), "data/skipped_files.txt")  # escaped: one line each
 
 
 def _evaluate(exp: _Experiment, fit: FitResult) -> tuple[TestReport, dict[str, Path]] | None:

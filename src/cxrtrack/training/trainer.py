@@ -1,10 +1,12 @@
 """The training loop: one explicit loop for every tracker.
 
 Per epoch: train (progress bar with live loss/accuracy), validate, hand one row of metrics (train/val
-loss, accuracy, macro F1, learning rate, epoch time, images per second) to every epoch callback, step
-the LR scheduler, keep the best checkpoint by the monitored validation metric, and stop early when it
-stops improving. The loop knows nothing about trackers: logging to them is one callback, Optuna's
-pruning another. A callback may raise :class:`StopTraining` to end the loop early but successfully.
+loss, accuracy, macro F1, learning rate, epoch time, images per second) to every logger, keep the best
+checkpoint by the monitored validation metric, step the LR scheduler, write ``last.pt``, call every epoch
+callback, and stop early when it stops improving. The loop knows nothing about trackers: logging to them
+is a logger (called before any file of the epoch is written, so a full disk cannot keep an epoch from the
+trackers), Optuna's pruning a callback (called after the epoch's files, so a pruned trial keeps them). A
+callback may raise :class:`StopTraining` to end the loop early but successfully.
 Ctrl-C stops after the current batch: the run is marked KILLED and the best checkpoint is kept. Any other
 exception ends the loop as FAILED with the history and best checkpoint kept, so the caller can hand them
 to the trackers before re-raising it.
@@ -66,6 +68,7 @@ class FitResult:
     error: BaseException | None = None
     stop_reason: str | None = None  # why training ended before the last epoch (early stopping, a callback)
     val_output: EvalOutput | None = None  # the selected epoch's validation predictions (not kept across a resume)
+    unsaved: tuple[Path, int] | None = None  # the checkpoint file (and its epoch) whose write failed (``error``)
 
 
 def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -148,11 +151,13 @@ class Trainer:
         criterion: nn.Module | None = None,
         callbacks: Sequence[EpochCallback] = (),
         recipe: Recipe | None = None,
+        loggers: Sequence[EpochCallback] = (),
     ):
         self.model = model.to(device)
         self.loaders = loaders
         self.cfg = cfg  # the `training` section
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks)  # after the epoch's files (best.pt, last.pt) are written
+        self.loggers = list(loggers)  # before them: the trackers' metrics never wait on the local disk
         self.device = device
         self.checkpoint_path = Path(checkpoint_path)
         self.checkpoint_extra = checkpoint_extra or {}
@@ -166,6 +171,20 @@ class Trainer:
         # last.pt, beside best.pt: everything needed to continue after the last complete epoch (--resume)
         self.last_path = self.checkpoint_path.with_name("last.pt")
         self.resume_from: dict[str, Any] | None = None  # a loaded last.pt: fit() continues after its epoch
+        self.unsaved: tuple[Path, int] | None = None  # the checkpoint whose write failed, with its epoch
+
+    def _write(self, path: Path, state: dict[str, Any]) -> None:
+        """``state`` to ``path`` atomically (a temporary file renamed into place, removed if the write fails). A
+        failed write (a full disk) is remembered with its file and epoch, so the run names the file that failed."""
+        # Serialised in memory first: torch.save writing to a full disk fails with an opaque RuntimeError
+        # ("unexpected pos"), a plain file write with OSError(ENOSPC) that says what happened.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        try:
+            atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))  # never half-written
+        except OSError:
+            self.unsaved = (path, int(state["epoch"]))
+            raise
 
     # -- one pass ---------------------------------------------------------------------------------
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
@@ -240,11 +259,7 @@ class Trainer:
             "metrics": metrics,
             **self.checkpoint_extra,
         }
-        # Serialised in memory first: torch.save writing to a full disk fails with an opaque RuntimeError
-        # ("unexpected pos"), a plain file write with OSError(ENOSPC) that says what happened.
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write(self.checkpoint_path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))  # never half-written
+        self._write(self.checkpoint_path, state)
 
     # -- resume ---------------------------------------------------------------------------------------
     def save_last(self, epoch: int, history: list[dict[str, float]], best: float | None, best_epoch: int | None,
@@ -268,9 +283,7 @@ class Trainer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             **self.checkpoint_extra,
         }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write(self.last_path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+        self._write(self.last_path, state)
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model_state"])
@@ -299,6 +312,7 @@ class Trainer:
         best_val: EvalOutput | None = None
         patience = self.cfg["early_stopping_patience"]
         self.best_epoch = None
+        self.unsaved = None
         first = 1
         if self.resume_from is not None:
             state = self.resume_from
@@ -331,6 +345,8 @@ class Trainer:
                 # The end of an epoch is one step: its row, checkpoint and tracker calls all happen, or none.
                 with signals.critical():
                     history.append(row)
+                    for logger in self.loggers:  # first: the metrics do not depend on any file of this epoch
+                        logger(epoch, row)
 
                     score = row.get(self.monitor)  # None without validation: every epoch replaces the last
                     mark = ""
@@ -381,7 +397,8 @@ class Trainer:
             log.error("%s", exc)
         except Exception as exc:  # a crash (out of memory, disk full, ...): keep what was learnt so far
             status, error = FAILED, exc
-            log.error("Training failed in epoch %d (%s: %s); the best checkpoint so far is kept.",
-                      len(history) + 1, type(exc).__name__, exc)
+            where = (f"writing {self.unsaved[0].name} at the end of epoch {self.unsaved[1]}" if self.unsaved
+                     else f"in epoch {len(history) + 1}")
+            log.error("Training failed %s (%s: %s); the best checkpoint so far is kept.", where, type(exc).__name__, exc)
         return FitResult(history, best_epoch, best, status, stopped_early, self.checkpoint_path, best_metrics, error,
-                         stop_reason, best_val)
+                         stop_reason, best_val, self.unsaved if error is not None else None)
