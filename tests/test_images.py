@@ -424,7 +424,8 @@ def test_a_16bit_image_is_never_converted_as_a_full_size_float_array():
     finally:
         tracemalloc.stop()
     assert gray.mode == "L" and gray.size == (3000, 3000)
-    assert peak < full_float64, f"{peak / 2**20:.0f} MB traced, a full-size float64 array is {full_float64 / 2**20:.0f} MB"
+    mb = 2**20
+    assert peak < full_float64, f"{peak / mb:.0f} MB traced, a full-size float64 array is {full_float64 / mb:.0f} MB"
 
 
 def test_a_file_over_the_pixel_cap_for_the_training_size_is_refused_before_it_is_decoded():

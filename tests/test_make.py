@@ -147,5 +147,6 @@ def test_a_control_character_in_the_environment_is_refused_too(tmp_path, recorde
     proc, argv = make(tmp_path, recorder, "mlflow-ui", env={"MLFLOW_TRACKING_URI": "http://h:5000\ntouch x"})
     assert proc.returncode == 2 and argv == []
     assert "MLFLOW_TRACKING_URI: the value holds a control character" in proc.stderr
-    proc, argv = make(tmp_path, recorder, "train-custom", "RUN_NAME=café 1")  # non-ASCII text is not a control character
+    # non-ASCII text is not a control character
+    proc, argv = make(tmp_path, recorder, "train-custom", "RUN_NAME=café 1")
     assert proc.returncode == 0 and argv[argv.index("--run-name") + 1] == "café 1", proc.stderr
