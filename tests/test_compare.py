@@ -270,3 +270,23 @@ def f(run):
     assert effort.workarounds(source, "mlflow") == [{"line": 9, "text": "the first one and its second line"}]
     assert effort.workarounds(source, "wandb") == []
     assert effort.measure_effort()["wandb"]["workarounds"], "the W&B backend's tagged workarounds were not found"
+
+
+# -- peak RSS of the process tree ----------------------------------------------------------------------
+
+
+def test_peak_rss_with_children_is_never_below_the_process_own_peak(tmp_path):
+    """A parent whose memory spikes for a moment (between two samples) and a child that holds memory for a while:
+    the tree's figure adds the child's peak to the parent's own, from the kernel's high-water marks."""
+    from cxrtrack.benchmark.runs import Stores, measure_run
+
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'b = bytearray(80 * 2**20); import time; time.sleep(2)'])\n"
+            "time.sleep(1.0)\n"
+            "spike = bytearray(200 * 2**20); del spike\n"
+            "child.wait()\n")
+    m = measure_run([sys.executable, "-c", code], "none", 1, "rss", Stores(tmp_path / "stores"), tmp_path / "logs")
+    assert m.exit_code == 0
+    assert m.peak_rss_mb > 200
+    assert m.peak_tree_rss_mb >= m.peak_rss_mb + 70, (m.peak_rss_mb, m.peak_tree_rss_mb, m.spawned)
+    assert m.peak_tree_sampled_mb > 0 and m.load_before and m.load_after
