@@ -272,7 +272,86 @@ def f(run):
     assert effort.measure_effort()["wandb"]["workarounds"], "the W&B backend's tagged workarounds were not found"
 
 
-# -- peak RSS of the process tree ----------------------------------------------------------------------
+# -- the verdicts the report opens with, the machine's load, the terminal summary, peak RSS --------------------
+
+
+def _fake_run(tmp_path, tracker, repeat, wall, fit=None, load_before=None):
+    return {"tracker": tracker, "repeat": repeat, "run_name": f"{tracker}-r{repeat}", "ok": True, "wall_s": wall,
+            "error": None, "summary": {"test/acc": 0.5}, "timings": {"fit_s": fit or wall / 2, "calls": {}},
+            "store_bytes": {"mlflow.db": 10}, "spawned": {}, "peak_rss_mb": 500.0, "peak_tree_rss_mb": 500.0,
+            "run_dir": str(tmp_path), "load_before": load_before or {"load1": 0.1, "load5": 0.2, "busy_pct": 3.0,
+                                                                     "steal_pct": 0.0},
+            "load_after": {"load1": 1.0, "load5": 0.5, "busy_pct": 5.0, "steal_pct": 0.0}}
+
+
+def _fake_report(tmp_path, extra: dict[str, list[float]], load_before=None):
+    """A compare of none, mlflow and wandb with the given extra seconds per repeat over a 30 s no-tracker run."""
+    runs = []
+    for i in range(len(extra["mlflow"])):
+        runs += [_fake_run(tmp_path, "none", i + 1, 30.0, load_before=load_before),
+                 *[_fake_run(tmp_path, t, i + 1, 30.0 + extra[t][i]) for t in ("mlflow", "wandb")]]
+    report = {"meta": {"trackers": ["none", "mlflow", "wandb"], "complete": True, "wall_s": 100.0,
+                       "repeats": len(extra["mlflow"])}, "runs": runs, "latency": {},
+              "phases": {"runs": {"status": "ok", "seconds": 1.0}}}
+    analyse(report)
+    return report
+
+
+def _cost_per_run(report):
+    return next(v for v in report["verdicts"] if v["question"] == "Cost per run")
+
+
+def test_the_report_opens_with_verdicts_computed_from_its_numbers(tmp_path):
+    """A clear difference over several repeats names the cheaper tracker, whichever it is; ranges that overlap are
+    'inside the noise'; one repeat ranks nothing (the noise cannot be judged): the case where 'both +20 %' came
+    out cheaper than 'MLflow +41 %' from a single repeat."""
+    from cxrtrack.benchmark.report import write_markdown
+
+    clear = _cost_per_run(_fake_report(tmp_path, {"mlflow": [1.0, 1.2, 1.1], "wandb": [6.0, 6.5, 5.8]}))
+    assert clear["status"] == "ranked" and clear["answer"].startswith("MLflow adds less time")
+    assert "1.10 s" in clear["basis"] and "6.00 s" in clear["basis"]  # the numbers the verdict rests on
+    flipped = _cost_per_run(_fake_report(tmp_path, {"mlflow": [6.0, 6.5, 5.8], "wandb": [1.0, 1.2, 1.1]}))
+    assert flipped["status"] == "ranked" and flipped["answer"].startswith("W&B adds less time")
+    noisy = _cost_per_run(_fake_report(tmp_path, {"mlflow": [1.0, 4.0, 2.0], "wandb": [3.0, 1.5, 5.0]}))
+    assert noisy["status"] == "noise" and "inside the noise" in noisy["basis"]
+    assert "MLflow adds" not in noisy["answer"] and "W&B adds" not in noisy["answer"]
+    single = _fake_report(tmp_path, {"mlflow": [12.3], "wandb": [6.1]})
+    one = _cost_per_run(single)
+    assert one["status"] == "unknown" and "cannot be judged" in one["basis"] and "Not ranked" in one["answer"]
+    questions = [v["question"] for v in single["verdicts"]]
+    assert questions == ["Cost per run", "Cost per logged point", "What survives an outage", "What works offline",
+                         "What the UI gives", "Code needed"]
+    text = write_markdown(single, tmp_path, [])
+    assert text.index("## What to take away") < text.index("## 1. Model results")
+    assert "issue" not in text.lower() and "Targets" not in text  # no project-internal wording in the product report
+
+
+def test_the_load_of_the_machine_is_recorded_and_a_busy_one_warned(tmp_path):
+    from cxrtrack.benchmark.report import write_markdown
+    from cxrtrack.benchmark.runs import machine_load
+
+    now = machine_load(0.1)
+    assert set(now) == {"load1", "load5", "busy_pct", "steal_pct"} and 0 <= now["busy_pct"] <= 100
+    quiet = _fake_report(tmp_path, {"mlflow": [1.0, 1.2], "wandb": [6.0, 6.5]})
+    assert not quiet["load"]["busy"] and len(quiet["load"]["runs"]) == 6
+    assert "Busy machine" not in terminal_summary(quiet)
+    busy = _fake_report(tmp_path, {"mlflow": [1.0, 1.2], "wandb": [6.0, 6.5]},
+                        load_before={"load1": 3.5, "load5": 3.0, "busy_pct": 85.0, "steal_pct": 12.0})
+    assert busy["load"]["busy"] and "none-r1" in busy["load"]["warning"]
+    assert "busy" in _cost_per_run(busy)["answer"]
+    text = write_markdown(busy, tmp_path, [])
+    assert "**Busy machine:**" in text and "## 10. Machine load" in text and "busy 85 %" in text
+    assert "Busy machine" in terminal_summary(busy)
+
+
+def test_the_terminal_summary_wraps_and_never_cuts_a_line(tmp_path):
+    report = _fake_report(tmp_path, {"mlflow": [1.0], "wandb": [6.0]})
+    report["overhead"]["both"] = {"status": "failed", "reason": "every run of this tracker failed " + "because " * 30
+                                  + "THE-END"}
+    text = terminal_summary(report)
+    assert all(len(line) <= 100 for line in text.splitlines())
+    assert "..." not in text and "THE-END" in text
+    assert "Cost per run: Not ranked" in " ".join(text.split())
 
 
 def test_peak_rss_with_children_is_never_below_the_process_own_peak(tmp_path):
