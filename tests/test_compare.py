@@ -369,3 +369,41 @@ def test_peak_rss_with_children_is_never_below_the_process_own_peak(tmp_path):
     assert m.peak_rss_mb > 200
     assert m.peak_tree_rss_mb >= m.peak_rss_mb + 70, (m.peak_rss_mb, m.peak_tree_rss_mb, m.spawned)
     assert m.peak_tree_sampled_mb > 0 and m.load_before and m.load_after
+
+
+def test_the_ui_evidence_shows_a_measured_run_in_model_training_mode(tmp_path):
+    """The 'Local UI' screenshot opens the page of a run the compare measured (with ?workflowType=machine_learning),
+    not MLflow's GenAI 'Welcome' page; the DOM Chromium renders at that address names the run."""
+    import mlflow
+
+    from cxrtrack.benchmark.compare import Compare, ComparePlan
+    from cxrtrack.benchmark.runs import RunMeasurement
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium on this machine")
+    plan = ComparePlan.make(ROOT, str(CONFIGS / "quick.yaml"), 1, "mlflow", quick=True, out_root=tmp_path / "out")
+    c = Compare(plan)
+    (c.dir / "logs").mkdir()
+    uri = c.stores.uri
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("cxr-compare")
+    run = client.create_run(experiment, run_name="mlflow-r1-shown")
+    client.log_metric(run.info.run_id, "val/acc", 0.9)
+    client.set_terminated(run.info.run_id)
+    m = RunMeasurement("mlflow", 1, "mlflow-r1", exit_code=0)
+    m.runs = {"mlflow": {"tracking_uri": uri, "experiment_id": experiment, "run_id": run.info.run_id}}
+    c.runs = [m]
+    shot, url = c._screenshot_mlflow_ui()
+    assert url.endswith(f"/#/experiments/{experiment}/runs/{run.info.run_id}?workflowType=machine_learning")
+    assert shot is not None and shot.stat().st_size > 10_000
+    assert not (c.dir / "stores" / "chromium").exists()  # the browser profile is not kept
+    # what that address renders: the run, not the GenAI welcome page (the viewer is stopped by now: start one again)
+    from cxrtrack.benchmark.server import MLflowServer
+
+    with MLflowServer(tmp_path / "viewer", backend_store_uri=uri) as viewer:
+        page = url.replace(url.split("/#/")[0], viewer.uri)
+        dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page],
+                             capture_output=True, text=True, timeout=180).stdout
+    assert "mlflow-r1-shown" in dom and "Welcome to MLflow" not in dom

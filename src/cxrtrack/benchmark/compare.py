@@ -327,23 +327,41 @@ class Compare:
         for name in sorted(self.records):
             for backend, record in self.records[name].items():
                 stored.setdefault(backend, record)
-        screenshot = self._screenshot_mlflow_ui()
+        screenshot, page = self._screenshot_mlflow_ui()
         self.report["capabilities"] = capabilities.observe(stored, self.report.get("latency", {}),
                                                            self.server.uri if self.server else None, self.dir,
-                                                           self.group, screenshot)
+                                                           self.group, screenshot, page)
 
-    def _screenshot_mlflow_ui(self) -> Path | None:
+    def _screenshot_mlflow_ui(self) -> tuple[Path | None, str | None]:
+        """The MLflow UI's page of a run this compare measured, in Model-training mode (``run_url``), rendered in
+        headless Chromium: an http store is shown by its own server, the private SQLite store by a second
+        ``mlflow server`` on it for the time of the screenshot."""
+        from cxrtrack.tracking.mlflow_store import is_http, run_url
+
         chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-        if not chromium or self.server is None:
-            return None
+        ref = next((m.runs["mlflow"] for m in self.runs if m.ok and (m.runs.get("mlflow") or {}).get("run_id")), None)
+        if not chromium or ref is None:
+            return None, None
         path = self.dir / "mlflow_ui.png"
-        with open(self.dir / "logs" / "chromium.log", "wb") as out:
-            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                            f"--user-data-dir={self.dir / 'stores' / 'chromium'}", "--window-size=1400,900",
-                            "--virtual-time-budget=15000", f"--screenshot={path}", self.server.uri + "/"],
-                           stdout=out, stderr=subprocess.STDOUT, timeout=120)
-        return path if path.exists() else None
+        viewer = None
+        try:
+            if is_http(ref["tracking_uri"]):
+                base = ref["tracking_uri"]
+            else:
+                viewer = MLflowServer(self.dir / "stores" / "ui", backend_store_uri=ref["tracking_uri"]).start()
+                base = viewer.uri
+            url = run_url(base, ref.get("experiment_id"), ref["run_id"])
+            with open(self.dir / "logs" / "chromium.log", "wb") as out:
+                subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                f"--user-data-dir={self.dir / 'stores' / 'chromium'}", "--window-size=1400,900",
+                                "--virtual-time-budget=15000", f"--screenshot={path}", url],
+                               stdout=out, stderr=subprocess.STDOUT, timeout=120)
+        finally:
+            if viewer is not None:
+                viewer.stop()
+            shutil.rmtree(self.dir / "stores" / "chromium", ignore_errors=True)  # the browser profile: not evidence
+        return (path, url) if path.exists() else (None, url)
 
     def phase_effort(self) -> None:
         result = effort.measure_effort()
