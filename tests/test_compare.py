@@ -97,6 +97,21 @@ def test_every_section_holds_numbers(compare):
     assert report["targets"] and all(t["met"] in (True, False, None) for t in report["targets"])
     # a verdict is given only when the repeats agree: otherwise the target says why it has none
     assert all(("no verdict" in t["measured"]) == (t["met"] is None) for t in report["targets"])
+    # the report opens with a verdict per question; one repeat ranks no timing
+    verdicts = {v["question"]: v for v in report["verdicts"]}
+    assert len(verdicts) == 6 and verdicts["Cost per run"]["status"] == "unknown"
+    assert all(v["answer"] and v["basis"] for v in verdicts.values())
+    # the machine's load around every run; the tree's peak never below the process's own
+    assert [r["run"] for r in report["load"]["runs"]] == ["none-r1", "mlflow-r1", "wandb-r1", "both-r1"]
+    assert all(r["before"]["busy_pct"] is not None for r in report["load"]["runs"])
+    for tracker in ("mlflow", "wandb", "both"):
+        fp = report["footprint"][tracker]
+        assert fp["peak_tree_rss_mb"]["median"] >= fp["peak_rss_mb"]["median"]
+    assert report["footprint"]["wandb"]["peak_tree_rss_mb"]["median"] > report["footprint"]["wandb"]["peak_rss_mb"]["median"]
+    # what the report does not need is not kept: the measured runs' checkpoints, the timing runs' files
+    assert not list(c.stores.outputs.glob("*/checkpoints")) and not (c.stores.root / "server" / "server-artifacts").exists()
+    assert not list((c.dir / "latency").glob("*/")) and not list((c.dir / "scaling").glob("*/"))
+    assert report["meta"]["disk"]["kept_bytes"] > 0
 
 
 def test_fidelity_finds_nothing_lost_in_either_store(compare):
@@ -123,6 +138,8 @@ def test_capabilities_each_cell_has_evidence(compare):
     assert rows["System metrics recorded"]["mlflow"]["status"] == "yes"
     assert rows["Hyperparameter sweeps"]["wandb"]["status"] == "not measurable offline"
     assert rows["Parent / child runs, groups"]["wandb"]["status"] == "yes"  # the group read back equals the one set
+    if shutil.which("chromium") or shutil.which("chromium-browser"):  # the UI evidence is a measured run's page
+        assert "?workflowType=machine_learning" in rows["Local UI"]["mlflow"]["evidence"]
 
 
 def test_the_server_it_started_is_stopped(compare):
@@ -175,7 +192,8 @@ def test_terminal_summary_fits_100_columns(compare):
     _, report = compare
     text = terminal_summary(report)
     assert all(len(line) <= 100 for line in text.splitlines())
-    assert "mlflow" in text and "wandb" in text
+    assert "mlflow" in text and "wandb" in text and "..." not in text
+    assert "Cost per run:" in text  # the verdicts lead the summary too
 
 
 @pytest.mark.slow

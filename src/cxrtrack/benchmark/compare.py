@@ -36,7 +36,15 @@ from typing import Any
 
 from cxrtrack import signals
 from cxrtrack.benchmark import capabilities, effort
-from cxrtrack.benchmark.runs import RunMeasurement, Stores, as_dict, interleaved, measure_run, train_command
+from cxrtrack.benchmark.runs import (
+    RunMeasurement,
+    Stores,
+    as_dict,
+    disk_bytes,
+    interleaved,
+    measure_run,
+    train_command,
+)
 from cxrtrack.benchmark.server import MLflowServer
 from cxrtrack.errors import ConfigError
 
@@ -140,6 +148,7 @@ class Compare:
             for phase in self.report["phases"].values():
                 if phase["status"] == "running":
                     phase["status"] = "interrupted"
+            self._slim()
             self.report["meta"].update(finished=datetime.now().isoformat(timespec="seconds"), complete=complete,
                                        incomplete_reason=reason,
                                        wall_s=time.perf_counter() - self.report["meta"].pop("_t0"))
@@ -149,6 +158,24 @@ class Compare:
             self._phase("log_report", self.phase_log_report)
             write_report(self.report, self.dir)  # with the log_report phase recorded
         return self.report
+
+    def _slim(self) -> None:
+        """Keep what the report needs: its numbers, logs, and the measured runs in their stores. Removed: the files
+        only timing runs wrote (the random-byte artifacts uploaded to the server, any timing store left over) and
+        the checkpoints of the measured runs (each run's model is in its stores). Sizes in ``meta.disk``."""
+        removed: dict[str, int] = {}
+        targets = [("server artifacts of the latency runs (random bytes)",
+                    [self.dir / "stores" / "server" / "server-artifacts"]),
+                   ("timing stores left over", [*(self.dir / "latency").glob("*/"), *(self.dir / "scaling").glob("*/")]),
+                   ("checkpoints of the measured runs", list(self.stores.outputs.glob("*/checkpoints")))]
+        for what, paths in targets:
+            for path in paths:
+                if path.is_dir():
+                    removed[what] = removed.get(what, 0) + disk_bytes(path)
+                    shutil.rmtree(path, ignore_errors=True)
+        self.report["meta"]["disk"] = {"removed_bytes": removed, "kept_bytes": disk_bytes(self.dir),
+                                       "kept_by_part": {p.name: disk_bytes(p) for p in sorted(self.dir.iterdir())
+                                                        if p.is_dir()}}
 
     def _phase(self, name: str, fn) -> None:
         entry = self.report["phases"][name] = {"status": "running"}
@@ -268,7 +295,8 @@ class Compare:
                        str(self.plan.latency_cycles), "--out", str(out)]
             if backend == "mlflow-server":
                 command += ["--uri", self.server.uri]
-            result[backend] = self._subprocess_json(command, out, self.dir / "logs" / f"latency-{backend}.log")
+            result[backend] = self._subprocess_json(command, out, self.dir / "logs" / f"latency-{backend}.log",
+                                                    self._scratch_env(self.dir / "latency" / backend))
             shutil.rmtree(self.dir / "latency" / backend, ignore_errors=True)  # ~0.5 GB of timing runs: keep the numbers
             log.info("compare: latency %s done", backend)
         self.report["latency"] = result
@@ -289,11 +317,18 @@ class Compare:
                 return f"W&B server {host} unreachable ({exc})"
         return None
 
-    def _subprocess_json(self, command: list[str], out: Path, log_file: Path) -> dict[str, Any]:
+    @staticmethod
+    def _scratch_env(store: Path) -> dict[str, str]:
+        """W&B stages a copy of every logged file in its data dir (1 and 20 MB artifacts, every cycle): for timing
+        runs, inside their own store, so that removing the store removes them."""
+        return {"WANDB_DATA_DIR": str(store / "wandb-data"), "WANDB_CACHE_DIR": str(store / "wandb-cache")}
+
+    def _subprocess_json(self, command: list[str], out: Path, log_file: Path,
+                         env: dict[str, str] | None = None) -> dict[str, Any]:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "wb") as log_out:
             proc = subprocess.run(command, stdout=log_out, stderr=subprocess.STDOUT, cwd=self.dir,
-                                  env={**os.environ, **self.stores.env()})
+                                  env={**os.environ, **self.stores.env(), **(env or {})})
         if proc.returncode != 0 or not out.exists():
             tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             return {"failed": f"exit code {proc.returncode}: {tail[0][:300]} (log: {log_file})"}
@@ -316,7 +351,10 @@ class Compare:
                        "--sizes", sizes, "--store", str(self.dir / "scaling" / f"{what}-{backend}"), "--out", str(out)]
             if backend == "mlflow-server":
                 command += ["--uri", self.server.uri, "--db", str(self.server.folder / "server.db")]
-            result[what][backend] = self._subprocess_json(command, out, self.dir / "logs" / f"scaling-{what}-{backend}.log")
+            store = self.dir / "scaling" / f"{what}-{backend}"
+            result[what][backend] = self._subprocess_json(command, out, self.dir / "logs" / f"scaling-{what}-{backend}.log",
+                                                          self._scratch_env(store))
+            shutil.rmtree(store, ignore_errors=True)  # the timing runs themselves: the numbers are kept
             log.info("compare: scaling %s %s done", what, backend)
         result["runs"]["wandb-offline"] = {"skipped": "not measurable offline: W&B keeps no local run index; "
                                                       "listing and searching runs is a W&B server API (wandb.Api().runs)"}

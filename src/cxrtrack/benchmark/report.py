@@ -388,7 +388,13 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
                 "other programs) and stolen by the hypervisor, just before and just after each run.",
                 ["run", "before", "after"], rows))
     rows = [[name, p["status"], fmt_s(p.get("seconds")), p.get("error", "")] for name, p in report.get("phases", {}).items()]
-    out.append(("Phases", f"{'complete' if meta.get('complete') else 'INCOMPLETE: ' + str(meta.get('incomplete_reason'))}.",
+    disk = meta.get("disk") or {}
+    kept = (f" Kept on disk: {fmt_bytes(disk['kept_bytes'])} before the report files ("
+            + ", ".join(f"{k}/ {fmt_bytes(v)}" for k, v in disk.get("kept_by_part", {}).items()) + "); removed: "
+            + (", ".join(f"{k} {fmt_bytes(v)}" for k, v in disk.get("removed_bytes", {}).items()) or "nothing")
+            + ".") if "kept_bytes" in disk else ""
+    out.append(("Phases", f"{'complete' if meta.get('complete') else 'INCOMPLETE: ' + str(meta.get('incomplete_reason'))}."
+                + kept,
                 ["phase", "status", "time", "error"], rows))
     return out
 
@@ -424,8 +430,13 @@ TAKEAWAY_NOTE = ("Each answer below is computed from this report's own numbers (
 
 
 def busy_warning(report: dict) -> str | None:
+    """'Busy machine: ...' when the machine was busy around a run, or 'Machine load not recorded: ...'."""
     load = report.get("load") or {}
-    return load.get("warning") if load.get("busy") or not load.get("runs") else None
+    if load.get("busy"):
+        return "Busy machine: " + load["warning"]
+    if not load.get("runs") and report.get("runs"):
+        return "Machine load not recorded: whether the machine was busy cannot be told for these runs."
+    return None
 
 
 def write_markdown(report: dict, folder: Path, plots: list[str]) -> str:
@@ -435,7 +446,8 @@ def write_markdown(report: dict, folder: Path, plots: list[str]) -> str:
     if not meta.get("complete"):
         parts += [f"**Incomplete:** {meta.get('incomplete_reason')}.", ""]
     if busy_warning(report):
-        parts += [f"**Busy machine:** {busy_warning(report)}", ""]
+        label, text = busy_warning(report).split(": ", 1)
+        parts += [f"**{label}:** {text}", ""]
     parts += ["## What to take away", "", TAKEAWAY_NOTE, ""]
     for v in report.get("verdicts", []):
         parts += [f"- **{v['question']}.** {v['answer']}  ", f"  _From the numbers ({v['section']}):_ {v['basis']}"]
@@ -464,7 +476,7 @@ def write_html(report: dict, folder: Path, plots: list[str]) -> None:
     if not meta.get("complete"):
         body.append(f"<p class='warn'>Incomplete: {e(str(meta.get('incomplete_reason')))}</p>")
     if busy_warning(report):
-        body.append(f"<p class='warn'>Busy machine: {e(busy_warning(report))}</p>")
+        body.append(f"<p class='warn'>{e(busy_warning(report))}</p>")
     body.append(f"<h2>What to take away</h2><p>{e(TAKEAWAY_NOTE)}</p><dl class='verdicts'>")
     for v in report.get("verdicts", []):
         body.append(f"<dt>{e(v['question'])}</dt><dd><p class='answer'>{e(v['answer'])}</p>"
@@ -509,7 +521,7 @@ def terminal_summary(report: dict, width: int = 100) -> str:
     lines = ["=" * width, *_wrap("MLflow vs W&B" + ("" if meta.get("complete") else "  (INCOMPLETE: "
                                                     + str(meta.get("incomplete_reason")) + ")"), width), "=" * width]
     if busy_warning(report):
-        lines += _wrap("Busy machine: " + busy_warning(report), width)
+        lines += _wrap(busy_warning(report), width)
     for v in report.get("verdicts", []):
         lines += _wrap(f"- {v['question']}: {v['answer']}", width)
     lines.append("-" * width)
