@@ -80,7 +80,7 @@ def plot_overhead(report: dict, path: Path) -> bool:
         ax.bar(x + offset, med, 0.38, yerr=err, capsize=4, label=label, hatch=hatch,
                color=[COLORS.get(t, "grey") for t, _ in rows], edgecolor="black", alpha=0.85)
     ax.axhline(1.0, color="black", linewidth=1)
-    ax.axhline(1.01, color="red", linestyle="--", linewidth=1, label="+1 % target (training loop)")
+    ax.axhline(1.01, color="red", linestyle="--", linewidth=1, label="+1 % threshold (training loop)")
     ax.set_xticks(x, [t for t, _ in rows])
     ax.set_ylabel("time / time with no tracker")
     lows = [e[k]["min"] for _, e in rows for k in ("wall_ratio", "fit_ratio")]
