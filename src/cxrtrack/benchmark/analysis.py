@@ -354,10 +354,12 @@ def _cost_per_run(report: dict[str, Any]) -> dict[str, str]:
         parts.append(f"both at once: {_described('', b['extra_wall_s'], _secs).strip()}")
     fm, fw = fp.get("mlflow", {}), fp.get("wandb", {})
     if fm.get("status") == "ok" and fw.get("status") == "ok":
-        disk = rank("MLflow", _scaled(fm["store_bytes_total"], 2**-20), "W&B", _scaled(fw["store_bytes_total"], 2**-20),
-                    _mb, "smaller")
+        # bytes are counted, not timed: compared directly (medians), no noise to judge
+        dm, dw = fm["store_bytes_total"]["median"] / 2**20, fw["store_bytes_total"]["median"] / 2**20
+        disk = (f"MLflow {_mb(dm)} vs W&B {_mb(dw)}" + ("" if max(dm, dw) <= 1.1 * min(dm, dw) else
+                f", {'MLflow' if dm < dw else 'W&B'} writes less (counted, not timed)"))
         mem = rank("MLflow", fm["peak_tree_rss_mb"], "W&B", fw["peak_tree_rss_mb"], _mb, "lighter")
-        parts += [f"disk per run: {disk['text']}", f"peak memory with its processes: {mem['text']}"]
+        parts += [f"disk per run: {disk}", f"peak memory with its processes: {mem['text']}"]
     if time["status"] == "ranked":
         answer = f"{time['winner']} adds less time to a run."
     elif time["status"] == "noise":
@@ -367,10 +369,6 @@ def _cost_per_run(report: dict[str, Any]) -> dict[str, str]:
     if report.get("load", {}).get("busy"):
         answer += " The machine was busy (see Machine load): timings are unreliable."
     return _verdict(q, answer, "; ".join(parts) + ".", statuses[0], "2. Overhead, 6. Footprint")
-
-
-def _scaled(s: dict[str, Any], factor: float) -> dict[str, Any]:
-    return {k: (v * factor if isinstance(v, (int, float)) and k != "n" else v) for k, v in s.items() if k != "values"}
 
 
 def _cost_per_point(report: dict[str, Any]) -> dict[str, str] | None:
