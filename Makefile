@@ -170,7 +170,10 @@ clean: ## Remove caches and build files (never runs, data or outputs)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
-clean-runs: ## Delete tracked runs, studies and outputs (mlflow.db, optuna.db, mlartifacts/, wandb/, outputs/) after asking
-	@echo "This deletes every tracked run and tuning study: mlflow.db optuna.db mlartifacts/ wandb/ outputs/"
-	@read -r -p "Type 'yes' to delete them: " answer && [ "$$answer" = yes ] || { echo "Nothing deleted."; exit 1; }
-	rm -rf mlflow.db optuna.db mlartifacts wandb outputs
+clean-runs: ## Delete tracked runs, studies, outputs and compare reports (mlflow.db, optuna.db, mlartifacts/, wandb/, outputs/, reports/) after asking
+	@found=$$(ls -d mlflow.db optuna.db mlartifacts wandb outputs reports 2>/dev/null); \
+	if [ -z "$$found" ]; then echo "No tracked runs, studies, outputs or reports here: nothing to delete."; exit 0; fi; \
+	echo "This deletes every tracked run, tuning study and compare report:"; du -sh $$found; \
+	[ ! -d reports ] || ls -d reports/*/* 2>/dev/null | sed 's/^/  report: /'; \
+	read -r -p "Type 'yes' to delete them: " answer && [ "$$answer" = yes ] || { echo "Nothing deleted."; exit 1; }; \
+	rm -rf $$found && echo "Deleted: "$$found

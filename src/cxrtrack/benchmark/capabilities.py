@@ -44,7 +44,7 @@ def _quiet_env() -> dict[str, str]:
 
 
 def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: str | None, work: Path,
-            group: str | None, screenshot: Path | None) -> list[dict[str, Any]]:
+            group: str | None, screenshot: Path | None, screenshot_url: str | None = None) -> list[dict[str, Any]]:
     """``stored``: backend -> a run of this compare read back from its store."""
     found = {backend: stored.get(backend) for backend in ("mlflow", "wandb")}
     # the checks read m and w only when their run was read back: row() reports a missing one before any check runs
@@ -84,7 +84,7 @@ def observe(stored: dict[str, RunRecord], latency: dict[str, Any], server_uri: s
         lambda: _wandb_lineage(w))
     row("Offline run that syncs later", lambda: _mlflow_without_store(work), lambda: _wandb_offline_sync(w),
         mlflow_needs_run=False)
-    row("Local UI", lambda: _mlflow_ui(server_uri, screenshot), lambda: _wandb_ui(work), False, False)
+    row("Local UI", lambda: _mlflow_ui(server_uri, screenshot, screenshot_url), lambda: _wandb_ui(work), False, False)
     row("Parent / child runs, groups", lambda: _mlflow_parent_child(m, group), lambda: _wandb_group(w, group))
     row("Hyperparameter sweeps", _mlflow_sweeps, lambda: _wandb_sweep(work), False, False)
     row("Read-back API (used for the fidelity check)",
@@ -120,7 +120,7 @@ def _mlflow_without_store(work: Path) -> dict[str, Any]:
                         f"-> {said}. A local SQLite store is the offline option (runs stay in that file)")
 
 
-def _mlflow_ui(server_uri: str | None, screenshot: Path | None) -> dict[str, Any]:
+def _mlflow_ui(server_uri: str | None, screenshot: Path | None, page: str | None = None) -> dict[str, Any]:
     if not server_uri:
         return cell(FAILED, "no mlflow server was started in this compare")
     with urllib.request.urlopen(server_uri + "/", timeout=10) as response:
@@ -128,7 +128,8 @@ def _mlflow_ui(server_uri: str | None, screenshot: Path | None) -> dict[str, Any
         kind = response.headers.get("Content-Type", "")
     evidence = f"`mlflow server` on {server_uri} answered / with HTTP {response.status} ({kind}, {len(body)} bytes)"
     if screenshot and screenshot.exists():
-        return cell(YES, evidence + f"; rendered in headless Chromium: {screenshot.name}", str(screenshot))
+        shown = f"a measured run's page ({page})" if page else "the UI"
+        return cell(YES, evidence + f"; {shown} rendered in headless Chromium: {screenshot.name}", str(screenshot))
     return cell(YES, evidence)
 
 

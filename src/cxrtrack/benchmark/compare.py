@@ -36,7 +36,15 @@ from typing import Any
 
 from cxrtrack import signals
 from cxrtrack.benchmark import capabilities, effort
-from cxrtrack.benchmark.runs import RunMeasurement, Stores, as_dict, interleaved, measure_run, train_command
+from cxrtrack.benchmark.runs import (
+    RunMeasurement,
+    Stores,
+    as_dict,
+    disk_bytes,
+    interleaved,
+    measure_run,
+    train_command,
+)
 from cxrtrack.benchmark.server import MLflowServer
 from cxrtrack.errors import ConfigError
 
@@ -140,6 +148,7 @@ class Compare:
             for phase in self.report["phases"].values():
                 if phase["status"] == "running":
                     phase["status"] = "interrupted"
+            self._slim()
             self.report["meta"].update(finished=datetime.now().isoformat(timespec="seconds"), complete=complete,
                                        incomplete_reason=reason,
                                        wall_s=time.perf_counter() - self.report["meta"].pop("_t0"))
@@ -149,6 +158,25 @@ class Compare:
             self._phase("log_report", self.phase_log_report)
             write_report(self.report, self.dir)  # with the log_report phase recorded
         return self.report
+
+    def _slim(self) -> None:
+        """Keep what the report needs: its numbers, logs, and the measured runs in their stores. Removed: the files
+        only timing runs wrote (the random-byte artifacts uploaded to the server, any timing store left over) and
+        the checkpoints of the measured runs (each run's model is in its stores). Sizes in ``meta.disk``."""
+        removed: dict[str, int] = {}
+        targets = [("server artifacts of the latency runs (random bytes)",
+                    [self.dir / "stores" / "server" / "server-artifacts"]),
+                   ("timing stores left over",
+                    [*(self.dir / "latency").glob("*/"), *(self.dir / "scaling").glob("*/")]),
+                   ("checkpoints of the measured runs", list(self.stores.outputs.glob("*/checkpoints")))]
+        for what, paths in targets:
+            for path in paths:
+                if path.is_dir():
+                    removed[what] = removed.get(what, 0) + disk_bytes(path)
+                    shutil.rmtree(path, ignore_errors=True)
+        self.report["meta"]["disk"] = {"removed_bytes": removed, "kept_bytes": disk_bytes(self.dir),
+                                       "kept_by_part": {p.name: disk_bytes(p) for p in sorted(self.dir.iterdir())
+                                                        if p.is_dir()}}
 
     def _phase(self, name: str, fn) -> None:
         entry: dict[str, Any] = {"status": "running"}
@@ -269,7 +297,8 @@ class Compare:
                        str(self.plan.latency_cycles), "--out", str(out)]
             if backend == "mlflow-server" and self.server is not None:  # (else skipped above)
                 command += ["--uri", self.server.uri]
-            result[backend] = self._subprocess_json(command, out, self.dir / "logs" / f"latency-{backend}.log")
+            result[backend] = self._subprocess_json(command, out, self.dir / "logs" / f"latency-{backend}.log",
+                                                    self._scratch_env(self.dir / "latency" / backend))
             # ~0.5 GB of timing runs: keep the numbers
             shutil.rmtree(self.dir / "latency" / backend, ignore_errors=True)
             log.info("compare: latency %s done", backend)
@@ -291,11 +320,18 @@ class Compare:
                 return f"W&B server {host} unreachable ({exc})"
         return None
 
-    def _subprocess_json(self, command: list[str], out: Path, log_file: Path) -> dict[str, Any]:
+    @staticmethod
+    def _scratch_env(store: Path) -> dict[str, str]:
+        """W&B stages a copy of every logged file in its data dir (1 and 20 MB artifacts, every cycle): for timing
+        runs, inside their own store, so that removing the store removes them."""
+        return {"WANDB_DATA_DIR": str(store / "wandb-data"), "WANDB_CACHE_DIR": str(store / "wandb-cache")}
+
+    def _subprocess_json(self, command: list[str], out: Path, log_file: Path,
+                         env: dict[str, str] | None = None) -> dict[str, Any]:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(log_file, "wb") as log_out:
             proc = subprocess.run(command, stdout=log_out, stderr=subprocess.STDOUT, cwd=self.dir,
-                                  env={**os.environ, **self.stores.env()})
+                                  env={**os.environ, **self.stores.env(), **(env or {})})
         if proc.returncode != 0 or not out.exists():
             tail = log_file.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
             return {"failed": f"exit code {proc.returncode}: {tail[0][:300]} (log: {log_file})"}
@@ -318,8 +354,10 @@ class Compare:
                        "--sizes", sizes, "--store", str(self.dir / "scaling" / f"{what}-{backend}"), "--out", str(out)]
             if backend == "mlflow-server" and self.server is not None:  # (else skipped above)
                 command += ["--uri", self.server.uri, "--db", str(self.server.folder / "server.db")]
-            result[what][backend] = self._subprocess_json(command, out,
-                                                          self.dir / "logs" / f"scaling-{what}-{backend}.log")
+            store = self.dir / "scaling" / f"{what}-{backend}"
+            log_file = self.dir / "logs" / f"scaling-{what}-{backend}.log"
+            result[what][backend] = self._subprocess_json(command, out, log_file, self._scratch_env(store))
+            shutil.rmtree(store, ignore_errors=True)  # the timing runs themselves: the numbers are kept
             log.info("compare: scaling %s %s done", what, backend)
         result["runs"]["wandb-offline"] = {
             "skipped": "not measurable offline: W&B keeps no local run index; "
@@ -331,23 +369,41 @@ class Compare:
         for name in sorted(self.records):
             for backend, record in self.records[name].items():
                 stored.setdefault(backend, record)
-        screenshot = self._screenshot_mlflow_ui()
+        screenshot, page = self._screenshot_mlflow_ui()
         self.report["capabilities"] = capabilities.observe(stored, self.report.get("latency", {}),
                                                            self.server.uri if self.server else None, self.dir,
-                                                           self.group, screenshot)
+                                                           self.group, screenshot, page)
 
-    def _screenshot_mlflow_ui(self) -> Path | None:
+    def _screenshot_mlflow_ui(self) -> tuple[Path | None, str | None]:
+        """The MLflow UI's page of a run this compare measured, in Model-training mode (``run_url``), rendered in
+        headless Chromium: an http store is shown by its own server, the private SQLite store by a second
+        ``mlflow server`` on it for the time of the screenshot."""
+        from cxrtrack.tracking.mlflow_store import is_http, run_url
+
         chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-        if not chromium or self.server is None:
-            return None
+        ref = next((m.runs["mlflow"] for m in self.runs if m.ok and (m.runs.get("mlflow") or {}).get("run_id")), None)
+        if not chromium or ref is None:
+            return None, None
         path = self.dir / "mlflow_ui.png"
-        with open(self.dir / "logs" / "chromium.log", "wb") as out:
-            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                            f"--user-data-dir={self.dir / 'stores' / 'chromium'}", "--window-size=1400,900",
-                            "--virtual-time-budget=15000", f"--screenshot={path}", self.server.uri + "/"],
-                           stdout=out, stderr=subprocess.STDOUT, timeout=120)
-        return path if path.exists() else None
+        viewer = None
+        try:
+            if is_http(ref["tracking_uri"]):
+                base = ref["tracking_uri"]
+            else:
+                viewer = MLflowServer(self.dir / "stores" / "ui", backend_store_uri=ref["tracking_uri"]).start()
+                base = viewer.uri
+            url = run_url(base, ref.get("experiment_id"), ref["run_id"])
+            with open(self.dir / "logs" / "chromium.log", "wb") as out:
+                subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                                f"--user-data-dir={self.dir / 'stores' / 'chromium'}", "--window-size=1400,900",
+                                "--virtual-time-budget=15000", f"--screenshot={path}", url],
+                               stdout=out, stderr=subprocess.STDOUT, timeout=120)
+        finally:
+            if viewer is not None:
+                viewer.stop()
+            shutil.rmtree(self.dir / "stores" / "chromium", ignore_errors=True)  # the browser profile: not evidence
+        return (path, url) if path.exists() else (None, url)
 
     def phase_effort(self) -> None:
         result = effort.measure_effort()

@@ -7,6 +7,7 @@ import base64
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def plot_overhead(report: dict, path: Path) -> bool:
         ax.bar(x + offset, med, 0.38, yerr=err, capsize=4, label=label, hatch=hatch,
                color=[COLORS.get(t, "grey") for t, _ in rows], edgecolor="black", alpha=0.85)
     ax.axhline(1.0, color="black", linewidth=1)
-    ax.axhline(1.01, color="red", linestyle="--", linewidth=1, label="+1 % target (training loop)")
+    ax.axhline(1.01, color="red", linestyle="--", linewidth=1, label="+1 % threshold (training loop)")
     ax.set_xticks(x, [t for t, _ in rows])
     ax.set_ylabel("time / time with no tracker")
     lows = [e[k]["min"] for _, e in rows for k in ("wall_ratio", "fit_ratio")]
@@ -233,10 +234,6 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """(title, note, header, rows) for every table of the report."""
     out = []
     meta = report["meta"]
-    out.append(("Targets", "The issue's performance targets, measured in this compare (not pass/fail tests).",
-                ["target", "measured", "met"],
-                [[t["target"], t["measured"], {True: "yes", False: "NO", None: "inconclusive"}[t["met"]]]
-                 for t in report.get("targets", [])]))
     results = report.get("results", {})
     keys = ["test/acc", "test/f1_macro", "test/recall_covid19", "test/recall_normal", "test/recall_viral_pneumonia",
             "test/roc_auc_ovr_macro"]
@@ -358,9 +355,13 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
                      f"{e['peak_rss_mb']['median']:.0f} MB", f"{e['peak_tree_rss_mb']['median']:.0f} MB",
                      ", ".join(f"{n} ({v['median']:.0f} MB)" for n, v in e["spawned"].items()) or "none"])
     imports = fp.get("imports", {})
-    out.append(("6. Footprint", "Import time in a fresh interpreter that already imported the training stack: "
+    out.append(("6. Footprint", "Peak RSS is the kernel's high-water mark of each process (VmHWM). 'With its "
+                "processes' adds the peak of every process the run kept running (W&B's service) to the training "
+                "process's own: an upper bound of the memory the run needed at once, never below the process's own "
+                "peak (report.json also keeps the sampled sum at one instant, every 0.2 s, a lower bound). "
+                "Import time in a fresh interpreter that already imported the training stack: "
                 + ", ".join(f"{k} {fmt_s(v['median_s'])}" for k, v in imports.items()) + ".",
-                ["tracker", "disk per run", "peak RSS (training process)", "peak RSS (with children)",
+                ["tracker", "disk per run", "peak RSS (training process)", "peak RSS (with its processes)",
                  "extra processes"], rows))
     rows = [[c["capability"], f"{c['mlflow']['status']}: {c['mlflow']['evidence']}",
              f"{c['wandb']['status']}: {c['wandb']['evidence']}"] for c in report.get("capabilities", [])]
@@ -383,12 +384,38 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
         note += f"; git clone {fmt_s(first['clone_s'])}; {first.get('install', '')}"
     out.append(("8. Integration effort", note + ".", ["backend", "code lines", "distinct client calls",
                                                       "workarounds (from `# workaround(...)` comments)"], rows))
+    out.append(("9. Fixed thresholds", "Each tracker against a fixed threshold: a training-loop overhead a user "
+                "would not notice (1 %), and a thin tracker layer over the raw client (10 %). Inconclusive when the "
+                "repeats cannot tell the difference from noise.", ["threshold", "measured", "result"],
+                [[t["target"], t["measured"], verdict(t["met"])] for t in report.get("targets", [])]))
+    load = report.get("load", {})
+    rows = [[r["run"], *[_load_cell(r[when]) for when in ("before", "after")]] for r in load.get("runs", [])]
+    out.append(("10. Machine load", (load.get("warning") or "The machine was idle enough around every run: no run "
+                f"started with more than {load.get('thresholds', {}).get('busy_pct', 25):.0f} % of the CPUs busy "
+                f"or more than {load.get('thresholds', {}).get('steal_pct', 5):.0f} % CPU steal.")
+                + " Load average (1 and 5 min), and over half a second the share of all CPUs busy (before a run: "
+                "other programs) and stolen by the hypervisor, just before and just after each run.",
+                ["run", "before", "after"], rows))
     rows = [[name, p["status"], fmt_s(p.get("seconds")), p.get("error", "")]
             for name, p in report.get("phases", {}).items()]
-    out.append(("Phases",
-                f"{'complete' if meta.get('complete') else 'INCOMPLETE: ' + str(meta.get('incomplete_reason'))}.",
+    disk = meta.get("disk") or {}
+    kept = (f" Kept on disk: {fmt_bytes(disk['kept_bytes'])} before the report files ("
+            + ", ".join(f"{k}/ {fmt_bytes(v)}" for k, v in disk.get("kept_by_part", {}).items()) + "); removed: "
+            + (", ".join(f"{k} {fmt_bytes(v)}" for k, v in disk.get("removed_bytes", {}).items()) or "nothing")
+            + ".") if "kept_bytes" in disk else ""
+    state = "complete" if meta.get("complete") else f"INCOMPLETE: {meta.get('incomplete_reason')}"
+    out.append(("Phases", f"{state}." + kept,
                 ["phase", "status", "time", "error"], rows))
     return out
+
+
+def _load_cell(x: dict[str, Any]) -> str:
+    if not x:
+        return "n/a"
+    num = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    return (f"load {num(x.get('load1'), '.2f')} / {num(x.get('load5'), '.2f')}, "
+            f"busy {num(x.get('busy_pct'), '.0f')} %, "
+            f"steal {num(x.get('steal_pct'), '.1f')} %")
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -408,12 +435,34 @@ def headline(report: dict) -> str:
             f"of {', '.join(meta.get('trackers', []))}, interleaved; compare took {fmt_s(meta.get('wall_s'))}.")
 
 
+TAKEAWAY_NOTE = ("Each answer below is computed from this report's own numbers (the section it cites). A timing "
+                 "names a winner only when the ranges over the repeats do not overlap; with one repeat the noise "
+                 "cannot be judged, so nothing is ranked.")
+
+
+def busy_warning(report: dict) -> str | None:
+    """'Busy machine: ...' when the machine was busy around a run, or 'Machine load not recorded: ...'."""
+    load = report.get("load") or {}
+    if load.get("busy"):
+        return "Busy machine: " + load["warning"]
+    if not load.get("runs") and report.get("runs"):
+        return "Machine load not recorded: whether the machine was busy cannot be told for these runs."
+    return None
+
+
 def write_markdown(report: dict, folder: Path, plots: list[str]) -> str:
     meta = report["meta"]
     parts = [f"# MLflow vs W&B: measured comparison{'' if meta.get('complete') else ' (INCOMPLETE)'}", "",
              headline(report), ""]
     if not meta.get("complete"):
         parts += [f"**Incomplete:** {meta.get('incomplete_reason')}.", ""]
+    if warning := busy_warning(report):
+        label, text = warning.split(": ", 1)
+        parts += [f"**{label}:** {text}", ""]
+    parts += ["## What to take away", "", TAKEAWAY_NOTE, ""]
+    for v in report.get("verdicts", []):
+        parts += [f"- **{v['question']}.** {v['answer']}  ", f"  _From the numbers ({v['section']}):_ {v['basis']}"]
+    parts += [""]
     for title, note, header, rows in sections(report):
         parts += [f"## {title}", "", note, "", _md_table(header, rows) if rows else "_nothing measured_", ""]
     parts += ["## Plots", ""]
@@ -437,18 +486,26 @@ def write_html(report: dict, folder: Path, plots: list[str]) -> None:
             f"<p class='meta'>{e(headline(report))}</p>"]
     if not meta.get("complete"):
         body.append(f"<p class='warn'>Incomplete: {e(str(meta.get('incomplete_reason')))}</p>")
+    if warning := busy_warning(report):
+        body.append(f"<p class='warn'>{e(warning)}</p>")
+    body.append(f"<h2>What to take away</h2><p>{e(TAKEAWAY_NOTE)}</p><dl class='verdicts'>")
+    for v in report.get("verdicts", []):
+        body.append(f"<dt>{e(v['question'])}</dt><dd><p class='answer'>{e(v['answer'])}</p>"
+                    f"<p class='basis'>From the numbers ({e(v['section'])}): {e(v['basis'])}</p></dd>")
+    body.append("</dl>")
     plot_after = {"2. Overhead": ["overhead.png", "epoch_times.png"],
                   "2b. Fixed costs per backend": ["fixed_costs.png"],
                   "3. Per-call latency": ["latency.png"], "4b. Cost vs work: runs in a store": ["scaling.png"],
                   "5. Fidelity": ["curves.png"], "6. Footprint": ["storage.png"],
                   "7. Capabilities, observed": ["mlflow_ui.png"]}
-    captions = {**PLOTS, "mlflow_ui.png": "The MLflow UI of this compare's server, rendered in headless Chromium"}
+    captions = {**PLOTS, "mlflow_ui.png": "A run this compare measured, on its page in the MLflow UI (Model-training "
+                                          "mode), rendered in headless Chromium"}
     for title, note, header, rows in sections(report):
         body.append(f"<h2>{e(title)}</h2><p>{e(note)}</p>")
         if rows:
             body.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr></thead><tbody>")
             for row in rows:
-                cls = " class='bad'" if any(str(c).startswith(("FAILED", "NO")) or str(c) == "no" for c in row) else ""
+                cls = " class='bad'" if any(str(c).startswith("FAILED") for c in row) else ""
                 body.append(f"<tr{cls}>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>")
             body.append("</tbody></table>")
         for name in plot_after.get(title, []):
@@ -458,22 +515,34 @@ def write_html(report: dict, folder: Path, plots: list[str]) -> None:
              "color:#222}table{border-collapse:collapse;width:100%;font-size:13px;margin:.5em 0 1.5em}"
              "th,td{border:1px solid #ccc;padding:4px 6px;text-align:left;vertical-align:top}th{background:#f3f3f3}"
              "tr.bad td{background:#fff0f0}figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}"
-             "figcaption{font-size:12px;color:#555}.meta{color:#555}.warn{color:#b00;font-weight:bold}")
+             "figcaption{font-size:12px;color:#555}.meta{color:#555}.warn{color:#b00;font-weight:bold}"
+             ".verdicts dt{font-weight:bold;margin-top:.8em}.verdicts dd{margin:0 0 0 1em}.verdicts p{margin:.2em 0}"
+             ".verdicts .basis{font-size:13px;color:#555}")
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>MLflow vs W&amp;B comparison"
             f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
     (folder / "report.html").write_text(page, encoding="utf-8")
 
 
+def _wrap(text: str, width: int, indent: str = "  ") -> list[str]:
+    """A long line broken between words, continued indented: the terminal never gets a line cut with '...'."""
+    return textwrap.wrap(text, width, subsequent_indent=indent, break_long_words=True, break_on_hyphens=False) or [""]
+
+
 def terminal_summary(report: dict, width: int = 100) -> str:
     meta = report["meta"]
-    lines = ["=" * width, "MLflow vs W&B" + ("" if meta.get("complete") else "  (INCOMPLETE: "
-                                             + str(meta.get("incomplete_reason")) + ")"), "=" * width]
+    lines = ["=" * width, *_wrap("MLflow vs W&B" + ("" if meta.get("complete") else "  (INCOMPLETE: "
+                                                    + str(meta.get("incomplete_reason")) + ")"), width), "=" * width]
+    if warning := busy_warning(report):
+        lines += _wrap(warning, width)
+    for v in report.get("verdicts", []):
+        lines += _wrap(f"- {v['question']}: {v['answer']}", width)
+    lines.append("-" * width)
     results = report.get("results", {})
     if results:
-        lines.append(("Model results identical across trackers. " if results.get("identical") else
-                      "Model results DIFFER across trackers. ") + "test acc: " + ", ".join(
+        lines += _wrap(("Model results identical across trackers. " if results.get("identical") else
+                        "Model results DIFFER across trackers. ") + "test acc: " + ", ".join(
             f"{t} {v['test/acc']['median']:.3f}" for t, v in results.get("by_tracker", {}).items()
-            if v["test/acc"]["median"] is not None))
+            if v["test/acc"]["median"] is not None), width)
     lines.append(f"{'tracker':<8}{'whole run':>12}{'train loop':>12}{'extra s':>10}{'peak RSS':>10}"
                  f"{'disk/run':>11}{'lost':>6}")
     fidelity_lost: dict[str, int] = {}
@@ -486,7 +555,7 @@ def terminal_summary(report: dict, width: int = 100) -> str:
             continue
         fp = report.get("footprint", {}).get(tracker, {})
         if e.get("status") != "ok":
-            lines.append(f"{tracker:<8}  {e.get('status')}: {e.get('reason')}"[:width])
+            lines += _wrap(f"{tracker:<8}  {e.get('status')}: {e.get('reason')}", width, " " * 10)
             continue
         lines.append(f"{tracker:<8}{pct(e['wall_ratio']['median']):>12}{pct(e['fit_ratio']['median']):>12}"
                      f"{e['extra_wall_s']['median']:>9.1f}s{fp.get('peak_rss_mb', {}).get('median', 0):>8.0f}MB"
@@ -494,14 +563,13 @@ def terminal_summary(report: dict, width: int = 100) -> str:
                      f"{fidelity_lost.get(tracker, 0):>6}")
     lat = report.get("latency", {})
     if lat:
-        lines.append("log_metrics per call (layer / raw median): " + "; ".join(
+        lines += _wrap("log_metrics per call (layer / raw median): " + "; ".join(
             f"{b} {fmt_s(r['ops']['log_metrics']['layer']['median_s'])}/"
             f"{fmt_s(r['ops']['log_metrics']['raw']['median_s'])}"
             if isinstance(r, dict) and r.get("ops") else f"{b} {'skipped' if 'skipped' in r else 'FAILED'}"
-            for b, r in lat.items()))
+            for b, r in lat.items()), width)
     for t in report.get("targets", []):
-        lines.append(f"[{verdict(t['met'])}] {t['target']}: {t['measured']}")
-    lines = [line if len(line) <= width else line[: width - 3] + "..." for line in lines]
+        lines += _wrap(f"[{verdict(t['met'])}] {t['target']}: {t['measured']}", width)
     return "\n".join(lines)
 
 

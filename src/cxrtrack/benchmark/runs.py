@@ -5,8 +5,8 @@ none, mlflow, ... so that slow drifts of a noisy machine hit every tracker alike
 start-up costs count as a user pays them. For each run we keep: the exit code, wall time seen from
 outside, the run's own ``timings.json`` (training loop, tracker start, per-epoch logging, final
 logging, finish, per-call costs), ``tracked.json`` (what it sent), peak RSS of the training process
-and of its whole process tree, the extra processes it spawned (W&B's service), and the bytes each
-store grew by.
+and of its process tree, the extra processes it spawned (W&B's service), the bytes each store grew by,
+and the machine's load just before and just after it (load average, CPU busy and steal shares).
 """
 
 from __future__ import annotations
@@ -75,6 +75,40 @@ def disk_bytes(path: Path) -> int:
     return total
 
 
+def _cpu_times() -> list[int] | None:
+    """The aggregate ``cpu`` line of /proc/stat (user nice system idle iowait irq softirq steal ...), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    return [int(x) for x in fields[1:9]] if fields and fields[0] == "cpu" else None
+
+
+def machine_load(window: float = 0.5) -> dict[str, float | None]:
+    """The machine's load now: load averages, and over ``window`` seconds the share of all cores that was busy
+    (anything but idle and iowait) and stolen by the hypervisor (steal). Taken while no training runs, busy is
+    what other programs use."""
+    load1: float | None
+    load5: float | None
+    try:
+        load1, load5, _ = os.getloadavg()
+    except OSError:
+        load1 = load5 = None
+    first = _cpu_times()
+    time.sleep(window)
+    second = _cpu_times()
+    busy = steal = None
+    if first and second:
+        delta = [b - a for a, b in zip(first, second, strict=True)]
+        total = sum(delta)
+        if total > 0:
+            idle = delta[3] + delta[4]
+            steal = 100.0 * delta[7] / total
+            busy = 100.0 * (total - idle - delta[7]) / total
+    return {"load1": load1, "load5": load5, "busy_pct": busy, "steal_pct": steal}
+
+
 @dataclass
 class RunMeasurement:
     tracker: str
@@ -82,8 +116,14 @@ class RunMeasurement:
     run_name: str
     exit_code: int | None = None
     wall_s: float = 0.0
-    peak_rss_mb: float = 0.0  # the training process itself
-    peak_tree_rss_mb: float = 0.0  # training process + every process it started, at the same instant
+    peak_rss_mb: float = 0.0  # the training process itself (the kernel's high-water mark)
+    # the training process's peak + the peak of every lasting process it started (each the kernel's high-water
+    # mark): an upper bound of the tree's peak, never below the process's own; the sampled sum at one instant,
+    # a lower bound that can miss a short spike, is kept beside it
+    peak_tree_rss_mb: float = 0.0
+    peak_tree_sampled_mb: float = 0.0
+    load_before: dict[str, float | None] = field(default_factory=dict)  # machine_load() just before the run
+    load_after: dict[str, float | None] = field(default_factory=dict)  # and just after it
     spawned: dict[str, float] = field(default_factory=dict)  # lasting extra process name -> its peak RSS (MB)
     brief_children: dict[str, int] = field(default_factory=dict)  # short-lived subprocesses (git, ...) -> count
     store_bytes: dict[str, int] = field(default_factory=dict)  # growth of each store part during the run
@@ -100,14 +140,15 @@ class RunMeasurement:
 
 
 class _Sampler(threading.Thread):
-    """Samples the RSS of a process and its descendants every ``interval`` seconds."""
+    """Samples the RSS of a process and its descendants every ``interval`` seconds, and each one's peak RSS as the
+    kernel counts it (``VmHWM`` in /proc/<pid>/status), so a spike between two samples is not missed."""
 
     def __init__(self, pid: int, interval: float = 0.2):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.stop_event = threading.Event()
         self.peak_main = self.peak_tree = 0
-        self.children: dict[int, list] = {}  # pid -> [name, samples seen, peak rss]
+        self.children: dict[int, list] = {}  # pid -> [name, samples seen, peak rss (high-water mark when readable)]
 
     def spawned(self, min_samples: int = 3) -> tuple[dict[str, int], dict[str, int]]:
         """(long-lived children: name -> peak RSS, short-lived ones such as `git`: name -> count)."""
@@ -120,6 +161,10 @@ class _Sampler(threading.Thread):
                 brief[name] = brief.get(name, 0) + 1
         return lasting, brief
 
+    def lasting_peaks_sum(self, min_samples: int = 3) -> int:
+        """Sum over the lasting children (each pid) of their own peak RSS."""
+        return sum(rss for _, seen, rss in self.children.values() if seen >= min_samples)
+
     def run(self) -> None:
         try:
             main = psutil.Process(self.pid)
@@ -128,6 +173,7 @@ class _Sampler(threading.Thread):
         while not self.stop_event.is_set():
             try:
                 rss_main = main.memory_info().rss
+                self.peak_main = max(self.peak_main, rss_main, high_water_mark(self.pid))
                 tree = rss_main
                 for child in main.children(recursive=True):
                     try:
@@ -136,13 +182,24 @@ class _Sampler(threading.Thread):
                     except psutil.Error:
                         continue
                     entry[1] += 1
-                    entry[2] = max(entry[2], rss)
+                    entry[2] = max(entry[2], rss, high_water_mark(child.pid))
                     tree += rss
-                self.peak_main = max(self.peak_main, rss_main)
                 self.peak_tree = max(self.peak_tree, tree)
             except psutil.Error:
                 return
             self.stop_event.wait(self.interval)
+
+
+def high_water_mark(pid: int) -> int:
+    """The process's peak RSS in bytes as the kernel counts it (VmHWM), 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 REGISTERED_MODEL = "CustomCXRNet-compare"
@@ -169,6 +226,7 @@ def measure_run(command: list[str], tracker: str, repeat: int, run_name: str, st
     logs.mkdir(parents=True, exist_ok=True)
     m.log_file = str(logs / f"{run_name}.log")
     before = stores.sizes()
+    m.load_before = machine_load()
     child_env = {**os.environ, **stores.env(), **(env or {})}
     with open(m.log_file, "wb") as out:
         start = time.perf_counter()
@@ -191,8 +249,10 @@ def measure_run(command: list[str], tracker: str, repeat: int, run_name: str, st
             sampler.join()
         m.wall_s = time.perf_counter() - start
         process.returncode = m.exit_code = os.waitstatus_to_exitcode(status)
+    m.load_after = machine_load()
     m.peak_rss_mb = max(usage.ru_maxrss / 1024, sampler.peak_main / 2**20)
-    m.peak_tree_rss_mb = sampler.peak_tree / 2**20
+    m.peak_tree_sampled_mb = sampler.peak_tree / 2**20
+    m.peak_tree_rss_mb = m.peak_rss_mb + sampler.lasting_peaks_sum() / 2**20
     lasting, brief = sampler.spawned()
     m.spawned = {name: round(rss / 2**20, 1) for name, rss in lasting.items()}
     m.brief_children = brief

@@ -31,8 +31,10 @@ def free_port() -> int:
 class MLflowServer:
     """``with MLflowServer(folder) as server: server.uri`` -> ``http://127.0.0.1:<port>``."""
 
-    def __init__(self, folder: str | Path, port: int | None = None, start_timeout: float = 90.0):
+    def __init__(self, folder: str | Path, port: int | None = None, start_timeout: float = 90.0,
+                 backend_store_uri: str | None = None):
         self.folder = Path(folder)
+        self.backend_store_uri = backend_store_uri  # None: its own sqlite file in ``folder``
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.start_timeout = start_timeout
@@ -53,7 +55,7 @@ class MLflowServer:
         mlflow = Path(sys.executable).with_name("mlflow")
         command = [
             str(mlflow) if mlflow.exists() else "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{(self.folder / 'server.db').resolve()}",
+            "--backend-store-uri", self.backend_store_uri or f"sqlite:///{(self.folder / 'server.db').resolve()}",
             "--artifacts-destination", str((self.folder / "server-artifacts").resolve()),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]
