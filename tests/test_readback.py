@@ -69,3 +69,22 @@ def test_the_diff_catches_a_dropped_point_a_changed_param_and_a_missing_artifact
         assert [m.split(":")[0] for m in sections["params"].mismatched] == ["training.lr"], tracker.name
         assert sections["artifacts"].missing == ["history.json"], tracker.name
         assert total_lost(sections) == 3, tracker.name
+
+
+def test_a_tag_set_from_an_epoch_callback_reaches_tracked_json_as_it_reaches_the_store(tiny_cfg):
+    """A pruned tuning trial tags its run from Optuna's epoch callback (trial_state PRUNED): tracked.json, the
+    group's record of what was sent, holds every call the store got, not only the ones the run code wrote down."""
+    from cxrtrack.training.trainer import StopTraining
+
+    group = build_tracker("mlflow", tiny_cfg)
+    pruned = {"trial_state": "PRUNED", "pruned_at_epoch": "1"}
+
+    def prune(epoch, row):
+        group.set_tags(pruned)
+        raise StopTraining("pruned")
+
+    result = run_experiment(tiny_cfg, tracker=group, callbacks=(prune,))
+    sent = RunRecord.from_json((result.run_dir / "tracked.json").read_text())
+    stored = read_back(group.trackers[0])
+    assert pruned.items() <= stored.tags.items() and pruned.items() <= sent.tags.items()
+    assert total_lost(diff_records(sent, stored, "mlflow")) == 0 and [s for s, _ in sent.metrics["val/loss"]] == [1]

@@ -16,6 +16,7 @@ import pytest
 
 from cxrtrack.config import set_dotted
 from cxrtrack.errors import CXRError
+from cxrtrack.tracking.readback import RunRecord, diff_records, read_mlflow
 from tests.conftest import ROOT, wandb_leet
 
 pytestmark = pytest.mark.slow
@@ -41,6 +42,8 @@ def test_interrupted_run_resumes_into_the_same_tracked_runs(tmp_path, tiny_cfg):
 
     # the reference: four epochs without a stop
     straight = run_experiment(configured(tiny_cfg, tmp_path, "straight", **{"tracking.tracker": "none"}))
+    sent = RunRecord.from_json((straight.run_dir / "tracked.json").read_text())  # written with no tracker too
+    assert sent.extra["runs"] == {} and [s for s, _ in sent.metrics["val/loss"]] == [1, 2, 3, 4]
 
     def stop_after_two(epoch, row):
         if epoch == 2:
@@ -72,6 +75,11 @@ def test_interrupted_run_resumes_into_the_same_tracked_runs(tmp_path, tiny_cfg):
         [r["val/loss"] for r in second.fit.history])
     assert run.data.metrics["test/acc"] == pytest.approx(second.test.metrics["acc"])
     assert len(client.search_runs([run.info.experiment_id])) == 1  # no second run was created
+    # tracked.json holds the whole run, the epochs of the first part included, as the store does
+    sent = RunRecord.from_json((second.run_dir / "tracked.json").read_text())
+    assert [s for s, _ in sent.metrics["val/loss"]] == [1, 2, 3, 4] and sent.extra["runs"]["mlflow"]["run_id"] == mlflow_id
+    points = diff_records(sent, read_mlflow(cfg["tracking"]["mlflow"]["tracking_uri"], mlflow_id), "mlflow")["metric_points"]
+    assert not points.lost and points.found == sum(len(v) for v in sent.metrics.values())
 
     # W&B (offline): the second part is a new folder with the same run id; together they hold epochs 1-4 once
     first_dir, second_dir = first.tracker.trackers[1].run_dir, second.tracker.trackers[1].run_dir

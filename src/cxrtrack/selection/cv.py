@@ -229,10 +229,8 @@ def run_cv(
         run.save_config()
         if rows:
             tracker.log_table("cv/folds", rows)
-            run.record.tables["cv/folds"] = len(rows)
         run.publish(tracker)
         tracker.set_tags({"cv_final_model": final or "none"})
-        run.tags["cv_final_model"] = final or "none"
         run.end(tracker, status)
     timings["fit_s"] = sum(r.timings.get("fit_s", 0.0) for r in folds)
     run.write_record(tracker)
@@ -242,7 +240,7 @@ def run_cv(
                     best_metrics={key: s["mean"] for key, s in stats.items() if key.startswith("val/")},
                     stop_reason=stopped.get("reason"))
     _log_outcome(name, status, stats, epoch, final, test_report, run.dir, tracker, summary)
-    return CVResult(name, run.dir, status, folds, stats, epoch, final, fit, test_report, retrain, run.record, summary,
+    return CVResult(name, run.dir, status, folds, stats, epoch, final, fit, test_report, retrain, tracker.record, summary,
                     tracker, timings)
 
 

@@ -114,11 +114,10 @@ def run_seeds(
         run.save("seeds_summary.json", json.dumps({"seeds": seeds, "stats": stats, "runs": rows}, indent=2, default=str))
         if rows:
             tracker.log_table("seeds/runs", rows)
-            run.record.tables["seeds/runs"] = len(rows)
         run.publish(tracker)
         run.end(tracker, status)
     run.write_record(tracker)
-    result = SeedsResult(name, run.dir, status, seeds, runs, stats, summary, run.record, tracker)
+    result = SeedsResult(name, run.dir, status, seeds, runs, stats, summary, tracker.record, tracker)
     for key in ("test/acc", "test/f1_macro", "test/roc_auc_ovr_macro", "oof/acc", "oof/f1_macro"):
         if key in stats:
             log.info("Seed study %s: %s", name, result.line(key))

@@ -2,7 +2,7 @@
 
 One :class:`RunRecord` shape serves both sides:
 
-- ``run_experiment`` builds the record of what it *sent* (``outputs/<run>/tracked.json``);
+- the tracker group records what a run *sent* (``group.record``, written as ``outputs/<run>/tracked.json``);
 - :func:`read_mlflow` reads a run from an MLflow store through ``MlflowClient``;
 - :func:`read_wandb` reads an offline W&B run through ``wandb leet inspect --json`` (the only way to
   read an offline run without the W&B server);

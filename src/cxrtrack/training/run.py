@@ -144,7 +144,6 @@ def _prepare(cfg: dict[str, Any], data: CXRData | DataCache | None, device: torc
     summary = data.summary()
     run = open_run(cfg, derived_config(cfg, summary, model.num_parameters(), device), device=device.type, data=data,
                    at=(resume.run_name, resume.run_dir) if resume is not None else None, t0=t0, timings=timings)
-    run.record.extra["dataset"] = dataset_lineage(data)
     log.info("Run %s: CustomCXRNet with %s parameters on %s; tracking: %s",
              run.name, f"{model.num_parameters():,}", device, ", ".join(tracker.names) or "none")
 
@@ -161,9 +160,6 @@ def _prepare(cfg: dict[str, Any], data: CXRData | DataCache | None, device: torc
                       loggers=(_epoch_logger(tracker, run),))  # the trackers get each epoch before any file of it
     if resume is not None:
         trainer.resume_from = resume.state
-        for row in resume.state["history"]:  # logged before the interruption: the record holds the whole run
-            for key, value in _epoch_metrics(row).items():
-                run.record.metrics.setdefault(key, []).append((int(row["epoch"]), value))
     return _Experiment(cfg, data, run, trainer)
 
 
@@ -189,28 +185,27 @@ def _epoch_logger(tracker: TrackerGroup, run: OpenRun) -> EpochCallback:
     """The trackers' epoch callback (the trainer knows nothing about trackers)."""
 
     def log_epoch(epoch: int, row: dict[str, float]) -> None:
-        metrics = _epoch_metrics(row)
         with timed(run.timings, "epoch_logging_s"):
-            tracker.log_metrics(metrics, step=epoch)
-        for key, value in metrics.items():
-            run.record.metrics.setdefault(key, []).append((epoch, value))
+            tracker.log_metrics(_epoch_metrics(row), step=epoch)
 
     return log_epoch
 
 
 def _before_training(exp: _Experiment, tracker: TrackerGroup) -> None:
-    """Where the tracked runs are (for --resume), the data's lineage, one augmented batch, the skipped files."""
+    """Where the tracked runs are (--resume), a resumed run's earlier epochs, the data's lineage, a batch, skipped files."""
     run, data = exp.run, exp.data
     try:  # tracked.json is only written at the end
         write_runs_file(run.dir, run.name, {t.name: t.run_ref() for t in tracker.trackers})
     except OSError as exc:
         run.files.lost_file(RUNS_FILE, exc)
+    for row in (exp.trainer.resume_from or {}).get("history", []):  # in the stores already: into the record only
+        tracker.recorder.log_metrics(_epoch_metrics(row), int(row["epoch"]))
     tracker.log_dataset(dataset_lineage(data))
     name = "samples/train_batch_augmented.png"
     montage = run.files.write(name, lambda tmp: _train_batch_montage(example_batch(data, exp.trainer.loaders),
                                                                      exp.cfg["data"], tmp))
     if montage is not None:
-        run.log_image(tracker, montage, name, caption="augmented training images as the model sees them")
+        tracker.log_image(montage, name, caption="augmented training images as the model sees them")
     if data.skipped:
         run.save("skipped_files.txt", skipped_report(data.skipped), "data/skipped_files.txt")  # escaped: one line each
 
@@ -265,8 +260,8 @@ def _finish(exp: _Experiment, tracker: TrackerGroup, fit: FitResult, test: TestR
              timings["test_eval_s"], timings["report_upload_s"], timings["model_export_s"], timings["tracker_end_s"])
     log.log(logging.WARNING if problems else logging.INFO, "%s in %.1fs. Local files: %s. %s",
             final_word(run.name, status, tracker, problems), timings["total_s"], run.dir, tracker.describe())
-    return RunResult(run.name, run.dir, status, fit, test, run.record.params, run.tags, run.artifacts, tracker, timings,
-                     run.record, problems)
+    return RunResult(run.name, run.dir, status, fit, test, tracker.record.params, run.tags, run.artifacts, tracker,
+                     timings, tracker.record, problems)
 
 
 def _describe_run(cfg: dict[str, Any], data: CXRData) -> str:

@@ -4,13 +4,14 @@
 In the order a run uses them:
 
 - :func:`open_run`: the run's name and its own new folder, its nested config (the secret-free config plus
-  what was derived at run time), its tags and the record of what it sends (``RunRecord``);
+  what was derived at run time) and its tags;
 - :meth:`OpenRun.start`: the trackers open the run (``RunInfo``);
 - :func:`publish_test`: the test evaluation's report files, plots, predictions table and model, with the
   registration plan of :mod:`cxrtrack.tracking.registry` (one rule for every path that logs a model);
 - :meth:`OpenRun.publish`: the summary, the images and files collected on the way;
 - :meth:`OpenRun.end`, :meth:`OpenRun.write_record`: the final status, then ``tracked.json`` (what was
-  sent) and ``timings.json`` (what each phase and each tracker call cost).
+  sent: the tracker group's record, ``group.record``) and ``timings.json`` (what each phase and each tracker
+  call cost).
 
 Each step times itself into ``OpenRun.timings`` (``tracker_start_s``, ``report_upload_s``,
 ``model_export_s``, ``tracker_end_s``, ``total_s``).
@@ -30,13 +31,12 @@ from typing import Any
 import numpy as np
 import yaml
 
-from cxrtrack.config import deep_merge, flatten
+from cxrtrack.config import deep_merge
 from cxrtrack.data.dataset import CXRData, DataCache, build_data
 from cxrtrack.errors import CXRError, TrackerError
 from cxrtrack.provenance import environment_tags, git_info, scrub_secrets
 from cxrtrack.tracking import TrackerGroup, registry
 from cxrtrack.tracking.base import RunInfo, display_name
-from cxrtrack.tracking.readback import RunRecord
 from cxrtrack.utils import atomic_write, timed
 
 log = logging.getLogger(__name__)
@@ -143,14 +143,13 @@ def child_parents(tracker: TrackerGroup, parents: dict[str, str] | None) -> dict
 
 @dataclass
 class OpenRun:
-    """One run from :func:`open_run` to :meth:`write_record`: what it is and what it has sent so far."""
+    """One run from :func:`open_run` to :meth:`write_record`: what it is and what it has yet to send."""
 
     name: str
     dir: Path
     safe_cfg: dict[str, Any]  # the only form of the config that leaves this process (trackers, files)
     config: dict[str, Any]  # nested, as RunInfo carries it (MLflow flattens it into params)
     tags: dict[str, str]
-    record: RunRecord
     files: RunFiles
     t0: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
@@ -184,32 +183,26 @@ class OpenRun:
     def save_config(self) -> None:
         self.save("config.yaml", yaml.safe_dump(self.safe_cfg, sort_keys=False))
 
-    def log_image(self, tracker: TrackerGroup, path: Path, name: str, caption: str | None = None) -> None:
-        tracker.log_image(path, name, caption)
-        self.record.images.append(name)
-
     def publish(self, tracker: TrackerGroup) -> None:
         """The summary, then the images and files collected in :attr:`images` and :attr:`artifacts`."""
         with timed(self.timings, "report_upload_s"):
             if self.summary:
                 tracker.log_summary(self.summary)
             for name, path in self.images.items():
-                self.log_image(tracker, path, name)
+                tracker.log_image(path, name)
             for name, path in self.artifacts.items():
                 tracker.log_artifact(path, str(Path(name).parent) if "/" in name else None)
 
     def end(self, tracker: TrackerGroup, status: str) -> None:
-        self.record.summary, self.record.status = self.summary, status
-        self.record.artifacts, self.record.images = sorted(self.artifacts), sorted(self.record.images)
         with timed(self.timings, "tracker_end_s"):
             tracker.end_run(status)
 
     def write_record(self, tracker: TrackerGroup) -> None:
-        """tracked.json (what the trackers were sent, each backend's run reference) and timings.json."""
+        """tracked.json (the group's record of what was sent, with each backend's run reference) and timings.json."""
         self.timings["total_s"] = time.perf_counter() - self.t0
-        self.record.extra = {**self.record.extra, "runs": {t.name: t.run_ref() for t in tracker.trackers},
-                             "unsaved": {display_name(k): v for k, v in tracker.problems().items()}}
-        self.files.text("tracked.json", self.record.to_json())
+        tracker.record.extra.update(runs={t.name: t.run_ref() for t in tracker.trackers},
+                                    unsaved={display_name(k): v for k, v in tracker.problems().items()})
+        self.files.text("tracked.json", tracker.record.to_json())
         self.files.text("timings.json", json.dumps({"trackers": tracker.names, **self.timings,
                                                     "calls": tracker.call_summary()}, indent=2))
 
@@ -232,8 +225,7 @@ def open_run(cfg: dict[str, Any], derived: dict[str, Any], *, device: str | None
         run_tags.update(dataset_source=data.source, dataset_fingerprint=data.fingerprint)
     run_tags.update({"config": cfg.get("config_name", ""), "model": "CustomCXRNet", **(tags or {}),
                      **{str(k): str(v) for k, v in safe_cfg["tracking"]["tags"].items()}})
-    record = RunRecord(name=name, params=flatten(config), tags=run_tags)
-    return OpenRun(name, run_dir, safe_cfg, config, run_tags, record, RunFiles(run_dir),
+    return OpenRun(name, run_dir, safe_cfg, config, run_tags, RunFiles(run_dir),
                    t0=time.perf_counter() if t0 is None else t0, timings={} if timings is None else timings)
 
 
@@ -248,9 +240,8 @@ def publish_test(run: OpenRun, tracker: TrackerGroup, cfg: dict[str, Any], data:
     run.artifacts.update({f"reports/{paths[key].name}": paths[key] for key in TEST_FILES})
     with timed(run.timings, "report_upload_s"):
         for name in TEST_PLOTS:
-            run.log_image(tracker, paths[name], f"plots/{name}")
+            tracker.log_image(paths[name], f"plots/{name}")
         tracker.log_predictions(report.predictions)
-        run.record.tables["test/predictions"] = len(report.predictions.y_true)
     if not cfg["tracking"]["log_model"]:
         return
     with timed(run.timings, "model_export_s"):
@@ -259,4 +250,3 @@ def publish_test(run: OpenRun, tracker: TrackerGroup, cfg: dict[str, Any], data:
             cfg, facts, source=data.source, fingerprint=data.fingerprint, run_name=run.name,
             git_commit=run.tags.get("git_commit", "unknown"), test_metrics=report.tracked_metrics(),
             test_split=data.test_split))
-    run.record.models.append("CustomCXRNet")
