@@ -11,7 +11,6 @@ import pytest
 from cxrtrack.tracking import build_tracker
 from cxrtrack.tracking.readback import RunRecord, diff_records, read_mlflow, read_wandb, total_lost
 from cxrtrack.training.run import run_experiment
-from tests.test_tracker_protocol import assert_same_record
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +26,6 @@ def test_both_stores_hold_everything_the_trainer_sent(tiny_cfg):
     result = run_experiment(tiny_cfg)
     sent = RunRecord.from_json((result.run_dir / "tracked.json").read_text())
     assert sent.metrics == result.record.metrics  # tracked.json is the record, faithfully written
-    assert_same_record(result.tracker.record, sent)  # the group's RecordingTracker holds the same record
     assert len(sent.metrics["val/loss"]) == tiny_cfg["training"]["epochs"]
     assert sent.tables == {"test/predictions": len(result.test.predictions.y_true)}
     for tracker in result.tracker.trackers:
