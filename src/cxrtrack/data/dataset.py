@@ -249,8 +249,8 @@ def scan_class_folder(folder: Path, root: Path, max_bytes: int) -> tuple[list[Pa
             skipped.append(SkippedFile(path, f"cannot read the file ({reason})"))
             continue
         if link and not target.is_relative_to(root):
-            skipped.append(SkippedFile(path, f"a link to {target}, outside the dataset folder {root} (only files inside "
-                                             f"it are read; copy the file in instead)"))
+            skipped.append(SkippedFile(path, f"a link to {target}, outside the dataset folder {root} (only files "
+                                             f"inside it are read; copy the file in instead)"))
         elif stat.S_ISDIR(info.st_mode):
             what = "a link to a folder" + (" that contains it (a loop)" if path.parent.resolve().is_relative_to(target)
                                           else "") if link else "a folder"

@@ -195,7 +195,8 @@ class Spool:
                 if i == len(lines) - 1:
                     log.warning("Spool %s: ignoring its last record, cut short when the process stopped.", self.root)
                     break
-                raise SpoolError(f"{self.journal} line {i + 1} is damaged; fix or remove that line, then replay again.") from None
+                raise SpoolError(
+                    f"{self.journal} line {i + 1} is damaged; fix or remove that line, then replay again.") from None
         return out
 
     def done(self) -> set[int]:
@@ -248,8 +249,8 @@ def spool_file(root: Path, value: Any) -> Path:
                            f"spool names the copies of its files by their path inside that folder)")
     path = (base / value).resolve()
     if not path.is_relative_to(base):
-        raise SpoolRefused(f"{Path(root) / 'journal.jsonl'} names the file {value!r}, which leads to {path}, outside its "
-                           f"own folder {base} (a '..' or a link out of it)")
+        raise SpoolRefused(f"{Path(root) / 'journal.jsonl'} names the file {value!r}, which leads to {path}, "
+                           f"outside its own folder {base} (a '..' or a link out of it)")
     return path
 
 
@@ -263,7 +264,8 @@ def check_record(root: Path, record: dict[str, Any]) -> None:
     try:
         args = arguments_of(record)
     except (KeyError, TypeError, ValueError) as exc:
-        raise SpoolRefused(f"record {record.get('seq')} of {Path(root) / 'journal.jsonl'} is malformed ({exc!r})") from None
+        raise SpoolRefused(
+            f"record {record.get('seq')} of {Path(root) / 'journal.jsonl'} is malformed ({exc!r})") from None
     for name, value in args.items():
         if kept.get(name) in (FILE, ARRAY):
             spool_file(root, value)
@@ -353,9 +355,9 @@ class SpoolingTracker(BaseTracker):
         if isinstance(self.inner, Attachable):
             self.inner.abandon()
         pending = self.spool.pending()
-        log.warning("%s: the store did not answer at the end of the run: %d call(s), the final status (%s) last, wait in "
-                    "%s; `make replay` sends them in order when it answers.", display_name(self.name), len(pending),
-                    status, self.spool.root)
+        log.warning("%s: the store did not answer at the end of the run: %d call(s), the final status (%s) last, "
+                    "wait in %s; `make replay` sends them in order when it answers.", display_name(self.name),
+                    len(pending), status, self.spool.root)
 
     # -- the calls --------------------------------------------------------------------------------
     def _call(self, method: str, *args, **kwargs) -> None:

@@ -92,7 +92,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]):
     if name == "cosine":
         main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"] - warmup)
     elif name == "step":
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["scheduler_step_size"], gamma=cfg["scheduler_factor"])
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["scheduler_step_size"],
+                                               gamma=cfg["scheduler_factor"])
     elif warmup:
         main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     else:
@@ -227,12 +228,14 @@ class Trainer:
     def _non_finite(self, what: str, value: float, epoch: int, batch: int | None = None) -> NonFiniteLossError:
         where = f"epoch {epoch}" + (f", batch {batch}" if batch else "")
         clip = self.cfg.get("grad_clip_norm")
+        clipping = (f"gradients that explode despite clipping at {clip}" if clip
+                    else "no gradient clipping (training.grad_clip_norm=null; try 5.0)")
+        best = "of an earlier epoch is kept" if self.best_epoch else "was never written"
         return NonFiniteLossError(
             f"Training stopped at {where}: the {what} is {value} (not a finite number), so nothing after this point "
-            f"can be trusted. Likely causes: a learning rate too high for this model (training.lr={self.cfg['lr']}; try "
-            f"10x lower), {'no gradient clipping (training.grad_clip_norm=null; try 5.0)' if not clip else f'gradients that explode despite clipping at {clip}'}, "
-            f"or inputs that overflow (check data.normalize_std). The run is marked FAILED; the best checkpoint "
-            f"{'of an earlier epoch is kept' if self.best_epoch else 'was never written'} (weights that are not finite are never saved)."
+            f"can be trusted. Likely causes: a learning rate too high for this model (training.lr={self.cfg['lr']}; "
+            f"try 10x lower), {clipping}, or inputs that overflow (check data.normalize_std). The run is marked "
+            f"FAILED; the best checkpoint {best} (weights that are not finite are never saved)."
         )
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -248,7 +251,8 @@ class Trainer:
         weights = self.recipe.weights().state_dict()  # the averaged weights when EMA/SWA is on
         bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
-            raise self._non_finite(f"model weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})", float("nan"), epoch)
+            names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise self._non_finite(f"model weights ({names})", float("nan"), epoch)
         state = {
             "model_state": weights,
             "weights": self.recipe.weights_kind,
@@ -362,7 +366,8 @@ class Trainer:
                     else:
                         stale += 1
                     log.info(
-                        "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e | %.1fs %.0f img/s%s",
+                        "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e "
+                        "| %.1fs %.0f img/s%s",
                         epoch, self.cfg["epochs"], row["train/loss"], row["train/acc"], row.get("val/loss", math.nan),
                         row.get("val/acc", math.nan), row.get("val/f1_macro", math.nan), lr, row["epoch_time_s"],
                         row["train/images_per_s"], mark,
@@ -399,6 +404,7 @@ class Trainer:
             status, error = FAILED, exc
             where = (f"writing {self.unsaved[0].name} at the end of epoch {self.unsaved[1]}" if self.unsaved
                      else f"in epoch {len(history) + 1}")
-            log.error("Training failed %s (%s: %s); the best checkpoint so far is kept.", where, type(exc).__name__, exc)
+            log.error("Training failed %s (%s: %s); the best checkpoint so far is kept.",
+                      where, type(exc).__name__, exc)
         return FitResult(history, best_epoch, best, status, stopped_early, self.checkpoint_path, best_metrics, error,
                          stop_reason, best_val, self.unsaved if error is not None else None)
