@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -80,7 +81,7 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg["momentum"], weight_decay=wd)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]) -> LRScheduler | None:
     name = cfg["scheduler"]
     if name == "plateau":
         # Same notion of "improved" as checkpointing and early stopping: an absolute min_delta.
@@ -89,6 +90,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]):
             threshold=cfg["min_delta"], threshold_mode="abs",
         )
     warmup = cfg.get("warmup_epochs", 0)
+    main: LRScheduler
     if name == "cosine":
         main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"] - warmup)
     elif name == "step":
@@ -136,7 +138,9 @@ def build_criterion(train_cfg: dict[str, Any], train_labels: list[int], device: 
 
 def _numpy_state() -> list[Any]:
     """NumPy's global RNG state as plain types and a tensor (``torch.load(weights_only=True)`` refuses arrays)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state(legacy=True)  # legacy, the default: the global MT19937 generator's state tuple
+    assert isinstance(state, tuple)  # the dict form is only for legacy=False
+    kind, keys, pos, has_gauss, gauss = state
     return [kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss)]
 
 
@@ -144,7 +148,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        loaders: dict[str, DataLoader],
+        loaders: dict[str, Any],  # train, val (None: no validation split), test: DataLoaders or DeviceLoaders
         cfg: dict[str, Any],
         device: torch.device,
         checkpoint_path: Path,
@@ -245,7 +249,7 @@ class Trainer:
         delta = self.cfg["min_delta"]
         return score < best - delta if self.mode == "min" else score > best + delta
 
-    def save_checkpoint(self, epoch: int, score: float, metrics: dict[str, float]) -> None:
+    def save_checkpoint(self, epoch: int, score: float | None, metrics: dict[str, float]) -> None:
         """Write the best checkpoint atomically (a temporary file renamed into place, removed if the write fails,
         e.g. on a full disk); weights that are not finite are refused, never saved as "best"."""
         weights = self.recipe.weights().state_dict()  # the averaged weights when EMA/SWA is on
@@ -312,7 +316,8 @@ class Trainer:
     def fit(self) -> FitResult:
         history: list[dict[str, float]] = []
         best, best_epoch, best_metrics, stale = None, None, {}, 0
-        status, stopped_early, error, stop_reason = FINISHED, False, None, None
+        status, stopped_early, stop_reason = FINISHED, False, None
+        error: Exception | None = None
         best_val: EvalOutput | None = None
         patience = self.cfg["early_stopping_patience"]
         self.best_epoch = None
@@ -375,6 +380,7 @@ class Trainer:
                     if swa_lr:
                         pass  # SWALR drives the learning rate from swa_start on
                     elif isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        assert score is not None  # settings refuse the plateau scheduler without a validation split
                         self.scheduler.step(score)
                     elif self.scheduler is not None:
                         self.scheduler.step()
