@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -264,7 +264,8 @@ def display_name(backend: str) -> str:
 
 def _epochs(steps: list[int]) -> str:
     """[1, 2, 3, 5] -> "epochs 1-3, 5"."""
-    steps, runs = sorted(set(steps)), []
+    steps = sorted(set(steps))
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive epochs
     for step in steps:
         if runs and step == runs[-1][1] + 1:
             runs[-1][1] = step
@@ -423,7 +424,7 @@ class TrackerGroup(BaseTracker):
 
     def start_run(self, run: RunInfo) -> None:
         self._record("start_run", run)
-        started = []
+        started: list[BaseTracker] = []
         for tracker in self.trackers:
             try:
                 self._timed(tracker, "setup")
@@ -477,7 +478,7 @@ class TrackerGroup(BaseTracker):
     def __enter__(self) -> TrackerGroup:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:  # an exception is never swallowed
         if self.status is None:  # not ended explicitly
             if exc_type is None:
                 self.end_run(FINISHED)

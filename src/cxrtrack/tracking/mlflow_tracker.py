@@ -72,7 +72,7 @@ class MLflowTracker(BaseTracker):
         # Asynchronous logging: metric and param calls are queued and written by MLflow's own thread,
         # so a slow store never holds up a training step; end_run waits for the queue.
         self._sync = not cfg.get("async_logging", False)
-        self._mlflow = None
+        self._mlflow: Any = None  # the mlflow module, once setup() has imported it
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self):
