@@ -325,6 +325,7 @@ def _message(error: Mapping[str, Any], cfg: Mapping[str, Any], sources: Sequence
     kind, loc = error["type"], tuple(error["loc"])
     keys, model, field, rest = _field(loc)
     dotted = ".".join(keys)
+    annotation = field.annotation if field is not None else None  # no field: the error is about the config as a whole
 
     def where(at: tuple = keys) -> str:  # " in <the last source that sets it>"
         name = next((name for part, name in reversed(sources) if _lookup(part, at) is not _MISSING), None)
@@ -335,7 +336,7 @@ def _message(error: Mapping[str, Any], cfg: Mapping[str, Any], sources: Sequence
     if kind == "setting":
         return f"Setting '{dotted}' {error['ctx']['text']}."
     if kind == "extra_forbidden":
-        close = difflib.get_close_matches(str(rest[0]), list(_fields(model)), n=1)
+        close = difflib.get_close_matches(str(rest[0]), list(_fields(model)) if model is not None else [], n=1)
         hint = f" Did you mean '{'.'.join((*keys, close[0]))}'?" if close else ""
         return (f"Unknown setting '{'.'.join((*keys, str(rest[0])))}'{where((*keys, rest[0]))}.{hint} Every valid key "
                 f"is listed, with its default, in {DEFAULTS_FILE}.")
@@ -352,7 +353,7 @@ def _message(error: Mapping[str, Any], cfg: Mapping[str, Any], sources: Sequence
     like = f" like the default {default!r}" if shown else ""
     if kind == "rule":
         return f"Setting '{dotted}' is {value!r}; {error['ctx']['text']}."
-    choices = get_args(field.annotation) if kind == "literal_error" else ()
+    choices = get_args(annotation) if kind == "literal_error" else ()
     if choices and len({type(c) for c in choices}) == 1 and type(value) is not type(choices[0]):
         kind = {int: "int_type", str: "string_type"}[type(choices[0])]  # e.g. true for data.channels
     type_name = {**_TYPE_NAMES, "model_type": "mapping"}.get(kind)
@@ -361,11 +362,12 @@ def _message(error: Mapping[str, Any], cfg: Mapping[str, Any], sources: Sequence
                 f"{',' + like if like else ''} (only the settings documented as 'null: ...' in "
                 f"{DEFAULTS_FILE} may be null).")
     if rest:  # one of several types (a Union): its description says which
-        return f"Setting '{dotted}' is {value!r}; it must be {field.description or error['msg'].lower()}."
+        rule = field.description if field is not None else None
+        return f"Setting '{dotted}' is {value!r}; it must be {rule or error['msg'].lower()}."
     if kind == "model_type":
         return f"Setting '{dotted}'{where()} must be a section (mapping), not {value!r}."
     if kind in _TYPE_NAMES:
-        if type(None) in get_args(field.annotation) and default is None:  # a setting whose default is null
+        if type(None) in get_args(annotation) and default is None:  # a setting whose default is null
             expected = "text" if kind == "string_type" else "a number"
             return f"Setting '{dotted}' is {value!r}; it must be {expected} or null."
         return (f"Setting '{dotted}'{where()} is {value!r} ({type(value).__name__}); "
@@ -374,7 +376,7 @@ def _message(error: Mapping[str, Any], cfg: Mapping[str, Any], sources: Sequence
         return f"Setting '{dotted}' is {value!r}; choose one of {', '.join(map(str, choices))}."
     if kind == "finite_number":
         return f"Setting '{dotted}' is {value!r}; it must be a number."
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+    if field is not None and kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"Setting '{dotted}' is {value!r}; {_number_rule(field)}."
     return f"Setting '{dotted}' is {value!r}: {error['msg']}."  # not expected: pydantic's own words
 
