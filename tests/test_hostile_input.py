@@ -25,12 +25,17 @@ QUICK = str(CONFIGS / "quick.yaml")
 BAD_ARGUMENTS = {
     "seed=-1": (["--set", "seed=-1"], "'seed' is -1; it must be an integer between 0 and 4294967295"),
     "seed=2^32": (["--set", "seed=4294967296"], "'seed' is 4294967296; it must be an integer"),
-    "data.num_workers=-1": (["--set", "data.num_workers=-1"], "'data.num_workers' is -1; it must be an integer between 0"),
+    "data.num_workers=-1": (["--set", "data.num_workers=-1"],
+                            "'data.num_workers' is -1; it must be an integer between 0"),
     "data.decode_workers=0": (["--set", "data.decode_workers=0"], "'data.decode_workers' is 0"),
-    "data.normalize_std=0": (["--set", "data.normalize_std=0"], "'data.normalize_std' is 0; it must be a number between 0"),
-    "data.normalize_std=.nan": (["--set", "data.normalize_std=.nan"], "'data.normalize_std' is nan; it must be a number"),
-    "data.image_size=100000": (["--image-size", "100000"], "'data.image_size' is 100000; it must be an integer between 32 and 512"),
-    "data.image_size=4096": (["--image-size", "4096"], "'data.image_size' is 4096; it must be an integer between 32 and 512"),
+    "data.normalize_std=0": (["--set", "data.normalize_std=0"],
+                             "'data.normalize_std' is 0; it must be a number between 0"),
+    "data.normalize_std=.nan": (["--set", "data.normalize_std=.nan"],
+                                "'data.normalize_std' is nan; it must be a number"),
+    "data.image_size=100000": (["--image-size", "100000"],
+                               "'data.image_size' is 100000; it must be an integer between 32 and 512"),
+    "data.image_size=4096": (["--image-size", "4096"],
+                             "'data.image_size' is 4096; it must be an integer between 32 and 512"),
     "data.image_size=513": (["--set", "data.image_size=513"], "between 32 and 512"),
     "data.image_size=31": (["--set", "data.image_size=31"], "between 32 and 512"),
     "data.image_size=64.5": (["--set", "data.image_size=64.5"], "must be of type integer"),
@@ -66,7 +71,8 @@ BAD_ARGUMENTS = {
     "data.channels=2": (["--set", "data.channels=2"], "choose one of 1, 3"),
     "data.channels=true": (["--set", "data.channels=true"], "must be of type integer"),
     "tracker=tensorboard": (["--tracker", "tensorboard"], "Unknown tracker 'tensorboard'"),
-    "model_artifact_name=a b": (["--set", "tracking.wandb.model_artifact_name=a b"], "letters, digits, '-', '_' or '.'"),
+    "model_artifact_name=a b": (["--set", "tracking.wandb.model_artifact_name=a b"],
+                                "letters, digits, '-', '_' or '.'"),
 }
 
 # id -> (config file content (bytes), fragment). Written to a file passed with --config.
@@ -90,7 +96,8 @@ BAD_CONFIG_FILES = {
     "non-text setting name": (EXTENDS + b"1: x\n", "Setting names in"),
     "invalid YAML": (EXTENDS + b"training: [unclosed\n", "is not valid YAML"),
     "extends a missing file": (b"extends: nowhere.yaml\n", "nowhere.yaml does not exist"),
-    "duplicated key": (EXTENDS + b"training:\n  lr: 0.001\n  epochs: 1\n  lr: 9.0\n", "sets 'lr' twice in one mapping (lines 3 and 5)"),
+    "duplicated key": (EXTENDS + b"training:\n  lr: 0.001\n  epochs: 1\n  lr: 9.0\n",
+                       "sets 'lr' twice in one mapping (lines 3 and 5)"),
 }
 
 
@@ -113,7 +120,8 @@ def test_bad_config_files_are_one_paragraph_exit_2(case, tmp_path):
     content, fragment = BAD_CONFIG_FILES[case]
     config = tmp_path / "bad.yaml"
     config.write_bytes(content)
-    proc = run_script("train.py", "--config", str(config), "--tracker", "none", "--set", f"output_dir={tmp_path / 'out'}")
+    proc = run_script("train.py", "--config", str(config), "--tracker", "none",
+                      "--set", f"output_dir={tmp_path / 'out'}")
     assert_clean_error(proc, fragment)
     _check_nothing_written(tmp_path)
 
@@ -139,8 +147,8 @@ def test_config_that_is_a_fifo_does_not_hang(tmp_path):
 def test_data_root_slash_is_a_clear_error(data, fragment, tmp_path, monkeypatch):
     # refused outright, whatever lies below: here a home folder holding a valid dataset
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    generate_synthetic_dataset(tmp_path / "home" / "checkout" / "data", seed=1, counts=TINY_COUNTS, size_range=(72, 140),
-                               n_large=0)
+    generate_synthetic_dataset(tmp_path / "home" / "checkout" / "data", seed=1, counts=TINY_COUNTS,
+                               size_range=(72, 140), n_large=0)
     proc = run_script("train.py", "--config", QUICK, "--tracker", "none", "--data", data,
                       "--set", f"output_dir={tmp_path / 'out'}")
     assert_clean_error(proc, fragment, "must point at the dataset folder itself")
@@ -149,8 +157,8 @@ def test_data_root_slash_is_a_clear_error(data, fragment, tmp_path, monkeypatch)
 
 def test_data_path_that_is_a_file(tmp_path):
     (tmp_path / "x.png").write_bytes(b"png")
-    assert_clean_error(run_script("train.py", "--config", QUICK, "--tracker", "none", "--data", str(tmp_path / "x.png")),
-                       "is a file; DATA= (or --data) must be a folder")
+    proc = run_script("train.py", "--config", QUICK, "--tracker", "none", "--data", str(tmp_path / "x.png"))
+    assert_clean_error(proc, "is a file; DATA= (or --data) must be a folder")
 
 
 # -- the dataset --------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def assert_server_holds_everything(result, uri: str) -> None:
     assert total_lost(sections) == 0, {k: (s.missing, s.mismatched) for k, s in sections.items() if s.lost}
     assert stored.status == FINISHED
     n_points = sum(len(v) for v in result.record.metrics.values())
-    assert sections["metric_points"].found == n_points and sections["artifacts"].found == len(result.record.artifacts) > 0
+    assert sections["metric_points"].found == n_points
+    assert sections["artifacts"].found == len(result.record.artifacts) > 0
     assert sections["models"].found == 1 and sections["tables"].found == 1
 
 
@@ -102,9 +103,11 @@ def test_server_killed_and_never_restarted_then_make_replay_uploads_everything(t
     extra = result.timings["total_s"] - baseline.timings["total_s"]
     assert extra < 60, (result.timings, baseline.timings)
     failed, spooled = stalls(result)
-    print(f"\n[figures] never restarted: whole run {result.timings['total_s']:.1f} s vs {baseline.timings['total_s']:.1f} s "
-          f"without a tracker (+{extra:.1f} s); fit {result.timings['fit_s']:.1f} s vs {baseline.timings['fit_s']:.1f} s; "
-          f"failed call {failed:.2f} s, spooled calls median {spooled * 1000:.1f} ms; {len(pending)} calls in the spool")
+    print(f"\n[figures] never restarted: whole run {result.timings['total_s']:.1f} s "
+          f"vs {baseline.timings['total_s']:.1f} s without a tracker (+{extra:.1f} s); "
+          f"fit {result.timings['fit_s']:.1f} s vs {baseline.timings['fit_s']:.1f} s; "
+          f"failed call {failed:.2f} s, spooled calls median {spooled * 1000:.1f} ms; "
+          f"{len(pending)} calls in the spool")
 
     server.start()  # the server is back
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}  # the store make replay searches for killed runs
@@ -214,7 +217,8 @@ def test_make_replay_closes_a_run_whose_process_is_gone(tmp_path):
     proc = subprocess.run(["make", "-s", "replay", f"OUTPUTS={tmp_path / 'outputs'}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr
-    assert f"MLflow run killed-run ({orphan.info.run_id}), left RUNNING by a process that is gone: marked KILLED" in proc.stdout
+    assert (f"MLflow run killed-run ({orphan.info.run_id}), left RUNNING by a process that is gone: marked KILLED"
+            in proc.stdout)
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
     assert client.get_run(orphan.info.run_id).data.tags["cxrtrack.closed_by"].startswith("make replay: process ")
     assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # another machine's run: cannot tell, untouched

@@ -292,9 +292,9 @@ def test_mlflow_store_on_a_full_file_system_is_spooled_then_replayed(tiny_cfg, t
             result = run_experiment(tiny_cfg, callbacks=(fill,))
         assert result.status == FINISHED and not result.complete
         assert "not stored yet" in result.problems["MLflow"] and "make replay" in result.problems["MLflow"]
-        final = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"Run {result.run_name} FINISHED")][-1]
-        assert re.search(r"FINISHED with \d+ tracker errors \(MLflow: metrics of epochs 2-3, .*the final status not stored yet",
-                         final), final
+        final = [m for m in caplog.messages if m.startswith(f"Run {result.run_name} FINISHED")][-1]
+        assert re.search(r"FINISHED with \d+ tracker errors \(MLflow: metrics of epochs 2-3, "
+                         r".*the final status not stored yet", final), final
         tracker = result.tracker.trackers[0]
         uri = tracker.tracking_uri
         assert mlflow.MlflowClient(uri).get_run(tracker.run_id).info.status == "RUNNING"  # the disk took nothing
@@ -322,9 +322,9 @@ def test_wandb_folder_on_a_full_file_system_is_reported(tiny_cfg, tmp_path, capl
         assert "W&B did not store the end of the offline run" in result.problems["W&B"]
         assert "its writer failed: no space left on device" in result.problems["W&B"]
         assert "MLflow" not in result.problems  # the other tracker holds everything
-        final = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"Run {result.run_name} FINISHED")][-1]
-        assert re.search(r"FINISHED with \d+ tracker errors \(W&B: .*the final status not saved .*its writer failed: no space "
-                         r"left on device", final), final
+        final = [m for m in caplog.messages if m.startswith(f"Run {result.run_name} FINISHED")][-1]
+        assert re.search(r"FINISHED with \d+ tracker errors \(W&B: .*the final status not saved "
+                         r".*its writer failed: no space left on device", final), final
 
 
 def test_two_runs_in_the_same_second_never_share_a_folder(tiny_cfg):
@@ -413,7 +413,8 @@ def test_a_locked_sqlite_store_costs_one_stall_and_loses_no_epoch(tiny_cfg, tmp_
             code = ("import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], timeout=60); "
                     "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(float(sys.argv[2])); "
                     "c.rollback()")
-            holder["proc"] = subprocess.Popen([sys.executable, "-c", code, str(db), "24"], stdout=subprocess.PIPE, text=True)
+            holder["proc"] = subprocess.Popen([sys.executable, "-c", code, str(db), "24"],
+                                              stdout=subprocess.PIPE, text=True)
             assert holder["proc"].stdout.readline().strip() == "locked"
         if epoch == 3:
             holder["proc"].wait(120)  # released before the end of the run

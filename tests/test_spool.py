@@ -273,12 +273,14 @@ def test_every_run_call_comes_back_from_the_journal_as_it_was_made(tmp_path):
     sent, back = predictions(), got["log_predictions"]["predictions"]
     assert back.class_names == sent.class_names and back.paths == sent.paths
     for name in ("y_true", "y_pred", "probs", "images"):
-        assert np.array_equal(getattr(back, name), getattr(sent, name)) and getattr(back, name).dtype == getattr(sent, name).dtype
+        assert np.array_equal(getattr(back, name), getattr(sent, name))
+        assert getattr(back, name).dtype == getattr(sent, name).dtype
     rebuilt = got["log_model"]["model"]
     assert type(rebuilt) is type(model)
     assert all(np.array_equal(a.detach().numpy(), b.detach().numpy())
                for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values(), strict=True))
-    assert np.array_equal(got["log_model"]["input_example"], example) and got["log_model"]["metadata"] == {"best_epoch": 2}
+    assert np.array_equal(got["log_model"]["input_example"], example)
+    assert got["log_model"]["metadata"] == {"best_epoch": 2}
     assert got["end_run"] == {"status": "FINISHED"}
 
 
@@ -329,9 +331,9 @@ V1_JOURNAL = r"""
 {"seq": 10, "method": "log_predictions", "time_ms": 1796554115382, "args": {"class_names": ["a", "b", "c"], "paths": ["x.png", "y.png"], "extra": {"n_grid": 2}, "arrays": "files/000010/arrays.npz"}}
 {"seq": 11, "method": "log_model", "time_ms": 1796554115396, "args": {"metadata": {"best_epoch": 2, "registry": {"register": false, "reason": "test"}}, "checkpoint": "files/000011/checkpoint/best.pt", "input_example": "files/000011/input_example.npz"}}
 {"seq": 12, "method": "end_run", "time_ms": 1796554115419, "args": {"status": "FINISHED"}}
-"""
-V1_PREDICTIONS = {"y_true": np.array([0, 1]), "y_pred": np.array([1, 1]), "probs": np.array([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1]]),
-                  "images": np.zeros((2, 4, 4), np.uint8)}
+"""  # noqa: E501 - the file as version 1 wrote it, one JSON record a line: its lines are not rewrapped
+V1_PREDICTIONS = {"y_true": np.array([0, 1]), "y_pred": np.array([1, 1]),
+                  "probs": np.array([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1]]), "images": np.zeros((2, 4, 4), np.uint8)}
 
 
 def write_v1_spool(root, ref):
@@ -371,7 +373,8 @@ def test_a_version_1_journal_is_sent_as_the_same_calls(tmp_path):
     assert p.class_names == ("a", "b", "c") and p.paths == ["x.png", "y.png"] and p.extra == {"n_grid": 2}
     assert all(np.array_equal(getattr(p, k), v) for k, v in V1_PREDICTIONS.items())
     assert type(got[10]["model"]) is type(model) and got[10]["input_example"].shape == (1, 1, 32, 32)
-    assert got[10]["metadata"]["registry"] == {"register": False, "reason": "test"} and got[11] == {"status": "FINISHED"}
+    assert got[10]["metadata"]["registry"] == {"register": False, "reason": "test"}
+    assert got[11] == {"status": "FINISHED"}
 
 
 @pytest.mark.slow

@@ -186,7 +186,8 @@ def test_the_group_records_what_the_run_sent_even_when_every_backend_fails(tmp_p
     record = group.record
     assert group.errors["mlflow"] == 15  # every call after the start failed in the backend...
     assert (record.name, record.status) == ("run-1", "KILLED")  # ...and the record has them all
-    assert record.params == {"data.image_size": 64, "training.lr": 0.01, "training.extra": {}, "model.num_parameters": 123}
+    assert record.params == {"data.image_size": 64, "training.lr": 0.01, "training.extra": {},
+                             "model.num_parameters": 123}
     assert record.metrics == {"train/loss": [(1, 1.0), (2, 0.5)], "val/acc": [(1, 0.5), (2, 0.5)]}
     assert record.summary["best_epoch"] == 2 and np.isnan(record.summary["test/roc_auc_ovr_macro"])
     assert record.tags == {"git_commit": "abc", "cv_final_model": "ensemble"}

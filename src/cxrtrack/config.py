@@ -75,7 +75,8 @@ def parse_yaml(text: str, where: str) -> Any:
     except ConfigError as exc:
         raise ConfigError(f"{where} {exc}.") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML ({' '.join(str(exc).split())}). Fix the syntax and run again.") from None
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"{where} is not valid YAML ({reason}). Fix the syntax and run again.") from None
     except RecursionError:
         raise ConfigError(f"{where} nests values too deeply to be a config. Fix the file and run again.") from None
 
@@ -91,19 +92,23 @@ def _read_text(path: Path) -> str:
             f"(the ones shipped are in configs/: default.yaml, quick.yaml, train.yaml)."
         ) from None
     except IsADirectoryError:
-        raise ConfigError(f"Config {path} is a folder; --config needs a YAML file such as configs/quick.yaml.") from None
+        raise ConfigError(
+            f"Config {path} is a folder; --config needs a YAML file such as configs/quick.yaml.") from None
     except OSError as exc:
-        raise ConfigError(f"Cannot open config file {path} ({exc.strerror or exc}). Check the path and its permissions.") from None
+        raise ConfigError(
+            f"Cannot open config file {path} ({exc.strerror or exc}). Check the path and its permissions.") from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         if stat.S_ISDIR(info.st_mode):
             raise ConfigError(f"Config {path} is a folder; --config needs a YAML file such as configs/quick.yaml.")
-        raise ConfigError(f"Config {path} is not a regular file (a pipe, socket or device); --config needs a YAML file.")
+        raise ConfigError(
+            f"Config {path} is not a regular file (a pipe, socket or device); --config needs a YAML file.")
     with os.fdopen(fd, "rb") as f:
         if info.st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"Config file {path} is {info.st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}. "
-                              f"Pass the right file with --config.")
+            raise ConfigError(
+                f"Config file {path} is {info.st_size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}. "
+                f"Pass the right file with --config.")
         data = f.read(MAX_CONFIG_BYTES + 1)
     try:
         return data.decode("utf-8")
@@ -118,7 +123,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     data = parse_yaml(_read_text(path), f"Config file {path}")
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file {path} must hold a mapping of settings at the top level, not {type(data).__name__}.")
+        raise ConfigError(
+            f"Config file {path} must hold a mapping of settings at the top level, not {type(data).__name__}.")
     return data
 
 
@@ -225,7 +231,8 @@ def with_values(cfg: Mapping[str, Any], values: Mapping[str, Any], source: str |
 
 
 def with_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``cfg`` (e.g. the config stored in an older checkpoint) completed with the project's defaults for keys it lacks."""
+    """``cfg`` (e.g. the config stored in an older checkpoint) completed with the project's defaults for the keys
+    it lacks."""
     if not PROJECT_DEFAULTS.is_file():
         return dict(cfg)
     return deep_merge(_read_yaml(PROJECT_DEFAULTS), cfg)

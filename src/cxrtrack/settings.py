@@ -159,8 +159,9 @@ class Training(_Section):
     scheduler_patience: Count
     scheduler_factor: float = Field(gt=0, lt=1)
     scheduler_step_size: int = Field(ge=1, le=100_000)
-    monitor: Annotated[str, _rule(_MONITOR_MODES.__contains__, f"choose a validation metric: {', '.join(_MONITOR_MODES)} "
-                                   "(checkpoints are selected on validation data, never on train or test)")]
+    monitor: Annotated[str, _rule(_MONITOR_MODES.__contains__,
+                                  f"choose a validation metric: {', '.join(_MONITOR_MODES)} "
+                                  "(checkpoints are selected on validation data, never on train or test)")]
     monitor_mode: Literal["min", "max"]
     early_stopping_patience: Count
     min_delta: float = Field(ge=0, le=1e6)
@@ -183,7 +184,8 @@ class Training(_Section):
     def _combinations(self) -> Training:
         best = _MONITOR_MODES[self.monitor]
         if self.monitor_mode != best:
-            raise _error(f"training.monitor {self.monitor!r} improves when it goes {'down' if best == 'min' else 'up'}: "
+            direction = "down" if best == "min" else "up"
+            raise _error(f"training.monitor {self.monitor!r} improves when it goes {direction}: "
                          f"set training.monitor_mode={best} (it is {self.monitor_mode!r}, which would keep the worst "
                          f"checkpoint).")
         if self.warmup_epochs and self.scheduler == "plateau":
@@ -226,7 +228,8 @@ class Wandb(_Section):
     init_timeout: float = Field(ge=1, le=3600)
     verify_offline: bool
     dir: Text
-    model_artifact_name: Annotated[str, _rule(_ARTIFACT_PATTERN.fullmatch, "use 1 to 128 letters, digits, '-', '_' or '.'")]
+    model_artifact_name: Annotated[str, _rule(_ARTIFACT_PATTERN.fullmatch,
+                                              "use 1 to 128 letters, digits, '-', '_' or '.'")]
     registry: OptionalText
 
 
@@ -237,8 +240,9 @@ class Tracking(_Section):
     log_model: bool
     register_: Literal["auto"] | bool = Field(alias="register", description="auto, true or false")  # as register, a
     # field would hide BaseModel.register
-    champion_metric: Annotated[str, _rule(lambda m: m.startswith("test/") and len(m) > 5, "name a test metric such as "
-                               "test/f1_macro, test/acc or test/roc_auc_ovr_macro (models are compared on the test split)")]
+    champion_metric: Annotated[str, _rule(lambda m: m.startswith("test/") and len(m) > 5,
+                                          "name a test metric such as test/f1_macro, test/acc or "
+                                          "test/roc_auc_ovr_macro (models are compared on the test split)")]
     champion_mode: Literal["max", "min"]
     mlflow: MLflow
     wandb: Wandb
@@ -263,13 +267,13 @@ class Settings(_Section):
     @model_validator(mode="after")
     def _run_name_is_a_name(self) -> Settings:
         if self.run_name is not None and not RUN_NAME_PATTERN.fullmatch(self.run_name):
-            raise _error(f"Run name {self.run_name!r} is not a plain name: use 1 to 128 letters, digits and . _ - + = @ , "
-                         f"starting with a letter or digit (no '/', no '..', no spaces). It names the folder "
-                         f"{self.output_dir}/<run name> and the tracked run.")
+            raise _error(f"Run name {self.run_name!r} is not a plain name: use 1 to 128 letters, "
+                         f"digits and . _ - + = @ , starting with a letter or digit (no '/', no '..', no spaces). "
+                         f"It names the folder {self.output_dir}/<run name> and the tracked run.")
         if self.run_name is not None and len(self.run_name.encode()) > MAX_RUN_NAME_BYTES:
-            raise _error(f"Run name {self.run_name[:40]!r}... is {len(self.run_name.encode())} bytes in UTF-8; it names a "
-                         f"folder, and a folder name holds at most 255 bytes (a CV's or seed study's runs add a "
-                         f"suffix): use at most {MAX_RUN_NAME_BYTES} bytes (fewer non-ASCII letters).")
+            raise _error(f"Run name {self.run_name[:40]!r}... is {len(self.run_name.encode())} bytes in UTF-8; "
+                         f"it names a folder, and a folder name holds at most 255 bytes (a CV's or seed study's runs "
+                         f"add a suffix): use at most {MAX_RUN_NAME_BYTES} bytes (fewer non-ASCII letters).")
         return self
 
 
@@ -321,6 +325,7 @@ def _message(error: Mapping[str, Any], cfg: Mapping[str, Any], sources: Sequence
     kind, loc = error["type"], tuple(error["loc"])
     keys, model, field, rest = _field(loc)
     dotted = ".".join(keys)
+    annotation = field.annotation if field is not None else None  # no field: the error is about the config as a whole
 
     def where(at: tuple = keys) -> str:  # " in <the last source that sets it>"
         name = next((name for part, name in reversed(sources) if _lookup(part, at) is not _MISSING), None)
@@ -331,22 +336,24 @@ def _message(error: Mapping[str, Any], cfg: Mapping[str, Any], sources: Sequence
     if kind == "setting":
         return f"Setting '{dotted}' {error['ctx']['text']}."
     if kind == "extra_forbidden":
-        close = difflib.get_close_matches(str(rest[0]), list(_fields(model)), n=1)
+        close = difflib.get_close_matches(str(rest[0]), list(_fields(model)) if model is not None else [], n=1)
         hint = f" Did you mean '{'.'.join((*keys, close[0]))}'?" if close else ""
         return (f"Unknown setting '{'.'.join((*keys, str(rest[0])))}'{where((*keys, rest[0]))}.{hint} Every valid key "
                 f"is listed, with its default, in {DEFAULTS_FILE}.")
     if kind == "invalid_key":
-        return (f"Setting names{where((*keys, rest[0])) or ' in the config'} are text; {''.join(k + '.' for k in keys)}{rest[0]!r} "
+        prefix = "".join(k + "." for k in keys)
+        return (f"Setting names{where((*keys, rest[0])) or ' in the config'} are text; {prefix}{rest[0]!r} "
                 f"is a {type(rest[0]).__name__}.")
     if kind == "missing":
         return f"Setting '{dotted}' is missing; {DEFAULTS_FILE} lists every setting with its default."
     value = _lookup(cfg, keys)
     default = _lookup(defaults or {}, keys)
     default = None if default is _MISSING else default
-    like = f" like the default {default!r}" if default is not None and not (isinstance(default, Mapping) and default) else ""
+    shown = default is not None and not (isinstance(default, Mapping) and default)  # a filled section is not shown
+    like = f" like the default {default!r}" if shown else ""
     if kind == "rule":
         return f"Setting '{dotted}' is {value!r}; {error['ctx']['text']}."
-    choices = get_args(field.annotation) if kind == "literal_error" else ()
+    choices = get_args(annotation) if kind == "literal_error" else ()
     if choices and len({type(c) for c in choices}) == 1 and type(value) is not type(choices[0]):
         kind = {int: "int_type", str: "string_type"}[type(choices[0])]  # e.g. true for data.channels
     type_name = {**_TYPE_NAMES, "model_type": "mapping"}.get(kind)
@@ -355,18 +362,21 @@ def _message(error: Mapping[str, Any], cfg: Mapping[str, Any], sources: Sequence
                 f"{',' + like if like else ''} (only the settings documented as 'null: ...' in "
                 f"{DEFAULTS_FILE} may be null).")
     if rest:  # one of several types (a Union): its description says which
-        return f"Setting '{dotted}' is {value!r}; it must be {field.description or error['msg'].lower()}."
+        rule = field.description if field is not None else None
+        return f"Setting '{dotted}' is {value!r}; it must be {rule or error['msg'].lower()}."
     if kind == "model_type":
         return f"Setting '{dotted}'{where()} must be a section (mapping), not {value!r}."
     if kind in _TYPE_NAMES:
-        if type(None) in get_args(field.annotation) and default is None:  # a setting whose default is null
-            return f"Setting '{dotted}' is {value!r}; it must be {'text' if kind == 'string_type' else 'a number'} or null."
-        return f"Setting '{dotted}'{where()} is {value!r} ({type(value).__name__}); it must be of type {type_name}{like}."
+        if type(None) in get_args(annotation) and default is None:  # a setting whose default is null
+            expected = "text" if kind == "string_type" else "a number"
+            return f"Setting '{dotted}' is {value!r}; it must be {expected} or null."
+        return (f"Setting '{dotted}'{where()} is {value!r} ({type(value).__name__}); "
+                f"it must be of type {type_name}{like}.")
     if kind == "literal_error":
         return f"Setting '{dotted}' is {value!r}; choose one of {', '.join(map(str, choices))}."
     if kind == "finite_number":
         return f"Setting '{dotted}' is {value!r}; it must be a number."
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+    if field is not None and kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return f"Setting '{dotted}' is {value!r}; {_number_rule(field)}."
     return f"Setting '{dotted}' is {value!r}: {error['msg']}."  # not expected: pydantic's own words
 

@@ -53,7 +53,7 @@ def timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` a temporary file beside ``path``, then rename it into place: ``path`` is either the whole
     new file or absent, never a partial one. On any failure (a full disk, an interrupt) the temporary file is
     removed and the exception raised."""

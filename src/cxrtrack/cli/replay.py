@@ -17,7 +17,8 @@ from cxrtrack.provenance import redact
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/default.yaml", help="config naming output_dir and the MLflow store")
+    parser.add_argument("--config", default="configs/default.yaml",
+                        help="config naming output_dir and the MLflow store")
     parser.add_argument("--outputs", help="folder of the runs (default: output_dir of the config)")
     parser.add_argument("--tracking-uri", help="the MLflow store to send to (make replay MLFLOW_URI=...), instead of "
                                                "the configured one; every spool goes there, whatever store it records "
@@ -30,8 +31,9 @@ def main() -> int:
     cfg = load_config(args.config)
     outputs = Path(args.outputs or cfg["output_dir"])
     if args.outputs and not outputs.is_dir():
+        problem = "is not a folder" if outputs.exists() else "does not exist"
         raise CXRError(
-            f"The folder {outputs} (--outputs, make replay OUTPUTS=...) {'is not a folder' if outputs.exists() else 'does not exist'}, "
+            f"The folder {outputs} (--outputs, make replay OUTPUTS=...) {problem}, "
             f"so there is no spool to replay there and nothing was done. Name the folder your runs were written to "
             f"(output_dir of the config, outputs/ by default): `make replay OUTPUTS=<folder>`.")
     # MLflow is imported only now, after the flags, the config and the folder were checked

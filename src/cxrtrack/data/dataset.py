@@ -173,9 +173,11 @@ class CXRData:
             test=CXRDataset(self.test.split, eval_tf),
         )
 
-    def loaders(self, batch_size: int, num_workers: int = 0, seed: int = 0) -> dict[str, DataLoader]:
+    def loaders(self, batch_size: int, num_workers: int = 0, seed: int = 0) -> dict[str, DataLoader | None]:
+        """The train/val/test loaders (``val`` is None when the data has no validation split)."""
         generator = torch.Generator().manual_seed(seed)  # the shuffling order is part of the seed
-        common = dict(batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
+        common: dict[str, Any] = dict(batch_size=batch_size, num_workers=num_workers,
+                                      persistent_workers=num_workers > 0)
         return {
             "train": DataLoader(self.train, shuffle=True, generator=generator, **common),
             "val": DataLoader(self.val, shuffle=False, **common) if self.val is not None else None,
@@ -249,8 +251,8 @@ def scan_class_folder(folder: Path, root: Path, max_bytes: int) -> tuple[list[Pa
             skipped.append(SkippedFile(path, f"cannot read the file ({reason})"))
             continue
         if link and not target.is_relative_to(root):
-            skipped.append(SkippedFile(path, f"a link to {target}, outside the dataset folder {root} (only files inside "
-                                             f"it are read; copy the file in instead)"))
+            skipped.append(SkippedFile(path, f"a link to {target}, outside the dataset folder {root} (only files "
+                                             f"inside it are read; copy the file in instead)"))
         elif stat.S_ISDIR(info.st_mode):
             what = "a link to a folder" + (" that contains it (a loop)" if path.parent.resolve().is_relative_to(target)
                                           else "") if link else "a folder"
@@ -438,9 +440,10 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> CXRData:
     for item in skipped:
         log.warning("Skipped %s: %s", escape_field(str(item.path)), escape_field(item.reason))
     train_tf, eval_tf = build_transforms(data_cfg)
+    val_set = CXRDataset(val, eval_tf)  # CXRData.val may be None; here there is always a validation split
     data = CXRData(
         train=CXRDataset(train, train_tf),
-        val=CXRDataset(val, eval_tf),
+        val=val_set,
         test=CXRDataset(test, eval_tf),
         location=location,
         source=source,
@@ -451,7 +454,7 @@ def build_data(data_cfg: dict[str, Any], seed: int) -> CXRData:
     )
     log.info(
         "Data: %s (%s, %s layout) train=%d val=%d test=%d, %d skipped, fingerprint %s, cache %.1f MB",
-        location.root, source, location.layout, len(data.train), len(data.val), len(data.test),
+        location.root, source, location.layout, len(data.train), len(val_set), len(data.test),
         len(skipped), data.fingerprint, data.cache_bytes / 2**20,
     )
     return data

@@ -4,8 +4,8 @@ The real dataset mixes RGB and 8-bit grayscale JPEG, grayscale/RGB/RGBA PNG (one
 transparency) and a 16-bit RGBA PNG, from ~340 px to 4200 px. Every one of them ends here as the
 same representation: a ``(1, size, size)`` uint8 tensor (grayscale, since the content is grayscale).
 
-- 16-bit data is scaled down by its range (16-bit, or 12-bit when no value exceeds 4095), never clipped (Pillow's ``convert("L")`` on a
-  16-bit grayscale image saturates almost everything to white).
+- 16-bit data is scaled down by its range (16-bit, or 12-bit when no value exceeds 4095), never clipped
+  (Pillow's ``convert("L")`` on a 16-bit grayscale image saturates almost everything to white).
 - Transparency is composited onto black (the colour of air on a radiograph), never dropped.
 - RGB is converted to luma (ITU-R 601-2), so an RGB file with grey content equals its grayscale twin.
 - EXIF orientation is applied.

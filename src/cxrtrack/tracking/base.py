@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -57,7 +57,8 @@ class Predictions:
     def caption(self, i: int) -> str:
         true, pred = self.class_names[self.y_true[i]], self.class_names[self.y_pred[i]]
         mark = "correct" if true == pred else "WRONG"
-        return f"true: {true} | pred: {pred} ({self.probs[i, self.y_pred[i]]:.0%}) | {mark} | {Path(self.paths[i]).name}"
+        confidence = self.probs[i, self.y_pred[i]]
+        return f"true: {true} | pred: {pred} ({confidence:.0%}) | {mark} | {Path(self.paths[i]).name}"
 
 
 @dataclass
@@ -251,8 +252,9 @@ class Call:
     error: str | None = None
 
 
-_WHAT = {"log_dataset": "the dataset lineage", "log_params": "params", "set_tags": "tags", "log_summary": "final metrics", "log_predictions": "the predictions table",
-         "log_model": "the model", "end_run": "the final status", "start_run": "the run itself"}
+_WHAT = {"log_dataset": "the dataset lineage", "log_params": "params", "set_tags": "tags",
+         "log_summary": "final metrics", "log_predictions": "the predictions table", "log_model": "the model",
+         "end_run": "the final status", "start_run": "the run itself"}
 _DISPLAY = {"mlflow": "MLflow", "wandb": "W&B"}
 
 
@@ -262,7 +264,8 @@ def display_name(backend: str) -> str:
 
 def _epochs(steps: list[int]) -> str:
     """[1, 2, 3, 5] -> "epochs 1-3, 5"."""
-    steps, runs = sorted(set(steps)), []
+    steps = sorted(set(steps))
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive epochs
     for step in steps:
         if runs and step == runs[-1][1] + 1:
             runs[-1][1] = step
@@ -389,7 +392,8 @@ class TrackerGroup(BaseTracker):
 
     @property
     def record(self) -> RunRecord:
-        """What this run sent to its trackers (``tracked.json``); each backend's ``run_ref()`` is the caller's to add."""
+        """What this run sent to its trackers (``tracked.json``); each backend's ``run_ref()`` is the caller's to
+        add."""
         return self.recorder.record
 
     def _record(self, method: str, *args, **kwargs) -> None:
@@ -412,13 +416,15 @@ class TrackerGroup(BaseTracker):
             except Exception as exc:  # noqa: BLE001 - a tracker must never stop training
                 self.errors[tracker.name] += 1
                 self.failed[tracker.name].append(Call(method, step, f"{type(exc).__name__}: {exc}"))
-                log.warning("%s tracker: %s failed (%s: %s); training continues.", tracker.name, method, type(exc).__name__, exc)
+                log.warning("%s tracker: %s failed (%s: %s); training continues.",
+                            tracker.name, method, type(exc).__name__, exc)
                 if self.errors[tracker.name] == self.max_errors:
-                    log.warning("%s tracker: %d errors, ignoring it for the rest of this run.", tracker.name, self.max_errors)
+                    log.warning("%s tracker: %d errors, ignoring it for the rest of this run.",
+                                tracker.name, self.max_errors)
 
     def start_run(self, run: RunInfo) -> None:
         self._record("start_run", run)
-        started = []
+        started: list[BaseTracker] = []
         for tracker in self.trackers:
             try:
                 self._timed(tracker, "setup")
@@ -457,10 +463,11 @@ class TrackerGroup(BaseTracker):
             text = []
             if failed:
                 last = " ".join((failed[-1].error or "").split())[:300]
-                text.append(f"{describe_calls(failed)} not saved ({len(failed)} failed call{'s' if len(failed) > 1 else ''}; "
-                            f"last error: {last})")
+                calls = "call" if len(failed) == 1 else "calls"
+                text.append(f"{describe_calls(failed)} not saved ({len(failed)} failed {calls}; last error: {last})")
             if pending:
-                text.append(f"{describe_calls(pending)} not stored yet ({len(pending)} call{'s' if len(pending) > 1 else ''} "
+                calls = "call" if len(pending) == 1 else "calls"
+                text.append(f"{describe_calls(pending)} not stored yet ({len(pending)} {calls} "
                             f"{tracker.where_unsaved() or 'pending'})")
             out[tracker.name] = "; ".join(text)
         return out
@@ -471,7 +478,7 @@ class TrackerGroup(BaseTracker):
     def __enter__(self) -> TrackerGroup:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:  # an exception is never swallowed
         if self.status is None:  # not ended explicitly
             if exc_type is None:
                 self.end_run(FINISHED)

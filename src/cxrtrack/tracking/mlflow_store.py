@@ -50,10 +50,10 @@ CURVES_VIEW = "cxrtrack-curves-v1"
 
 def _line_chart(uuid: str, title: str, keys: list[str]) -> dict[str, Any]:
     return {"uuid": uuid, "type": "LINE", "runsCountToCompare": 10, "metricSectionId": "cxrtrack-curves",
-            "deleted": False, "isGenerated": False, "displayName": title, "metricKey": keys[0], "selectedMetricKeys": keys,
-            "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {}, "xAxisKey": "step",
-            "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [], "ignoreOutliers": False,
-            "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True}
+            "deleted": False, "isGenerated": False, "displayName": title, "metricKey": keys[0],
+            "selectedMetricKeys": keys, "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear",
+            "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric",
+            "yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True}
 
 
 def curves_view_state() -> str:
@@ -61,9 +61,9 @@ def curves_view_state() -> str:
               _line_chart("cxrtrack-acc", "accuracy: train (solid), val (dashed)", ["train/acc", "val/acc"]),
               _line_chart("cxrtrack-f1", "macro-F1: train (solid), val (dashed)", ["train/f1_macro", "val/f1_macro"]),
               _line_chart("cxrtrack-lr", "learning rate (log10)", ["log10_lr"])]
-    return json.dumps({"compareRunCharts": charts, "isAccordionReordered": True,
-                       "compareRunSections": [{"uuid": "cxrtrack-curves", "name": "Training curves (train and val overlaid)",
-                                               "display": True, "isReordered": True}]})
+    section = {"uuid": "cxrtrack-curves", "name": "Training curves (train and val overlaid)", "display": True,
+               "isReordered": True}
+    return json.dumps({"compareRunCharts": charts, "isAccordionReordered": True, "compareRunSections": [section]})
 
 
 def curves_url(tracking_uri: str, experiment_id: str | None, port: int = UI_PORT) -> str:
@@ -74,7 +74,8 @@ def curves_url(tracking_uri: str, experiment_id: str | None, port: int = UI_PORT
 
 EXPERIMENT_TAGS = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND,
                    "mlflow.note.content": "CustomCXRNet chest X-ray classifier (cxrtrack): one run per training; "
-                                          "registered versions in Models > CustomCXRNet (aliases champion, latest-<source>).",
+                                          "registered versions in Models > CustomCXRNet "
+                                          "(aliases champion, latest-<source>).",
                    f"mlflow.sharedViewState.{CURVES_VIEW}": curves_view_state()}
 
 
@@ -280,8 +281,9 @@ def close_orphans(tracking_uri: str, experiment_ids: list[str], *, once: bool = 
                 continue  # closed by its replay, or its calls still wait (refused, or the store failed): left RUNNING
         elif spool and Path(spool, "journal.jsonl").is_file():
             if _holds_calls(spool):
-                log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone; its spool %s still holds "
-                            "calls: `make replay` sends them and closes the run.", name, run_id, tags[PID_TAG], spool)
+                log.warning("MLflow run %s (%s) was left RUNNING by process %s, which is gone; its spool %s still "
+                            "holds calls: `make replay` sends them and closes the run.",
+                            name, run_id, tags[PID_TAG], spool)
                 done.append((run_id, name, f"left for `make replay` (spool {spool})"))
                 continue
         client.set_tag(run_id, "cxrtrack.closed_by", f"{closed_by}: process {tags[PID_TAG]} on {tags[HOST_TAG]} was "

@@ -72,7 +72,7 @@ class MLflowTracker(BaseTracker):
         # Asynchronous logging: metric and param calls are queued and written by MLflow's own thread,
         # so a slow store never holds up a training step; end_run waits for the queue.
         self._sync = not cfg.get("async_logging", False)
-        self._mlflow = None
+        self._mlflow: Any = None  # the mlflow module, once setup() has imported it
 
     # -- lifecycle --------------------------------------------------------------------------------
     def setup(self):
@@ -83,8 +83,9 @@ class MLflowTracker(BaseTracker):
 
         # MLflow's own INFO lines (database set-up, system-metrics monitor start/stop) say nothing a user acts on:
         # warnings and errors only, unless -v asked for debug logging. The project logs what matters in its format.
-        if logging.getLogger().level > logging.DEBUG and logging.getLogger("mlflow").level in (logging.NOTSET, logging.INFO):
-            logging.getLogger("mlflow").setLevel(logging.WARNING)
+        mlflow_log = logging.getLogger("mlflow")
+        if logging.getLogger().level > logging.DEBUG and mlflow_log.level in (logging.NOTSET, logging.INFO):
+            mlflow_log.setLevel(logging.WARNING)
         # MLflow logs through its own handler, not the project's: redact its records too (a URL, a secret value).
         for handler in logging.getLogger("mlflow").handlers:
             if not any(isinstance(f, RedactingFilter) for f in handler.filters):
@@ -353,7 +354,8 @@ class MLflowTracker(BaseTracker):
                 # the training checkpoint rides along, so `make evaluate MODEL=models:/CustomCXRNet@champion` can use it
                 extra_files=[str(checkpoint)],
                 # workaround(mlflow): requirements stated, not inferred: inference runs a ~9 s subprocess per run
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                                  "numpy"],
                 metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
             )
         finally:
@@ -361,13 +363,14 @@ class MLflowTracker(BaseTracker):
         self.model_uri = info.model_uri
         if not registered:
             if plan is not None:
-                log.info("MLflow: model logged to the run, not registered: %s (--set tracking.register=true registers it).",
-                         plan.get("reason"))
+                log.info("MLflow: model logged to the run, not registered: %s "
+                         "(--set tracking.register=true registers it).", plan.get("reason"))
             return
         version = str(info.registered_model_version)
         done = apply_mlflow_lifecycle(mlflow.MlflowClient(tracking_uri=self.tracking_uri), registered, version, plan)
         self.registered = {"name": registered, **done}
-        mlflow.set_tags({"registered_model": f"{registered}/{version}", "registered_aliases": ",".join(done["aliases"])})
+        mlflow.set_tags({"registered_model": f"{registered}/{version}",
+                         "registered_aliases": ",".join(done["aliases"])})
         champion = ("now the champion" if done["champion"] else
                     f"champion stays version {done['champion_version']}")
         log.info("MLflow: registered '%s' version %s (aliases %s; %s: %s).", registered, version,

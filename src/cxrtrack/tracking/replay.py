@@ -249,9 +249,10 @@ def replay_all(outputs: Path, destination: Destination, experiment: str | None =
     outputs = Path(outputs)
     for root in find_spools(outputs):
         if not root.resolve().is_relative_to(outputs.resolve()):
-            result = ReplayResult(root, refused="files", error=f"the folder is a link to {root.resolve()}, outside {outputs}")
-            result.status = (f"refused, nothing of it was sent: {result.error}; replay it by naming the folder it is in "
-                             f"(OUTPUTS=...)")
+            result = ReplayResult(root, refused="files",
+                                  error=f"the folder is a link to {root.resolve()}, outside {outputs}")
+            result.status = (f"refused, nothing of it was sent: {result.error}; replay it by naming the folder it is "
+                             f"in (OUTPUTS=...)")
         else:
             result = replay_spool(root, destination)
         report.spools.append(result)

@@ -157,7 +157,9 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{name}.npz"
         if kind == ARRAY:
-            np.savez(target, **{name: np.asarray(value)})
+            # dict[str, Any]: as dict[str, ndarray], mypy matches the ** against savez's bool keyword allow_pickle
+            arrays: dict[str, Any] = {name: np.asarray(value)}
+            np.savez(target, **arrays)
             return target.relative_to(self.root).as_posix()
         if kind == PREDICTIONS:
             np.savez(target, **{k: getattr(value, k) for k in _PREDICTION_ARRAYS})
@@ -195,7 +197,8 @@ class Spool:
                 if i == len(lines) - 1:
                     log.warning("Spool %s: ignoring its last record, cut short when the process stopped.", self.root)
                     break
-                raise SpoolError(f"{self.journal} line {i + 1} is damaged; fix or remove that line, then replay again.") from None
+                raise SpoolError(
+                    f"{self.journal} line {i + 1} is damaged; fix or remove that line, then replay again.") from None
         return out
 
     def done(self) -> set[int]:
@@ -248,8 +251,8 @@ def spool_file(root: Path, value: Any) -> Path:
                            f"spool names the copies of its files by their path inside that folder)")
     path = (base / value).resolve()
     if not path.is_relative_to(base):
-        raise SpoolRefused(f"{Path(root) / 'journal.jsonl'} names the file {value!r}, which leads to {path}, outside its "
-                           f"own folder {base} (a '..' or a link out of it)")
+        raise SpoolRefused(f"{Path(root) / 'journal.jsonl'} names the file {value!r}, which leads to {path}, "
+                           f"outside its own folder {base} (a '..' or a link out of it)")
     return path
 
 
@@ -263,7 +266,8 @@ def check_record(root: Path, record: dict[str, Any]) -> None:
     try:
         args = arguments_of(record)
     except (KeyError, TypeError, ValueError) as exc:
-        raise SpoolRefused(f"record {record.get('seq')} of {Path(root) / 'journal.jsonl'} is malformed ({exc!r})") from None
+        raise SpoolRefused(
+            f"record {record.get('seq')} of {Path(root) / 'journal.jsonl'} is malformed ({exc!r})") from None
     for name, value in args.items():
         if kept.get(name) in (FILE, ARRAY):
             spool_file(root, value)
@@ -275,7 +279,7 @@ def _restore(root: Path, method: str, args: dict[str, Any]) -> dict[str, Any]:
     """The arguments of a call as it is sent again: the copies of its files, its arrays read back (only from inside
     the spool's folder: :func:`spool_file`)."""
     kept = KEPT_AS.get(method, {})
-    out = {}
+    out: dict[str, Any] = {}
     for name, value in args.items():
         kind = kept.get(name)
         if kind == FILE:
@@ -352,10 +356,11 @@ class SpoolingTracker(BaseTracker):
         self._journal("end_run", {"status": status})
         if isinstance(self.inner, Attachable):
             self.inner.abandon()
-        pending = self.spool.pending()
-        log.warning("%s: the store did not answer at the end of the run: %d call(s), the final status (%s) last, wait in "
-                    "%s; `make replay` sends them in order when it answers.", display_name(self.name), len(pending),
-                    status, self.spool.root)
+        spool = self._started()
+        pending = spool.pending()
+        log.warning("%s: the store did not answer at the end of the run: %d call(s), the final status (%s) last, "
+                    "wait in %s; `make replay` sends them in order when it answers.", display_name(self.name),
+                    len(pending), status, spool.root)
 
     # -- the calls --------------------------------------------------------------------------------
     def _call(self, method: str, *args, **kwargs) -> None:
@@ -378,19 +383,24 @@ class SpoolingTracker(BaseTracker):
                     display_name(self.name), method, type(exc).__name__, redact(" ".join(str(exc).split()))[:300],
                     self.spool.root if self.spool else "(none)", self.reconnect_interval)
 
-    def _journal(self, method: str, args: dict[str, Any]) -> None:
+    def _started(self) -> Spool:
+        """The run's spool; :class:`SpoolError` before ``start_run`` made one."""
         if self.spool is None:
             raise SpoolError("the run was never started, so there is no spool to keep the call")
+        return self.spool
+
+    def _journal(self, method: str, args: dict[str, Any]) -> None:
+        spool = self._started()
         try:
-            self.spool.create({
+            spool.create({
                 "backend": self.name, "run_name": self._run.name if self._run else None, "ref": self.inner.run_ref(),
                 "experiment": getattr(self.inner, "experiment", None),
                 "tracker_cfg": scrub_secrets(getattr(self.inner, "cfg", {})),
                 "process": {"pid": os.getpid(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
             })
         except OSError as exc:
-            raise SpoolError(f"could not write to the spool {self.spool.root} ({exc.strerror or exc})") from exc
-        self.spool.append(method, args)
+            raise SpoolError(f"could not write to the spool {spool.root} ({exc.strerror or exc})") from exc
+        spool.append(method, args)
         self.spooled += 1
 
     def _reconnect(self, force: bool = False) -> None:
@@ -410,16 +420,17 @@ class SpoolingTracker(BaseTracker):
         """Send every pending record in order; True when the spool is empty (the backend is live again)."""
         from filelock import Timeout
 
+        spool = self._started()
         try:
-            with self.spool.lock(timeout=0):
-                for record in self.spool.pending():
+            with spool.lock(timeout=0):
+                for record in spool.pending():
                     try:
-                        send_record(self.inner, self.spool, record)
+                        send_record(self.inner, spool, record)
                     except Exception as exc:  # noqa: BLE001 - still down: stay on the spool
                         log.info("%s: the store still fails (%s); calls stay in the spool.", display_name(self.name),
                                  redact(" ".join(str(exc).split()))[:200])
                         return False
-                    self.spool.mark_done(record["seq"])
+                    spool.mark_done(record["seq"])
                     self.replayed += 1
         except Timeout:
             return False  # `make replay` is sending it right now

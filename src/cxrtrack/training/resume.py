@@ -37,7 +37,8 @@ class ResumePoint:
 
 
 def _refs(run_dir: Path) -> dict[str, dict[str, Any]]:
-    for name, pick in ((RUNS_FILE, lambda d: d.get("runs")), ("tracked.json", lambda d: d.get("extra", {}).get("runs"))):
+    sources = ((RUNS_FILE, lambda d: d.get("runs")), ("tracked.json", lambda d: d.get("extra", {}).get("runs")))
+    for name, pick in sources:
         try:
             found = pick(json.loads((run_dir / name).read_text(encoding="utf-8")))
         except (OSError, ValueError, AttributeError):
@@ -62,8 +63,9 @@ def find_run_dir(ref: str, output_dir: str | Path) -> Path:
         if any(r and r.get("run_id") == ref for r in _refs(run_dir).values()):
             return run_dir
     raise CXRError(
-        f"Cannot find the run {ref!r} to resume: it is not a folder, and no run in {root}/ was tracked with that MLflow "
-        f"or W&B run id. Pass the run's folder (RESUME=outputs/<run>) or its run id as shown at the end of the run."
+        f"Cannot find the run {ref!r} to resume: it is not a folder, and no run in {root}/ was tracked with that "
+        f"MLflow or W&B run id. Pass the run's folder (RESUME=outputs/<run>) or its run id as shown at the end of "
+        f"the run."
     )
 
 
@@ -75,16 +77,17 @@ def load(ref: str, output_dir: str | Path) -> ResumePoint:
     study = next((kind for sub, kind in (("folds", "cross-validation"), ("seeds", "seed study"))
                   if (run_dir / sub).is_dir()), None)
     if study and not last.is_file():
+        members = run_dir / ("folds" if study == "cross-validation" else "seeds")
         raise CXRError(
-            f"{run_dir} is a {study} (its runs are in {run_dir / ('folds' if study == 'cross-validation' else 'seeds')}/), "
+            f"{run_dir} is a {study} (its runs are in {members}/), "
             f"and --resume continues one interrupted run, not a {study}: its parent run cannot be rebuilt from a "
             f"resumed member. Start the {study} again with the same command (a new parent run; the interrupted one "
             f"and its finished runs stay in the stores)."
         )
     if not last.is_file():
         raise CXRError(
-            f"{run_dir} has no checkpoints/last.pt, so it cannot be resumed: it stopped before its first epoch ended, or "
-            f"it was trained by a version of cxrtrack that did not write one. Start a new run instead."
+            f"{run_dir} has no checkpoints/last.pt, so it cannot be resumed: it stopped before its first epoch ended, "
+            f"or it was trained by a version of cxrtrack that did not write one. Start a new run instead."
         )
     try:
         state = torch.load(last, map_location="cpu", weights_only=True)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -80,7 +81,7 @@ def build_optimizer(model: nn.Module, cfg: dict[str, Any]) -> torch.optim.Optimi
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg["momentum"], weight_decay=wd)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]) -> LRScheduler | None:
     name = cfg["scheduler"]
     if name == "plateau":
         # Same notion of "improved" as checkpointing and early stopping: an absolute min_delta.
@@ -89,10 +90,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: dict[str, Any]):
             threshold=cfg["min_delta"], threshold_mode="abs",
         )
     warmup = cfg.get("warmup_epochs", 0)
+    main: LRScheduler
     if name == "cosine":
         main = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"] - warmup)
     elif name == "step":
-        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["scheduler_step_size"], gamma=cfg["scheduler_factor"])
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg["scheduler_step_size"],
+                                               gamma=cfg["scheduler_factor"])
     elif warmup:
         main = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     else:
@@ -135,7 +138,9 @@ def build_criterion(train_cfg: dict[str, Any], train_labels: list[int], device: 
 
 def _numpy_state() -> list[Any]:
     """NumPy's global RNG state as plain types and a tensor (``torch.load(weights_only=True)`` refuses arrays)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state(legacy=True)  # legacy, the default: the global MT19937 generator's state tuple
+    assert isinstance(state, tuple)  # the dict form is only for legacy=False
+    kind, keys, pos, has_gauss, gauss = state
     return [kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss)]
 
 
@@ -143,7 +148,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        loaders: dict[str, DataLoader],
+        loaders: dict[str, Any],  # train, val (None: no validation split), test: DataLoaders or DeviceLoaders
         cfg: dict[str, Any],
         device: torch.device,
         checkpoint_path: Path,
@@ -227,12 +232,14 @@ class Trainer:
     def _non_finite(self, what: str, value: float, epoch: int, batch: int | None = None) -> NonFiniteLossError:
         where = f"epoch {epoch}" + (f", batch {batch}" if batch else "")
         clip = self.cfg.get("grad_clip_norm")
+        clipping = (f"gradients that explode despite clipping at {clip}" if clip
+                    else "no gradient clipping (training.grad_clip_norm=null; try 5.0)")
+        best = "of an earlier epoch is kept" if self.best_epoch else "was never written"
         return NonFiniteLossError(
             f"Training stopped at {where}: the {what} is {value} (not a finite number), so nothing after this point "
-            f"can be trusted. Likely causes: a learning rate too high for this model (training.lr={self.cfg['lr']}; try "
-            f"10x lower), {'no gradient clipping (training.grad_clip_norm=null; try 5.0)' if not clip else f'gradients that explode despite clipping at {clip}'}, "
-            f"or inputs that overflow (check data.normalize_std). The run is marked FAILED; the best checkpoint "
-            f"{'of an earlier epoch is kept' if self.best_epoch else 'was never written'} (weights that are not finite are never saved)."
+            f"can be trusted. Likely causes: a learning rate too high for this model (training.lr={self.cfg['lr']}; "
+            f"try 10x lower), {clipping}, or inputs that overflow (check data.normalize_std). The run is marked "
+            f"FAILED; the best checkpoint {best} (weights that are not finite are never saved)."
         )
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -242,13 +249,14 @@ class Trainer:
         delta = self.cfg["min_delta"]
         return score < best - delta if self.mode == "min" else score > best + delta
 
-    def save_checkpoint(self, epoch: int, score: float, metrics: dict[str, float]) -> None:
+    def save_checkpoint(self, epoch: int, score: float | None, metrics: dict[str, float]) -> None:
         """Write the best checkpoint atomically (a temporary file renamed into place, removed if the write fails,
         e.g. on a full disk); weights that are not finite are refused, never saved as "best"."""
         weights = self.recipe.weights().state_dict()  # the averaged weights when EMA/SWA is on
         bad = [name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
-            raise self._non_finite(f"model weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})", float("nan"), epoch)
+            names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+            raise self._non_finite(f"model weights ({names})", float("nan"), epoch)
         state = {
             "model_state": weights,
             "weights": self.recipe.weights_kind,
@@ -308,7 +316,8 @@ class Trainer:
     def fit(self) -> FitResult:
         history: list[dict[str, float]] = []
         best, best_epoch, best_metrics, stale = None, None, {}, 0
-        status, stopped_early, error, stop_reason = FINISHED, False, None, None
+        status, stopped_early, stop_reason = FINISHED, False, None
+        error: Exception | None = None
         best_val: EvalOutput | None = None
         patience = self.cfg["early_stopping_patience"]
         self.best_epoch = None
@@ -362,7 +371,8 @@ class Trainer:
                     else:
                         stale += 1
                     log.info(
-                        "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e | %.1fs %.0f img/s%s",
+                        "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f f1 %.3f | lr %.2e "
+                        "| %.1fs %.0f img/s%s",
                         epoch, self.cfg["epochs"], row["train/loss"], row["train/acc"], row.get("val/loss", math.nan),
                         row.get("val/acc", math.nan), row.get("val/f1_macro", math.nan), lr, row["epoch_time_s"],
                         row["train/images_per_s"], mark,
@@ -370,6 +380,7 @@ class Trainer:
                     if swa_lr:
                         pass  # SWALR drives the learning rate from swa_start on
                     elif isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        assert score is not None  # settings refuse the plateau scheduler without a validation split
                         self.scheduler.step(score)
                     elif self.scheduler is not None:
                         self.scheduler.step()
@@ -399,6 +410,7 @@ class Trainer:
             status, error = FAILED, exc
             where = (f"writing {self.unsaved[0].name} at the end of epoch {self.unsaved[1]}" if self.unsaved
                      else f"in epoch {len(history) + 1}")
-            log.error("Training failed %s (%s: %s); the best checkpoint so far is kept.", where, type(exc).__name__, exc)
+            log.error("Training failed %s (%s: %s); the best checkpoint so far is kept.",
+                      where, type(exc).__name__, exc)
         return FitResult(history, best_epoch, best, status, stopped_early, self.checkpoint_path, best_metrics, error,
                          stop_reason, best_val, self.unsaved if error is not None else None)

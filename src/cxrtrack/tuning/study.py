@@ -264,6 +264,7 @@ def _log_best_model(group: TrackerGroup, best, launch: Launch, cfg: dict[str, An
     data_cfg = ckpt["config"]["data"]
     data = (cache or DataCache()).get(data_cfg, ckpt["config"]["seed"])
     loader = data.loaders(2, 0, 0)["val"]  # an input example only: shapes and values the model takes
+    assert loader is not None  # data built by the cache always has a validation split
     example = next(iter(loader))[0][:2].numpy().astype(np.float32)
     metadata = registry.model_metadata(
         cfg, {"study": launch.study, "trial": best.number, "image_size": data.image_size,
