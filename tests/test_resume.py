@@ -31,7 +31,8 @@ def configured(tiny_cfg, tmp_path, name, **values):
 
 def wandb_epochs(run_dir) -> list[int]:
     rows = [json.loads(line) for line in wandb_leet(run_dir).splitlines() if line.strip()]
-    return [int(r["history"]["item"]["epoch"]) for r in rows if r["type"] == "history" and "val/loss" in r["history"]["item"]]
+    return [int(r["history"]["item"]["epoch"]) for r in rows
+            if r["type"] == "history" and "val/loss" in r["history"]["item"]]
 
 
 def test_interrupted_run_resumes_into_the_same_tracked_runs(tmp_path, tiny_cfg):
@@ -77,8 +78,10 @@ def test_interrupted_run_resumes_into_the_same_tracked_runs(tmp_path, tiny_cfg):
     assert len(client.search_runs([run.info.experiment_id])) == 1  # no second run was created
     # tracked.json holds the whole run, the epochs of the first part included, as the store does
     sent = RunRecord.from_json((second.run_dir / "tracked.json").read_text())
-    assert [s for s, _ in sent.metrics["val/loss"]] == [1, 2, 3, 4] and sent.extra["runs"]["mlflow"]["run_id"] == mlflow_id
-    points = diff_records(sent, read_mlflow(cfg["tracking"]["mlflow"]["tracking_uri"], mlflow_id), "mlflow")["metric_points"]
+    assert [s for s, _ in sent.metrics["val/loss"]] == [1, 2, 3, 4]
+    assert sent.extra["runs"]["mlflow"]["run_id"] == mlflow_id
+    stored = read_mlflow(cfg["tracking"]["mlflow"]["tracking_uri"], mlflow_id)
+    points = diff_records(sent, stored, "mlflow")["metric_points"]
     assert not points.lost and points.found == sum(len(v) for v in sent.metrics.values())
 
     # W&B (offline): the second part is a new folder with the same run id; together they hold epochs 1-4 once

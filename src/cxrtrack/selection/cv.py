@@ -137,7 +137,8 @@ def run_cv(
     ``callbacks`` run after every epoch of the *first* fold only (a tuning pruner: the first fold's curve is
     the early signal); a callback that stops training (``StopTraining``) stops the whole cross-validation.
     """
-    t0, timings = time.perf_counter(), {}
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     k, monitor, mode = cfg["training"]["cv_folds"], cfg["training"]["monitor"], cfg["training"]["monitor_mode"]
     seed_everything(cfg["seed"], cfg["training"]["deterministic"])
     device = select_device(cfg["device"])
@@ -171,8 +172,8 @@ def run_cv(
     summary = run.summary
     with tracker:
         run.start(tracker, group=group, job_type=job_type, parents=parents,
-                  description=description or f"{k}-fold cross-validation of {cfg.get('config_name')}: one child run per "
-                  f"fold; the CV mean +- std of every validation metric here.")
+                  description=description or f"{k}-fold cross-validation of {cfg.get('config_name')}: one child "
+                  f"run per fold; the CV mean +- std of every validation metric here.")
         nested = child_parents(tracker, parents)
         for i, (tr, va) in enumerate(splits, 1):
             fcfg = _child_cfg(cfg, f"{name}-fold{i}", run.dir / "folds", {"cv": name, "fold": str(i)})
@@ -212,12 +213,14 @@ def run_cv(
                     if retrain.status == KILLED:
                         status, final, checkpoint = KILLED, None, None
                     else:
-                        _copy_checkpoint(retrain.fit.checkpoint, checkpoint, {"kind": "retrain", "cv": _ckpt_cv(stats, epoch, k)})
+                        _copy_checkpoint(retrain.fit.checkpoint, checkpoint,
+                                         {"kind": "retrain", "cv": _ckpt_cv(stats, epoch, k)})
                 else:
-                    save_ensemble([r.fit.checkpoint for r in folds], checkpoint, run.safe_cfg, data, name, stats, epoch, k)
+                    save_ensemble([r.fit.checkpoint for r in folds], checkpoint, run.safe_cfg, data, name, stats,
+                                  epoch, k)
             if checkpoint is not None:
                 run.artifacts["checkpoints/best.pt"] = checkpoint
-            if status == FINISHED and tested:
+            if status == FINISHED and tested and checkpoint is not None:
                 with timed(timings, "test_eval_s"):
                     test_report, paths, model, loader = _final_evaluation(checkpoint, cfg, data, pool, device, run.dir)
                 publish_test(run, tracker, cfg, data, test_report, paths, model, checkpoint, loader,
@@ -235,13 +238,15 @@ def run_cv(
     timings["fit_s"] = sum(r.timings.get("fit_s", 0.0) for r in folds)
     run.write_record(tracker)
     score = stats.get(monitor, {}).get("mean") if not stopped and folds else None
+    # where the final model is, or would have been had the CV not stopped first (as a trainer's FitResult says)
+    planned = checkpoint if checkpoint is not None else run.dir / "checkpoints" / "best.pt"
     fit = FitResult(history=[{"epoch": e, monitor: v} for e, v in enumerate(mean_curve, 1)], best_epoch=epoch,
-                    best_score=score, status=status, stopped_early=bool(stopped), checkpoint=checkpoint,
+                    best_score=score, status=status, stopped_early=bool(stopped), checkpoint=planned,
                     best_metrics={key: s["mean"] for key, s in stats.items() if key.startswith("val/")},
                     stop_reason=stopped.get("reason"))
     _log_outcome(name, status, stats, epoch, final, test_report, run.dir, tracker, summary)
-    return CVResult(name, run.dir, status, folds, stats, epoch, final, fit, test_report, retrain, tracker.record, summary,
-                    tracker, timings)
+    return CVResult(name, run.dir, status, folds, stats, epoch, final, fit, test_report, retrain, tracker.record,
+                    summary, tracker, timings)
 
 
 @dataclass
@@ -256,9 +261,9 @@ class OutOfFold:
 
 def out_of_fold(folds: list[RunResult], splits, pool) -> OutOfFold | None:
     """The folds' validation predictions pooled (None when a fold kept none, e.g. it never improved)."""
-    if any(r.fit.val_output is None for r in folds):
+    vals = [r.fit.val_output for r in folds if r.fit.val_output is not None]
+    if len(vals) < len(folds):
         return None
-    vals = [r.fit.val_output for r in folds]
     return OutOfFold(np.concatenate([v.y_true for v in vals]), np.concatenate([v.probs for v in vals]),
                      np.concatenate([np.full(len(v.y_true), i) for i, v in enumerate(vals, 1)]),
                      [str(pool.paths[j]) for _, va in splits[:len(folds)] for j in va])
@@ -343,7 +348,8 @@ def _final_evaluation(checkpoint: Path, cfg, data: CXRData, pool, device, run_di
     model = with_tta(model, cfg["evaluation"]["tta"])
     criterion = build_criterion(cfg["training"], pool.labels, device)
     loader = build_loaders(data, cfg, device)["test"]
-    report, paths = report_on_test(model, loader, data, criterion, device, run_dir, cfg["evaluation"]["n_prediction_images"])
+    report, paths = report_on_test(model, loader, data, criterion, device, run_dir,
+                                   cfg["evaluation"]["n_prediction_images"])
     return report, paths, model, loader
 
 

@@ -76,7 +76,8 @@ def run_seeds(
     cv = cfg["training"]["cv_folds"] > 1
     cache = data if isinstance(data, DataCache) else DataCache()
     tracker = tracker if tracker is not None else build_tracker(cfg["tracking"]["tracker"], parent_cfg(cfg))
-    run = open_run(cfg, {"seed_list": seeds}, device=None, tags={"seeds": ",".join(map(str, seeds))}, suffix=f"seeds{n}")
+    run = open_run(cfg, {"seed_list": seeds}, device=None, tags={"seeds": ",".join(map(str, seeds))},
+                   suffix=f"seeds{n}")
     name, group = run.name, group or cfg["tracking"]["group"] or run.name
     log.info("Seed study %s: %d seeds (%s)%s.", name, n, ", ".join(map(str, seeds)),
              f", each a {cfg['training']['cv_folds']}-fold cross-validation" if cv else "")
@@ -84,21 +85,23 @@ def run_seeds(
     status = FINISHED
     with tracker:
         run.start(tracker, group=group, job_type=job_type, parents=parents,
-                  description=description or f"{cfg.get('config_name')} with {n} seeds: mean +- std of the test metrics "
-                  f"over the seeds (one child run per seed).")
+                  description=description or f"{cfg.get('config_name')} with {n} seeds: mean +- std of the test "
+                  f"metrics over the seeds (one child run per seed).")
         nested = child_parents(tracker, parents)
         for seed in seeds:
             scfg = copy.deepcopy(cfg)
             scfg.update(seed=seed, run_name=f"{name}-seed{seed}", output_dir=str(run.dir / "seeds"))
             scfg["tracking"]["log_model"] = False
             scfg["tracking"]["tags"] = {**cfg["tracking"]["tags"], "seed_study": name, "seed": str(seed)}
-            kwargs = dict(data=cache, group=group, parents=nested, description=f"Seed {seed} of seed study {name}")
-            result = run_cv(scfg, job_type="cv", **kwargs) if cv else run_experiment(scfg, job_type="seed", **kwargs)
-            runs.append(result)
-            if result.status == KILLED:
+            kwargs: dict[str, Any] = dict(data=cache, group=group, parents=nested,
+                                          description=f"Seed {seed} of seed study {name}")
+            member = run_cv(scfg, job_type="cv", **kwargs) if cv else run_experiment(scfg, job_type="seed", **kwargs)
+            runs.append(member)
+            if member.status == KILLED:
                 status = KILLED
                 break
-        rows, values = [], {}
+        rows: list[dict[str, Any]] = []
+        values: dict[str, list[float]] = {}
         for seed, r in zip(seeds, runs, strict=False):
             row = {"seed": seed, "run_name": r.run_name, "status": r.status, **_validation(r),
                    **(r.test.tracked_metrics() if r.test is not None else {})}
@@ -111,7 +114,8 @@ def run_seeds(
         for key, s in stats.items():
             summary[f"seeds/{key}_mean"], summary[f"seeds/{key}_std"] = s["mean"], s["std"]
         run.summary = summary = {k: v for k, v in summary.items() if not math.isnan(v)}
-        run.save("seeds_summary.json", json.dumps({"seeds": seeds, "stats": stats, "runs": rows}, indent=2, default=str))
+        run.save("seeds_summary.json",
+                 json.dumps({"seeds": seeds, "stats": stats, "runs": rows}, indent=2, default=str))
         if rows:
             tracker.log_table("seeds/runs", rows)
         run.publish(tracker)

@@ -167,8 +167,8 @@ def _check_resume(resume: ResumePoint, data: CXRData) -> None:
     trained_on = (resume.state.get("dataset") or {}).get("fingerprint")
     if trained_on and trained_on != data.fingerprint:
         raise CXRError(f"{resume.run_name} was trained on data with fingerprint {trained_on}; the data found now "
-                       f"({data.location.root}) has fingerprint {data.fingerprint}. A run resumes on the same data only: "
-                       f"point DATA= at it, or start a new run.")
+                       f"({data.location.root}) has fingerprint {data.fingerprint}. A run resumes on the same data "
+                       f"only: point DATA= at it, or start a new run.")
     log.info("Resuming %s after epoch %d in %s (tracked runs: %s).", resume.run_name, resume.epoch, resume.run_dir,
              ", ".join(f"{display_name(k)} {v}" for k, v in resume.tracker_ids().items()) or "none")
 
@@ -192,7 +192,8 @@ def _epoch_logger(tracker: TrackerGroup, run: OpenRun) -> EpochCallback:
 
 
 def _before_training(exp: _Experiment, tracker: TrackerGroup) -> None:
-    """Where the tracked runs are (--resume), a resumed run's earlier epochs, the data's lineage, a batch, skipped files."""
+    """Where the tracked runs are (--resume), a resumed run's earlier epochs, the data's lineage, a batch, skipped
+    files."""
     run, data = exp.run, exp.data
     try:  # tracked.json is only written at the end
         write_runs_file(run.dir, run.name, {t.name: t.run_ref() for t in tracker.trackers})
@@ -265,9 +266,11 @@ def _finish(exp: _Experiment, tracker: TrackerGroup, fit: FitResult, test: TestR
 
 
 def _describe_run(cfg: dict[str, Any], data: CXRData) -> str:
+    n_val = len(data.val) if data.val is not None else 0
     return (f"CustomCXRNet, config {cfg.get('config_name', '?')}: {cfg['training']['epochs']} epochs at "
-            f"{cfg['data']['image_size']} px, {cfg['training']['optimizer']} lr {cfg['training']['lr']:g}, on {data.source} "
-            f"data {data.fingerprint} ({len(data.train)} train / {len(data.val)} val / {len(data.test)} test images).")
+            f"{cfg['data']['image_size']} px, {cfg['training']['optimizer']} lr {cfg['training']['lr']:g}, "
+            f"on {data.source} data {data.fingerprint} ({len(data.train)} train / {n_val} val / "
+            f"{len(data.test)} test images).")
 
 
 def dataset_lineage(data: CXRData) -> dict[str, Any]:
@@ -305,7 +308,8 @@ def _failure(run: OpenRun, fit: FitResult, tracker: TrackerGroup, problems: dict
         what = f"{reason} (writing {first})"
         return RunFailedError(
             f"Run {run.name} FAILED: {what}. Not saved in {run.dir}: {', '.join(run.files.lost)}; no partial file was "
-            f"left in their place.{tail} Free space under {run.dir.parent} (or set output_dir elsewhere) and train again."
+            f"left in their place.{tail} Free space under {run.dir.parent} (or set output_dir elsewhere) and train "
+            f"again."
         )
     if fit.error is not None:
         log.error("%s.", final_word(run.name, FAILED, tracker, problems))
@@ -327,12 +331,15 @@ def _training_curves(fit: FitResult, cfg: dict[str, Any], path: Path) -> None:
         plt.close(fig)
 
 
-def _final_evaluation(trainer: Trainer, data: CXRData, fit: FitResult, cfg, run_dir: Path) -> tuple[TestReport, dict[str, Path]]:
+def _final_evaluation(trainer: Trainer, data: CXRData, fit: FitResult, cfg,
+                      run_dir: Path) -> tuple[TestReport, dict[str, Path]]:
     """Evaluate the best checkpoint (not the last epoch) on the official test split."""
-    trainer.model.load_state_dict(torch.load(fit.checkpoint, map_location=trainer.device, weights_only=True)["model_state"])
+    state = torch.load(fit.checkpoint, map_location=trainer.device, weights_only=True)
+    trainer.model.load_state_dict(state["model_state"])
     report, paths = report_on_test(trainer.recipe.predictor(trainer.model), trainer.loaders["test"], data,
                                    trainer.criterion, trainer.device,
                                    run_dir, cfg["evaluation"]["n_prediction_images"])
     log.info("Test (best checkpoint, epoch %d): loss %.4f acc %.3f macro-F1 %.3f ROC-AUC %.3f",
-             fit.best_epoch, report.loss, report.metrics["acc"], report.metrics["f1_macro"], report.metrics["roc_auc_ovr_macro"])
+             fit.best_epoch, report.loss, report.metrics["acc"], report.metrics["f1_macro"],
+             report.metrics["roc_auc_ovr_macro"])
     return report, paths
