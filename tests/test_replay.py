@@ -277,3 +277,28 @@ def test_spools_of_folds_seeds_and_tuning_trials_are_found(tmp_path):
         (tmp_path / run / "spool" / "mlflow").mkdir(parents=True)
         (tmp_path / run / "spool" / "mlflow" / "spool.json").write_text("{}")
     assert find_spools(tmp_path) == sorted(tmp_path / run / "spool" / "mlflow" for run in runs)
+
+
+@pytest.mark.parametrize(("status", "up"), [(200, True), (502, False), (503, False)])
+def test_only_a_healthy_health_answer_counts_as_the_server_being_up(status, up):
+    """A proxy in front of a dead MLflow server answers /health with 502/503: counting any answer as "up" made every
+    reconnect attempt (every 15 s) pay the client's retries against the dead server."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cxrtrack.tracking.mlflow_store import ping
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(b"OK" if status == 200 else b"Bad Gateway")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert ping(f"http://127.0.0.1:{server.server_port}", timeout=3) is up
+    finally:
+        server.shutdown()

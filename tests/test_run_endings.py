@@ -113,6 +113,7 @@ def test_sigkill_leaves_the_run_running_until_the_next_run_marks_it_killed(tmp_p
 
     tiny_cfg["tracking"]["tracker"] = "mlflow"
     tiny_cfg["training"]["epochs"] = 1
+    tiny_cfg["experiment"] = "another-experiment"  # any run on the store closes it, not only one of its experiment
     with caplog.at_level(logging.WARNING):
         run_experiment(tiny_cfg)  # same store (tmp_path/mlflow.db): its start looks for such runs
     after = client.get_run(killed.info.run_id)

@@ -159,9 +159,11 @@ def process_alive(tags: dict[str, str]) -> bool | None:
         return None
 
 def ping(tracking_uri: str, timeout: float = PING_TIMEOUT) -> bool:
-    """Does the store answer? For a server: any HTTP answer to ``/health`` within ``timeout`` (one try, no
-    retries). For SQLite: can a write transaction start within 0.5 s (MLflow itself waits 20 s on a locked
-    database, ``PRAGMA busy_timeout = 20000``, so probing through it would stall every attempt)."""
+    """Does the store answer? For a server: a healthy answer (2xx) to ``/health`` within ``timeout`` (one try, no
+    retries; MLflow's auth leaves ``/health`` open). A proxy's 502/503 in front of a dead server is not an answer:
+    counting it as one made every reconnect pay the client's retries. For SQLite: can a write transaction start
+    within 0.5 s (MLflow itself waits 20 s on a locked database, ``PRAGMA busy_timeout = 20000``, so probing through
+    it would stall every attempt)."""
     db = sqlite_path(tracking_uri)
     if db is not None:
         import sqlite3
@@ -181,8 +183,7 @@ def ping(tracking_uri: str, timeout: float = PING_TIMEOUT) -> bool:
     import requests
 
     try:
-        requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout)
-        return True
+        return requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout).ok
     except requests.RequestException:
         return False
 
@@ -251,7 +252,7 @@ def _holds_calls(spool: Path) -> bool:
         return True  # unreadable: what it holds is not known, so it is not given up
 
 
-def close_orphans(tracking_uri: str, experiment_ids: list[str], *, once: bool = False,
+def close_orphans(tracking_uri: str, experiment_ids: list[str] | None, *, once: bool = False,
                   replay=None, closed_by: str = "a later run") -> list[tuple[str, str, str]]:
     """Find runs left RUNNING by a process of this project that is gone (killed with SIGKILL, the machine lost
     power) and end them KILLED, saying so (the tag ``cxrtrack.closed_by`` starts with ``closed_by``: "a later run",
@@ -259,15 +260,18 @@ def close_orphans(tracking_uri: str, experiment_ids: list[str], *, once: bool = 
     spool folder) is given, and left for `make replay` otherwise (also when that replay did not send everything).
 
     Returns (run id, run name, what was done) for each run it acted on or left. ``once``: at most once per
-    store and experiments in this process (every run start calls it)."""
-    key = (tracking_uri, tuple(experiment_ids))
+    store and experiments in this process (every run start calls it). ``experiment_ids`` None: every experiment
+    of the store (a run killed in one experiment is closed by the next run in any other)."""
+    key = (tracking_uri, tuple(experiment_ids or ()))
     if once and key in _orphans_checked:
         return []
     _orphans_checked.add(key)
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    done = []
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    done: list[tuple[str, str, str]] = []
     for run in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=1000):
         tags, name, run_id = run.data.tags, run.info.run_name, run.info.run_id
         if PID_TAG not in tags or process_alive(tags) is not False:

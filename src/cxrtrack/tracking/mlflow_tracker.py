@@ -110,7 +110,7 @@ class MLflowTracker(BaseTracker):
         mlflow.set_tracking_uri(self.tracking_uri)
         self.experiment_id = self._experiment_id()
         try:
-            close_orphans(self.tracking_uri, [self.experiment_id], once=True)
+            close_orphans(self.tracking_uri, None, once=True)  # every experiment of the store
         except Exception as exc:  # noqa: BLE001 - housekeeping must never stop a run from starting
             log.warning("MLflow: could not look for runs left RUNNING by killed processes (%s).", exc)
         if self.cfg.get("system_metrics"):
