@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,4 +110,8 @@ def test_two_processes_share_one_study_in_postgresql_and_one_mlflow_server(tmp_p
         assert len(client.get_metric_history(child.info.run_id, "val/loss")) == 1
     ran_by = [[i for i in range(2) if f"Trial {t.number} (worker 0)" in outputs[i]] for t in complete]
     assert all(len(r) == 1 for r in ran_by)  # each trial was trained by one process only
-    assert {r[0] for r in ran_by} == {0, 1}  # and both processes took part
+    # Both processes worked on the one study: one created it, the other joined it. Which of them trains which trial
+    # (or all of them, when the other is still importing) depends on timing, so it is not asserted: a fresh-clone CI
+    # run saw one process finish the whole grid before the other joined.
+    opened = sorted(re.search(r"Study 'scaleout' \((new|resumed)", o).group(1) for o in outputs)
+    assert opened == ["new", "resumed"], [o[-2000:] for o in outputs]
