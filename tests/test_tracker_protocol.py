@@ -207,3 +207,13 @@ def test_a_failing_record_never_stops_the_run(monkeypatch):
     group.log_metrics({"loss": 1.0}, 1)
     assert a.got == [("log_metrics", {"metrics": {"loss": 1.0}, "step": 1, "timestamp_ms": None})]
     assert not group.errors
+
+
+def test_record_only_reaches_the_record_not_the_backends_and_never_raises(monkeypatch):
+    a = Recorder()
+    group = TrackerGroup([a])
+    group.record_only("log_metrics", {"loss": 0.5}, 1)  # a resumed run's earlier epoch: in the stores already
+    assert a.got == [] and group.record.metrics == {"loss": [(1, 0.5)]}
+    monkeypatch.setattr(group.recorder, "log_metrics", lambda *args, **kwargs: 1 / 0)
+    group.record_only("log_metrics", {"loss": 0.4}, 2)
+    assert a.got == [] and not group.errors and group.record.metrics == {"loss": [(1, 0.5)]}

@@ -339,6 +339,15 @@ def verdicts(report: dict[str, Any]) -> list[dict[str, str]]:
     return [v for v in out if v is not None]
 
 
+def _ranked_answer(ranked: dict[str, Any], wins: str, what: str, samples: str, single: str) -> str:
+    """The one-sentence answer for a ``rank`` result: who wins, a tie within noise, or too few samples."""
+    if ranked["status"] == "ranked":
+        return f"{ranked['winner']} {wins}."
+    if ranked["status"] == "noise":
+        return f"No difference in {what} that {samples} can tell from noise."
+    return f"Not ranked: {single} cannot tell a difference in {what} from noise."
+
+
 def _cost_per_run(report: dict[str, Any]) -> dict[str, str]:
     q = "Cost per run"
     over, fp = report.get("overhead", {}), report.get("footprint", {})
@@ -361,12 +370,7 @@ def _cost_per_run(report: dict[str, Any]) -> dict[str, str]:
                 f", {'MLflow' if dm < dw else 'W&B'} writes less (counted, not timed)"))
         mem = rank("MLflow", fm["peak_tree_rss_mb"], "W&B", fw["peak_tree_rss_mb"], _mb, "lighter")
         parts += [f"disk per run: {disk}", f"peak memory with its processes: {mem['text']}"]
-    if time["status"] == "ranked":
-        answer = f"{time['winner']} adds less time to a run."
-    elif time["status"] == "noise":
-        answer = "No difference in time per run that the repeats can tell from noise."
-    else:
-        answer = "Not ranked: one repeat cannot tell a difference in time per run from noise."
+    answer = _ranked_answer(time, "adds less time to a run", "time per run", "the repeats", "one repeat")
     if report.get("load", {}).get("busy"):
         answer += " The machine was busy (see Machine load): timings are unreliable."
     return _verdict(q, answer, "; ".join(parts) + ".", statuses[0], "2. Overhead, 6. Footprint")
@@ -399,12 +403,7 @@ def _cost_per_point(report: dict[str, Any]) -> dict[str, str] | None:
              f"{t['text']}; at {n:,} points, bytes on disk per point: "
              + ", ".join(f"{b} {v:.0f} B" for b, v in bytes_pp.items())
              + "; read back per point: " + ", ".join(f"{b} {_secs(v)}" for b, v in read_pp.items()) + ".")
-    if t["status"] == "ranked":
-        answer = f"{t['winner']} logs a point faster."
-    elif t["status"] == "noise":
-        answer = "No difference in time per point that the measurements can tell from noise."
-    else:
-        answer = "Time per point not ranked: a single size cannot tell a difference from noise."
+    answer = _ranked_answer(t, "logs a point faster", "time per point", "the measurements", "a single size")
     small = min(bytes_pp, key=lambda b: bytes_pp[b])
     big = max(bytes_pp, key=lambda b: bytes_pp[b])
     if bytes_pp[big] > 1.5 * bytes_pp[small]:  # bytes are counted, not timed: no noise to judge

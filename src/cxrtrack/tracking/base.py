@@ -403,6 +403,11 @@ class TrackerGroup(BaseTracker):
             log.warning("The record of what was sent (tracked.json) misses a %s call (%s: %s).", method,
                         type(exc).__name__, exc)
 
+    def record_only(self, method: str, *args, **kwargs) -> None:
+        """Put a call into the run's record without sending it (a resumed run's earlier epochs: already in the
+        stores); like every call, it never raises."""
+        self._record(method, *args, **kwargs)
+
     def _call(self, method: str, *args, **kwargs) -> None:
         step = call_arguments(method, args, kwargs).get("step")  # log_metrics: the epoch, for the user's summary
         self._record(method, *args, **kwargs)

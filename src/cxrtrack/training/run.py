@@ -200,7 +200,7 @@ def _before_training(exp: _Experiment, tracker: TrackerGroup) -> None:
     except OSError as exc:
         run.files.lost_file(RUNS_FILE, exc)
     for row in (exp.trainer.resume_from or {}).get("history", []):  # in the stores already: into the record only
-        tracker.recorder.log_metrics(_epoch_metrics(row), int(row["epoch"]))
+        tracker.record_only("log_metrics", _epoch_metrics(row), int(row["epoch"]))
     tracker.log_dataset(dataset_lineage(data))
     name = "samples/train_batch_augmented.png"
     montage = run.files.write(name, lambda tmp: _train_batch_montage(example_batch(data, exp.trainer.loaders),
