@@ -90,7 +90,7 @@ def test_a_killed_writer_is_reported_with_what_it_never_sent(scale, store):
     assert level["readback"]["statuses"].get("FINISHED") == 1  # writer 1's run; writer 0's never got its end
     assert level["readback"]["by_writer"][0]["status"] == ("FAILED" if store == "wandb-offline" else "RUNNING")
     row = next(line for line in (c.dir / "report.md").read_text().splitlines() if line.startswith(f"| {store} | 2 |"))
-    assert "writer 0: killed by the test (SIGKILL) after" in row and "points never sent" in row
+    assert "1 killed by the test (SIGKILL) (writer 0) after 1-1 epochs" in row and "points never sent" in row
 
 
 def test_report_section_holds_every_number(scale):

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -488,6 +489,14 @@ def writer_fates(level: Level, journals: list[list[dict[str, Any]]], plan: Scale
     return out
 
 
+def error_kind(error: str) -> str:
+    """An error's class and its telling part: the database driver's own error when the client wrapped one (an
+    MLflowException around ``(sqlite3.OperationalError) database is locked``), else its first 80 characters."""
+    cls, _, text = error.partition(": ")
+    inner = re.search(r"\((\w+(?:\.\w+)*(?:Error|Exception))\) ([^\n\[]+)", text)
+    return f"{cls}: {inner.group(1)} {inner.group(2).strip()[:80]}" if inner else f"{cls}: {text[:80]}"
+
+
 def summarize(level: Level, plan: ScalePlan, sampler: TreeSampler, uri: str | None, end_t: float) -> dict[str, Any]:
     journals = [read_journal(level.journal(i)) for i in range(level.n)]
     calls = [e for entries in journals for e in entries if e["op"] in OPS]
@@ -505,8 +514,7 @@ def summarize(level: Level, plan: ScalePlan, sampler: TreeSampler, uri: str | No
         "latency": {op: percentiles([e["s"] for e in calls if e["op"] == op and e["ok"]]) for op in OPS},
         "all_calls": percentiles([e["s"] for e in calls if e["ok"]]),
         "calls": len(calls), "errors": len(errors),
-        "error_kinds": dict(Counter(str(e["error"]).split(":")[0] + ": " + str(e["error"]).split(": ", 1)[-1][:80]
-                                    for e in errors).most_common(5)),
+        "error_kinds": dict(Counter(error_kind(str(e["error"])) for e in errors).most_common(5)),
         "retries": sum(e.get("retries", 0) for e in calls),
         "points_ok": len(logs_ok) * len(KEYS), "points_per_s": len(logs_ok) * len(KEYS) / window if window else None,
         "writers_died": writer_fates(level, journals, plan),
@@ -616,14 +624,22 @@ def store_context(store: str, plan: ScalePlan, folder: Path):
                                               workers=plan.server_workers) as server:
             assert pg.process is not None and server.process is not None
             yield server.uri, [pg.process.pid, server.process.pid], {
-                "store": f"mlflow server ({plan.server_workers} workers, --artifacts-destination: proxied artifacts) "
-                         f"on PostgreSQL {pg_version()}, both on 127.0.0.1", "server_start_s": server.start_s}
+                "store": f"mlflow server ({plan.server_workers} workers, --artifacts-destination: proxied artifacts, "
+                         f"{pool_setting()}) on PostgreSQL {pg_version()}, both on 127.0.0.1",
+                "server_start_s": server.start_s}
     elif store == "mlflow-sqlite":
         uri = f"sqlite:///{(folder / 'store' / 'mlflow.db').resolve()}"
         (folder / "store").mkdir(parents=True, exist_ok=True)
         yield uri, [], {"store": "one sqlite:/// file, written by every process"}
     else:
         yield None, [], {"store": "W&B offline: each process its own run folder and its own W&B service"}
+
+
+def pool_setting() -> str:
+    """The server's database connection pool per worker (MLflow's environment variables, which it inherits)."""
+    size = os.environ.get("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE") or "5 (SQLAlchemy's default)"
+    overflow = os.environ.get("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW") or "10 (default)"
+    return f"database pool {size} + overflow {overflow} per worker"
 
 
 def pg_version() -> str:
@@ -663,19 +679,25 @@ def _ms(p: dict[str, Any]) -> str:
 
 
 def _died(d: dict[str, Any]) -> str:
-    if not d["writers_died"]:
-        return "none"
+    """The writers that did not end cleanly, grouped by how they ended: which, epochs logged, points never sent, and
+    what their runs hold of what they had sent."""
     by_writer = d["readback"].get("by_writer") or []
-
-    def lost(i: int) -> str:
-        if i >= len(by_writer):
-            return ""
-        w = by_writer[i]
-        return (f", run read back {w['status'] or 'not at all'}, {sum(w['logged'].values()) - sum(w['found'].values())}"
-                f" of the {sum(w['logged'].values())} items it had sent lost")
-
-    return "; ".join(f"writer {w['writer']}: {w['how']} after {w['epochs_logged']} epochs "
-                     f"({w['points_never_sent']} points never sent{lost(w['writer'])})" for w in d["writers_died"])
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for w in d["writers_died"]:
+        groups.setdefault(w["how"], []).append(w)
+    parts = []
+    for how, ws in groups.items():
+        read = [by_writer[w["writer"]] for w in ws if w["writer"] < len(by_writer)]
+        sent = sum(sum(r["logged"].values()) for r in read)
+        lost = sent - sum(sum(r["found"].values()) for r in read)
+        statuses = Counter(str(r["status"] or "not read") for r in read)
+        ids = ", ".join(str(w["writer"]) for w in ws[:8]) + (", ..." if len(ws) > 8 else "")
+        epochs = sorted(w["epochs_logged"] for w in ws)
+        parts.append(f"{len(ws)} {how} (writer {ids}) after {epochs[0]}-{epochs[-1]} epochs: "
+                     f"{sum(w['points_never_sent'] for w in ws):,} points never sent; runs read back "
+                     + ", ".join(f"{k} x{v}" for k, v in statuses.items())
+                     + f", {lost} of the {sent} items they had sent lost")
+    return "; ".join(parts) or "none"
 
 
 def _row(store: str, d: dict[str, Any]) -> list[str]:
