@@ -6,6 +6,7 @@ writers' own journals say they sent, and the killed writer is reported, not hidd
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -124,3 +125,34 @@ def test_levels_stop_at_the_budget():
     assert team_scale.skip_reason(16, ran, 1000) is None
     assert "projected 200 s" in team_scale.skip_reason(16, ran, 100)
     assert "GiB of writer memory" in team_scale.skip_reason(10**6, [{**ran[0], "wall_s": 0.0}], 1000)
+
+
+def test_the_retry_counter_counts_the_mlflow_clients_http_retries(monkeypatch):
+    """A server that answers 503: the client retries (here twice) and the writer's counter sees every retry."""
+    import http.server
+    import threading
+
+    from mlflow import MlflowClient
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    counter = team_scale.RetryCounter().install()
+    try:
+        with pytest.raises(Exception, match="experiments/get"):
+            MlflowClient(f"http://127.0.0.1:{server.server_port}").get_experiment("1")
+    finally:
+        server.shutdown()
+        logger = logging.getLogger("urllib3.util.retry")
+        logger.removeHandler(counter)
+        logger.propagate = True
+    assert counter.count == 2
