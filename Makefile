@@ -19,7 +19,7 @@ TRACKER     ?= mlflow
 # (`unexport` after the defaults above: it defines a variable, so a later `?=` would not assign it.)
 USER_VARS   := DATA EPOCHS BATCH_SIZE LR IMAGE_SIZE RUN_NAME ARGS CONFIG TRACKER CHECKPOINT RUN_ID MODEL OUT OUTPUTS PORT MLFLOW_URI \
                TRIALS WORKERS STUDY STORAGE SPACE ENGINE SWEEP_ID QUICK REPEATS TRACKERS EXPERIMENT TAGS RESUME FOLDS SEEDS SIZES \
-               THREADS CONCURRENCY TO_RECORDED_URI
+               THREADS CONCURRENCY TO_RECORDED_URI SCALE PHASES SCALE_BUDGET
 unexport $(USER_VARS)
 
 # A misspelt variable (`make train-custom EPOCH=3`) must not be ignored while a 40-epoch run starts: any variable
@@ -142,8 +142,9 @@ replay: ## Send MLflow calls spooled during an outage (outputs/*/spool) to the c
 	$(PY) scripts/replay.py $(call opt,OUTPUTS,--outputs) $(if $(value TO_RECORDED_URI),--to-recorded-uri) \
 		$(if $(filter command line environment,$(origin MLFLOW_URI)),--tracking-uri $(call shq,$(value MLFLOW_URI)))
 
-compare: ## Measure MLflow vs W&B on one training: make compare [QUICK=1] [REPEATS=3] [TRACKERS=...] [CONFIG=...] [DATA=...]
+compare: ## Measure MLflow vs W&B on one training: make compare [QUICK=1] [REPEATS=3] [TRACKERS=...] [CONFIG=...] [DATA=...] [SCALE=1 SCALE_BUDGET=s PHASES=scale]
 	$(PY) scripts/compare.py $(if $(value QUICK),--quick) $(call opt,REPEATS,--repeats) $(call opt,TRACKERS,--trackers) \
+		$(if $(value SCALE),--scale) $(call opt,SCALE_BUDGET,--scale-budget) $(call opt,PHASES,--only) \
 		$(if $(USER_CONFIG),--config $(call shq,$(USER_CONFIG))) $(DATA_ARG) $(foreach word,$(value ARGS),$(call shq,$(word)))
 
 speed-benchmark: ## Images/s of the training step: channels-last, torch.compile, bf16, batched augmentation (writes outputs/speed/)

@@ -11,6 +11,10 @@ failed and the others still run):
 5. scaling      time and bytes as metric points and runs in a store grow
 6. capabilities the observed capability matrix, with evidence
 7. effort       integration effort counted from the code, and a fresh clone's first tracked runs
+8. scale        with ``--scale`` (``make compare SCALE=1``): 1, 4, 16, 64 writer processes at once on an
+                ``mlflow server`` on PostgreSQL, on one SQLite file and on W&B offline (``team_scale.py``)
+
+``--only scale`` (``PHASES=scale``) runs only the phases it names.
 
 Everything goes under ``reports/comparison/<timestamp>/``, including private tracker stores, so a
 second compare never reads the first one's runs. Ctrl-C (or SIGTERM) stops the server, and writes the
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrtrack import signals
-from cxrtrack.benchmark import capabilities, effort
+from cxrtrack.benchmark import capabilities, effort, team_scale
 from cxrtrack.benchmark.runs import (
     RunMeasurement,
     Stores,
@@ -51,6 +55,7 @@ from cxrtrack.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ALL_TRACKERS = ("none", "mlflow", "wandb", "both")
+PHASES = ("runs", "fidelity", "imports", "server", "latency", "scaling", "capabilities", "effort", "scale")
 
 
 @dataclass
@@ -70,6 +75,14 @@ class ComparePlan:
     run_sizes: tuple[int, ...] = (10, 100, 1_000)
     log_report: bool = True  # log the report into the measured runs
     import_samples: int = 3
+    scale: bool = False  # the team-scale tier (``--scale``)
+    scale_plan: team_scale.ScalePlan = field(default_factory=team_scale.ScalePlan)
+    only: tuple[str, ...] = ()  # run only these phases (empty: all, the scale tier only with ``scale``)
+
+    def wants(self, phase: str) -> bool:
+        if self.only:
+            return phase in self.only
+        return phase != "scale" or self.scale
 
     @classmethod
     def make(cls, project_root: Path, config: str | None, repeats: int | None, trackers: str | None, quick: bool,
@@ -90,13 +103,24 @@ class ComparePlan:
         n = 1 if quick and repeats is None else (repeats if repeats is not None else 3)
         if n < 1:
             raise ConfigError(f"REPEATS={repeats} must be at least 1.")
+        only = parse_phases(kw.pop("only", None))
         plan = cls(project_root, config_path, Path(kw.pop("out_root", project_root / "reports" / "comparison")),
-                   repeats=n, trackers=names, quick=quick, **kw)
+                   repeats=n, trackers=names, quick=quick, only=only, **kw)
         if quick:
             plan.latency_cycles, plan.point_sizes, plan.run_sizes = 6, (1_000, 10_000), (10, 100)
             plan.import_samples = 1
             plan.fresh_clone = kw.get("fresh_clone", False)
         return plan
+
+
+def parse_phases(text: str | None) -> tuple[str, ...]:
+    """``--only runs,fidelity`` -> ("runs", "fidelity"); an unknown name is refused."""
+    names = tuple(p.strip().lower() for p in (text or "").split(",") if p.strip())
+    unknown = [p for p in names if p not in PHASES]
+    if unknown:
+        raise ConfigError(f"PHASES={text!r}: unknown phase {', '.join(unknown)}; use a comma list of "
+                          f"{', '.join(PHASES)}.")
+    return names
 
 
 class Compare:
@@ -129,14 +153,9 @@ class Compare:
         self.report["meta"] = self._meta()
         complete, reason = False, None
         try:
-            self._phase("runs", self.phase_runs)
-            self._phase("fidelity", self.phase_fidelity)
-            self._phase("imports", self.phase_imports)
-            self._phase("server", self.phase_server)
-            self._phase("latency", self.phase_latency)
-            self._phase("scaling", self.phase_scaling)
-            self._phase("capabilities", self.phase_capabilities)
-            self._phase("effort", self.phase_effort)
+            for name in PHASES:
+                if self.plan.wants(name):
+                    self._phase(name, getattr(self, f"phase_{name}"))
             complete = True
         except KeyboardInterrupt:
             reason = "interrupted (Ctrl-C or SIGTERM) during the " + next(
@@ -154,7 +173,7 @@ class Compare:
                                        wall_s=time.perf_counter() - self.report["meta"].pop("_t0"))
             self._analyse()
             write_report(self.report, self.dir)
-        if complete and self.plan.log_report:
+        if complete and self.plan.log_report and self.runs:
             self._phase("log_report", self.phase_log_report)
             write_report(self.report, self.dir)  # with the log_report phase recorded
         return self.report
@@ -168,6 +187,9 @@ class Compare:
                     [self.dir / "stores" / "server" / "server-artifacts"]),
                    ("timing stores left over",
                     [*(self.dir / "latency").glob("*/"), *(self.dir / "scaling").glob("*/")]),
+                   ("team-scale stores and writers' files (the journals are kept)",
+                    [*(self.dir / "team-scale").glob("*/store"), *(self.dir / "team-scale").glob("*/server"),
+                     *(self.dir / "team-scale").glob("*/*-writers/work-*")]),
                    ("checkpoints of the measured runs", list(self.stores.outputs.glob("*/checkpoints")))]
         for what, paths in targets:
             for path in paths:
@@ -441,6 +463,10 @@ class Compare:
                             "how": "fresh clone, first target run (synthetic data generated on the first one)"}
         return out
 
+    def phase_scale(self) -> None:
+        """The team-scale tier (:mod:`cxrtrack.benchmark.team_scale`): N concurrent writers per store."""
+        self.report["team_scale"] = team_scale.measure(self.plan.scale_plan, self.dir / "team-scale")
+
     def phase_log_report(self) -> None:
         """The report, as an artifact of every MLflow run it measured and of one W&B run in the same group."""
         import mlflow
@@ -516,6 +542,7 @@ class Compare:
             "overrides": self.plan.extra_sets,
             "data": self.plan.data or "(the training targets' default: data/kaggle, else the synthetic set)",
             "trackers": self.plan.trackers,
+            "phases_run": [p for p in PHASES if self.plan.wants(p)],
             "repeats": self.plan.repeats,
             "order": [f"{t}-r{r}" for r, t in interleaved(self.plan.trackers, self.plan.repeats)],
             "group": self.group,

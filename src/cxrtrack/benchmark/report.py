@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from cxrtrack.benchmark import team_scale
 from cxrtrack.benchmark.analysis import verdict
 from cxrtrack.benchmark.latency import OPS
 
@@ -396,6 +397,7 @@ def sections(report: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
                 + " Load average (1 and 5 min), and over half a second the share of all CPUs busy (before a run: "
                 "other programs) and stolen by the hypervisor, just before and just after each run.",
                 ["run", "before", "after"], rows))
+    out += team_scale.report_sections(report)
     rows = [[name, p["status"], fmt_s(p.get("seconds")), p.get("error", "")]
             for name, p in report.get("phases", {}).items()]
     disk = meta.get("disk") or {}
@@ -570,6 +572,8 @@ def terminal_summary(report: dict, width: int = 100) -> str:
             for b, r in lat.items()), width)
     for t in report.get("targets", []):
         lines += _wrap(f"[{verdict(t['met'])}] {t['target']}: {t['measured']}", width)
+    for line in team_scale.summary_lines(report):
+        lines += _wrap(line, width)
     return "\n".join(lines)
 
 

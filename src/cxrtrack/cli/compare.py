@@ -28,6 +28,18 @@ def project_root() -> Path:
                       f"(the one holding scripts/ and configs/), e.g. `make compare`.")
 
 
+def scale_plan(args: argparse.Namespace):
+    from cxrtrack.benchmark.team_scale import ScalePlan
+
+    try:
+        levels = tuple(int(x) for x in args.scale_levels.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--scale-levels {args.scale_levels!r}: give writer counts, e.g. 1,4,16,64.") from None
+    if not levels or min(levels) < 1 or args.scale_budget <= 0 or args.scale_epochs < 1:
+        raise ConfigError("--scale-levels needs counts >= 1, --scale-budget seconds > 0, --scale-epochs >= 1.")
+    return ScalePlan(levels=levels, budget_s=args.scale_budget, epochs=args.scale_epochs)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="training config to compare on (default: configs/quick.yaml)")
@@ -42,6 +54,16 @@ def main() -> int:
                         help="config override for every training run, e.g. --set training.epochs=5")
     parser.add_argument("--no-fresh-clone", action="store_true", help="skip timing a fresh clone's first runs")
     parser.add_argument("--no-log-report", action="store_true", help="do not log the report into the measured runs")
+    parser.add_argument("--scale", action="store_true",
+                        help="add the team-scale tier: 1, 4, 16, 64 concurrent writers on an mlflow server on "
+                             "PostgreSQL, on one SQLite file and on W&B offline (docs/comparison.md)")
+    parser.add_argument("--scale-levels", default="1,4,16,64", help="writer counts of the scale tier (comma list)")
+    parser.add_argument("--scale-budget", type=float, default=900.0,
+                        help="seconds per store for the scale tier: a level projected past it is not run (default 900)")
+    parser.add_argument("--scale-epochs", type=int, default=50, help="epochs per writer in the scale tier (default 50)")
+    parser.add_argument("--only", metavar="PHASES",
+                        help="run only these phases (comma list of runs, fidelity, imports, server, latency, scaling, "
+                             "capabilities, effort, scale), e.g. --only scale")
     args = parser.parse_args()
     setup_logging()
     logging.getLogger("cxrtrack.benchmark").setLevel(logging.INFO)
@@ -54,7 +76,8 @@ def main() -> int:
         extra["fresh_clone"] = False
     plan = ComparePlan.make(project_root(), args.config, args.repeats, args.trackers, args.quick, data=args.data,
                             mlflow_uri=args.mlflow_uri, extra_sets=args.overrides,
-                            log_report=not args.no_log_report, **extra)
+                            log_report=not args.no_log_report, scale=args.scale, only=args.only,
+                            scale_plan=scale_plan(args), **extra)
     compare = Compare(plan)
     report = compare.run()
     print(terminal_summary(report))
