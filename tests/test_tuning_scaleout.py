@@ -4,22 +4,17 @@ once, and every trial appears exactly once, nested under the one parent run."""
 
 from __future__ import annotations
 
-import glob
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 import yaml
 
-from cxrtrack.benchmark.server import MLflowServer, free_port
+from cxrtrack.benchmark.server import MLflowServer, PostgreSQL
 from tests.conftest import CONFIGS, ROOT
 
 pytestmark = pytest.mark.slow
@@ -28,44 +23,13 @@ LRS = [0.001, 0.002]
 OPTIMIZERS = ["adam", "sgd"]
 
 
-def _as_postgres(cmd: list[str]) -> list[str]:
-    """PostgreSQL refuses to run as root: run its tools as the 'postgres' user then."""
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
 @pytest.fixture
 def postgres():
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bins:
-        pytest.skip("PostgreSQL is not installed here (Debian: apt-get install postgresql; .ci/run installs it)")
-    bindir = Path(bins[-1]).parent
-    if os.geteuid() == 0 and not shutil.which("runuser"):
-        pytest.skip("running as root without runuser: cannot start PostgreSQL as a non-root user")
-    tmp = Path(tempfile.mkdtemp(prefix="cxrtrack-pg-"))  # under /tmp: the postgres user must reach it
-    if os.geteuid() == 0:
-        shutil.chown(tmp, "postgres", "postgres")
-    data, port = tmp / "data", free_port()
-    initdb = [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync"]
-    subprocess.run(_as_postgres(initdb), check=True, capture_output=True, timeout=120)
-    server = subprocess.Popen(_as_postgres([str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(tmp),
-                                            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                             capture_output=True).returncode != 0:
-            assert time.monotonic() < deadline and server.poll() is None, "PostgreSQL did not start"
-            time.sleep(0.5)
-        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna"],
-                       check=True, capture_output=True, timeout=60)
-        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
-    finally:
-        server.terminate()  # SIGTERM: PostgreSQL's "smart" shutdown
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+    reason = PostgreSQL.unavailable()
+    if reason:
+        pytest.skip(f"{reason} (.ci/run installs it)")
+    with PostgreSQL(database="optuna", fsync=False) as pg:  # the project's one launcher (the compare uses it too)
+        yield pg.uri
 
 
 @pytest.fixture
