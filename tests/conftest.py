@@ -68,6 +68,7 @@ def tiny_cfg(tmp_path, tiny_data_root):
             "data.batch_size": 16,
             "training.epochs": 3,
             "training.early_stopping_patience": 0,
+            "data.augment.enabled": True,  # the quick config turns it off (docs/speed.md); the tests train with it
             "evaluation.n_prediction_images": 6,
             "output_dir": str(tmp_path / "outputs"),
             "tracking.mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",

@@ -38,6 +38,7 @@ SWITCHES = {
 def cfg_for(tmp: Path, data_root: Path, tracker: str, **values):
     return load_config(CONFIGS / "quick.yaml", values={
         "data.path": str(data_root), "data.image_size": 64, "data.batch_size": 16, "training.epochs": 2,
+        "data.augment.enabled": True,  # the quick config turns it off; the recipe switches (MixUp, ...) need it
         "training.early_stopping_patience": 0, "evaluation.n_prediction_images": 6, "output_dir": str(tmp / "outputs"),
         "tracking.tracker": tracker, "tracking.mlflow.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
         "tracking.mlflow.artifact_location": str(tmp / "mlartifacts"), "tracking.mlflow.system_metrics": False,

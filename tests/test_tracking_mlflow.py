@@ -57,6 +57,7 @@ def mlflow_run(tmp_path_factory, tiny_data_root):
             "tracking.mlflow.artifact_location": str(tmp / "mlartifacts"),
             "tracking.mlflow.system_metrics_interval": 1,
             "tracking.tags": {"note": f"key={SECRET}", "team": "radiology"}, "tracking.register": True,
+            "tracking.mlflow.model_format": "pt2",  # the default's format (the quick config's pickle: test below)
         })
         result = run_experiment(cfg)
     finally:
@@ -188,3 +189,36 @@ def test_unknown_run_id_is_a_clear_error(mlflow_run):
     _, _, _, tracker = mlflow_run
     with pytest.raises(CXRError, match="Could not fetch checkpoints/best.pt of MLflow run 0123abc"):
         download_checkpoint("0123abc", tracker.tracking_uri)
+
+
+def test_quick_config_model_format_loads_back_and_predicts_like_the_trainer(tiny_cfg):
+    """configs/quick.yaml logs the cheaper pickle format (no torch.export): the logged model still loads back from
+    MLflow, as the PyTorch flavor and as pyfunc, and predicts exactly what the trainer's best checkpoint does."""
+    import mlflow.pyfunc
+    import mlflow.pytorch
+
+    from cxrtrack.config import load_config
+    from cxrtrack.training.evaluate import load_checkpoint
+    from tests.conftest import CONFIGS
+
+    assert load_config(CONFIGS / "quick.yaml")["tracking"]["mlflow"]["model_format"] == "pickle"
+    assert load_config(CONFIGS / "default.yaml")["tracking"]["mlflow"]["model_format"] == "pt2"
+    cfg = tiny_cfg
+    assert cfg["tracking"]["mlflow"]["model_format"] == "pickle"
+    cfg["tracking"]["tracker"] = "mlflow"
+    cfg["training"]["epochs"] = 2
+    result = run_experiment(cfg)
+    tracker = result.tracker.trackers[0]
+    client = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri)
+    files = list_artifacts(client, tracker.run_id, "model")
+    assert "model/data/model.pth" in files and not any(f.endswith(".pt2") for f in files)
+
+    model, _ = load_checkpoint(result.fit.checkpoint)
+    batch = np.random.default_rng(1).normal(size=(3, 1, 64, 64)).astype(np.float32)  # any batch size works
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    pyfunc = mlflow.pyfunc.load_model(tracker.model_uri)
+    np.testing.assert_allclose(np.asarray(pyfunc.predict(batch)), expected, rtol=1e-5, atol=1e-6)
+    module = mlflow.pytorch.load_model(tracker.model_uri)
+    with torch.no_grad():
+        np.testing.assert_allclose(module(torch.from_numpy(batch)).numpy(), expected, rtol=1e-5, atol=1e-6)

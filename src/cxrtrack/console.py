@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
 
     module = importlib.import_module(f"cxrtrack.cli.{COMMANDS[command]}")  # only the command asked for
     sys.argv = [f"cxrtrack {command}", *rest]
-    run_main(module.main)
+    run_main(module.main, fast_exit=command == "train")  # as scripts/train.py: cli.exit_fast
 
 
 if __name__ == "__main__":

@@ -215,6 +215,7 @@ class MLflow(_Section):
     system_metrics: bool
     system_metrics_interval: Interval
     async_logging: bool
+    model_format: Literal["pt2", "pickle"]
     http_timeout: int = Field(ge=1, le=600)
     http_retries: int = Field(ge=0, le=10)
     reconnect_interval: float = Field(ge=0, le=86400)

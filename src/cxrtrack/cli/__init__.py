@@ -61,9 +61,31 @@ _DISK_ERRORS: dict[int | None, str] = {
     errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 
 
-def run_main(main: Callable[[], int]) -> None:
+def exit_fast(code: int) -> None:
+    """End the process with ``code`` without Python's interpreter finalization, which takes ~2 s here once torch,
+    torchvision, scikit-learn, matplotlib and MLflow are loaded (tearing down thousands of modules and objects that
+    the operating system frees at once anyway). Everything an exit must do is done first: the libraries' own exit
+    handlers (W&B's service shutdown, MLflow's queues, ``logging.shutdown``) run as at a normal exit, and stdout and
+    stderr are flushed. Returns (a normal exit follows) if a thread that a normal exit would wait for is running."""
+    import atexit
+    import os
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return
+    atexit._run_exitfuncs()  # every registered handler, last registered first, as at a normal exit
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
+            pass
+    os._exit(code)
+
+
+def run_main(main: Callable[[], int], fast_exit: bool = False) -> None:
     """Run ``main``; a :class:`CXRError` becomes one clear paragraph on stderr and its exit status (2 for bad
-    input, 1 for a failed run), Ctrl-C exits 130 and SIGTERM (handled like Ctrl-C) 143."""
+    input, 1 for a failed run), Ctrl-C exits 130 and SIGTERM (handled like Ctrl-C) 143. ``fast_exit`` (a training
+    command, whose process loads the whole stack): end with :func:`exit_fast`, ~2 s sooner."""
     with signals.sigterm_as_interrupt():
         try:
             code = main()
@@ -80,4 +102,9 @@ def run_main(main: Callable[[], int]) -> None:
             print(paragraph(f"Stopped: {what}{where} ({exc}). Free space or fix the permissions of that folder, or "
                             f"point output_dir / DATA elsewhere, and run again."), file=sys.stderr)
             code = EXIT_RUN_FAILED
+    # only in a process the interpreter started on a script file (scripts/train.py, the cxrtrack command): a caller
+    # that runs the script inside its own process (the tests, through runpy under `python -m pytest`) exits normally
+    orig_argv = getattr(sys, "orig_argv", [])
+    if fast_exit and len(orig_argv) > 1 and not orig_argv[1].startswith("-"):
+        exit_fast(code)
     sys.exit(code)

@@ -19,6 +19,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -332,32 +333,40 @@ class MLflowTracker(BaseTracker):
 
         metadata = dict(metadata)
         plan = metadata.pop(REGISTRY_KEY, None)
+        # tracking.mlflow.model_format: pt2 (torch.export, a traced graph: MLflow's default, 1-2 s) or pickle (the
+        # module pickled: milliseconds, but loading it needs cxrtrack importable; the quick config's choice)
+        model_format = self.cfg.get("model_format") or "pt2"
         # The pt2 format (torch.export) specialises a batch dimension of 1: the example needs >= 2 rows
         # for the logged model to accept any batch size.
         # workaround(mlflow): pt2 (the default format) needs an input_example, and a batch of >= 2 rows
-        if input_example.shape[0] < 2:
+        if model_format == "pt2" and input_example.shape[0] < 2:
             input_example = np.concatenate([input_example, input_example])
         with torch.no_grad():
             output = model(torch.from_numpy(input_example)).numpy()
         name = self.cfg.get("registered_model_name") or None
         registered = name if plan is not None and plan.get("register") else None
-        from mlflow.utils import logging_utils
+        from mlflow.utils import environment, logging_utils
 
         logging_utils.disable_logging()  # its "Registered model ... Created version" prints: our one line says it
+        # workaround(mlflow): the requirements below are this interpreter's own versions, so MLflow's check that they
+        # match the environment cannot fail, yet it scans every installed distribution for it (1-2 s per model here)
+        skip_check = mock.patch.object(environment, "warn_dependency_requirement_mismatches", lambda *_, **__: None)
         try:
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                input_example=input_example,
-                signature=infer_signature(input_example, output),
-                registered_model_name=registered,
-                # the training checkpoint rides along, so `make evaluate MODEL=models:/CustomCXRNet@champion` can use it
-                extra_files=[str(checkpoint)],
-                # workaround(mlflow): requirements stated, not inferred: inference runs a ~9 s subprocess per run
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                                  "numpy"],
-                metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
-            )
+            with skip_check:
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    input_example=input_example,
+                    signature=infer_signature(input_example, output),
+                    serialization_format=model_format,
+                    registered_model_name=registered,
+                    # the training checkpoint rides along, for `make evaluate MODEL=models:/CustomCXRNet@champion`
+                    extra_files=[str(checkpoint)],
+                    # workaround(mlflow): requirements stated, not inferred: inference runs a ~9 s subprocess per run
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                                      "numpy"],
+                    metadata={k: (v if isinstance(v, (int, str)) else float(v)) for k, v in metadata.items()},
+                )
         finally:
             logging_utils.enable_logging()
         self.model_uri = info.model_uri
