@@ -461,14 +461,14 @@ def readback(store: str, uri: str | None, sents: list[Sent]) -> dict[str, Any]:
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p95/p99 in ms, computed as the latency phase does (numpy's linear interpolation, ``latency.summarise``),
+    so the two sections of the report mean the same thing by "p95"."""
     if not values:
         return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "n": 0}
-    ordered = sorted(values)
+    import numpy as np  # here, not at the top: the writer processes import this module and never need it
 
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] * 1000
-
-    return {"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99), "n": len(ordered)}
+    p50, p95, p99 = (float(x) * 1000 for x in np.percentile(np.asarray(values, dtype=float), [50, 95, 99]))
+    return {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "n": len(values)}
 
 
 def writer_fates(level: Level, journals: list[list[dict[str, Any]]], plan: ScalePlan) -> list[dict[str, Any]]:
