@@ -9,15 +9,21 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
     """Seed python, numpy and torch (all devices); optionally ask torch for deterministic kernels."""
+    # numpy and torch imported here, not at the top: the commands that only write files through this module (`make
+    # replay` via the spool) would otherwise pay ~3.3 s importing torch
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA and MPS
@@ -29,6 +35,8 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 def select_device(requested: str = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    import torch
+
     available = {
         "cuda": torch.cuda.is_available(),
         "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
