@@ -36,11 +36,12 @@ def main() -> int:
 
     # what the flag says, else what the reference looks like (an unknown kind fails here, before torch is imported)
     kind = "checkpoint" if args.checkpoint else "mlflow-run" if args.run_id else kind_of(ref)
-    # torch, torchvision and scikit-learn are imported only now, after the flags were checked
     from cxrtrack.tracking.fetch import resolve
-    from cxrtrack.training.report_back import evaluate_and_report
 
     checkpoint, origin = resolve(ref, args.tracking_uri, kind)
+    # torch, torchvision and scikit-learn are imported only now, after the flags were checked and the model found
+    from cxrtrack.training.report_back import evaluate_and_report
+
     report, out, told = evaluate_and_report(checkpoint, origin, args.data, args.out, args.tracking_uri,
                                             report_back=not args.no_report_back)
     print(report.report)

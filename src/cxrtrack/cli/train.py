@@ -15,7 +15,7 @@ from cxrtrack import signals
 from cxrtrack.cli import EXIT_RUN_FAILED, add_common_arguments, setup_logging
 from cxrtrack.config import ConfigError, load_config
 from cxrtrack.threads import apply_threads
-from cxrtrack.tracking import KILLED
+from cxrtrack.tracking import KILLED, tracker_names
 
 
 def _threads_flag(value: str | None):
@@ -50,8 +50,14 @@ def main() -> int:
     if args.resume and (args.folds or args.seeds):
         raise ConfigError("--resume continues one interrupted run; it cannot be combined with --folds or --seeds "
                           "(FOLDS=/SEEDS=). Resume without them, or start the cross-validation or seed study again.")
+    # a mistyped TRACKER= or DATA= is said in a fraction of a second, not after ~5 s of imports
+    tracker_names(cfg["tracking"]["tracker"])
+    if cfg["data"].get("path"):
+        from cxrtrack.data.layout import locate_dataset
+
+        locate_dataset(cfg["data"]["path"])
     apply_threads(cfg["threads"])  # before torch is imported: OpenMP reads its settings once, when it starts
-    # torch, torchvision and the trackers are imported only now, after the flags and the config were checked
+    # torch, torchvision and the trackers are imported only now, after the flags, the config and the data path
     if args.resume:
         from cxrtrack.training import resume as resuming
         from cxrtrack.training.run import run_experiment

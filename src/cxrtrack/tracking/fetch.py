@@ -107,12 +107,20 @@ def wandb_artifact_checkpoint(ref: str, dest: str | Path | None = None, api=None
                   "run_path": "/".join(getattr(run, "path", []) or []) or None}
 
 
+def missing_checkpoint(path: str | Path) -> CXRError:
+    return CXRError(f"Checkpoint {path} does not exist. Train first (`make mlflow-quick`), then pass the run's "
+                    f"outputs/<run>/checkpoints/best.pt, or pass RUN_ID=<mlflow run id>.")
+
+
 def resolve(ref: str, tracking_uri: str | None = None, kind: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint file, what it came from) for any accepted reference (``kind`` when the caller knows it)."""
+    """(checkpoint file, what it came from) for any accepted reference (``kind`` when the caller knows it).
+    A checkpoint file that is not there is said here, before the caller imports torch (~5 s)."""
     from cxrtrack.tracking.mlflow_store import resolve_tracking_uri
 
     kind = kind or kind_of(ref)
     if kind == "checkpoint":
+        if not Path(ref).is_file():
+            raise missing_checkpoint(ref)
         return Path(ref), {"kind": kind}
     if kind == "wandb-artifact":
         path, info = wandb_artifact_checkpoint(ref)

@@ -26,6 +26,7 @@ from cxrtrack.errors import ConfigError, CXRError
 from cxrtrack.models.checkpoint import model_from_checkpoint
 from cxrtrack.models.ensemble import with_tta
 from cxrtrack.tracking import Predictions
+from cxrtrack.tracking.fetch import missing_checkpoint
 from cxrtrack.training import plots
 from cxrtrack.training.metrics import classification_metrics, confusion, report_text
 from cxrtrack.training.trainer import EvalOutput, build_criterion, evaluate_model
@@ -125,10 +126,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tup
     cross-validation's fold models (``kind: ensemble``, see ``selection/cv.py``)."""
     path = Path(path)
     if not path.is_file():
-        raise CXRError(
-            f"Checkpoint {path} does not exist. Train first (`make mlflow-quick`), then pass the run's "
-            f"outputs/<run>/checkpoints/best.pt, or pass RUN_ID=<mlflow run id>."
-        )
+        raise missing_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)  # plain types only: safe to load
         model = model_from_checkpoint(ckpt)
