@@ -139,54 +139,80 @@ class RunMeasurement:
         return self.exit_code == 0 and self.error is None
 
 
-class _Sampler(threading.Thread):
-    """Samples the RSS of a process and its descendants every ``interval`` seconds, and each one's peak RSS as the
-    kernel counts it (``VmHWM`` in /proc/<pid>/status), so a spike between two samples is not missed."""
+class TreeSampler(threading.Thread):
+    """Samples the RSS of one or more process trees (each root and its descendants) every ``interval`` seconds:
+    per tree the peak of its summed RSS, over all trees the peak of the total and of the process count, and every
+    process's own peak as the kernel counts it (``VmHWM`` in /proc/<pid>/status), so a spike between two samples
+    is not missed. One sampler serves a measured training run (one root, ``measure_run``) and the team-scale
+    tier's writers (many roots, ``team_scale``)."""
 
-    def __init__(self, pid: int, interval: float = 0.2):
+    def __init__(self, roots: list[int], interval: float = 0.2):
         super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
+        self.roots, self.interval = list(roots), interval
         self.stop_event = threading.Event()
-        self.peak_main = self.peak_tree = 0
-        self.children: dict[int, list] = {}  # pid -> [name, samples seen, peak rss (high-water mark when readable)]
+        self.peak_root = [0] * len(self.roots)  # each root process's own peak (high-water mark when readable)
+        self.peak_tree = [0] * len(self.roots)  # each tree's summed RSS, sampled
+        self.peak_total = self.peak_processes = 0
+        # pid -> [name, samples seen, peak rss (high-water mark when readable), index of its root]
+        self.children: dict[int, list] = {}
+
+    @property
+    def peak_main(self) -> int:
+        return self.peak_root[0] if self.roots else 0
 
     def spawned(self, min_samples: int = 3) -> tuple[dict[str, int], dict[str, int]]:
         """(long-lived children: name -> peak RSS, short-lived ones such as `git`: name -> count)."""
         lasting: dict[str, int] = {}
         brief: dict[str, int] = {}
-        for name, seen, rss in self.children.values():
+        for name, seen, rss, _ in self.children.values():
             if seen >= min_samples:
                 lasting[name] = max(lasting.get(name, 0), rss)
             else:
                 brief[name] = brief.get(name, 0) + 1
         return lasting, brief
 
-    def lasting_peaks_sum(self, min_samples: int = 3) -> int:
-        """Sum over the lasting children (each pid) of their own peak RSS."""
-        return sum(rss for _, seen, rss in self.children.values() if seen >= min_samples)
+    def lasting_peaks_sum(self, root: int = 0, min_samples: int = 3) -> int:
+        """Sum over the lasting children of tree ``root`` (each pid) of their own peak RSS."""
+        return sum(rss for _, seen, rss, r in self.children.values() if seen >= min_samples and r == root)
+
+    def peak_tree_own(self, root: int, min_samples: int = 3) -> int:
+        """Tree ``root``'s peak counted per process (the root's own peak plus each lasting child's): never below a
+        spike that fell between two samples; an upper bound, as the peaks need not have been at the same time."""
+        return self.peak_root[root] + self.lasting_peaks_sum(root, min_samples)
+
+    def sample(self) -> bool:
+        """One sample of every tree; False when no tree is left."""
+        total = processes = 0
+        alive = False
+        for i, pid in enumerate(self.roots):
+            try:
+                root = psutil.Process(pid)
+                rss = root.memory_info().rss
+                descendants = root.children(recursive=True)
+            except psutil.Error:
+                continue
+            alive = True
+            self.peak_root[i] = max(self.peak_root[i], rss, high_water_mark(pid))
+            tree, processes = rss, processes + 1
+            for child in descendants:
+                try:
+                    child_rss = child.memory_info().rss
+                    entry = self.children.setdefault(child.pid, [child.name(), 0, 0, i])
+                except psutil.Error:
+                    continue
+                entry[1] += 1
+                entry[2] = max(entry[2], child_rss, high_water_mark(child.pid))
+                tree, processes = tree + child_rss, processes + 1
+            self.peak_tree[i] = max(self.peak_tree[i], tree)
+            total += tree
+        self.peak_total = max(self.peak_total, total)
+        self.peak_processes = max(self.peak_processes, processes)
+        return alive
 
     def run(self) -> None:
-        try:
-            main = psutil.Process(self.pid)
-        except psutil.NoSuchProcess:
-            return
         while not self.stop_event.is_set():
-            try:
-                rss_main = main.memory_info().rss
-                self.peak_main = max(self.peak_main, rss_main, high_water_mark(self.pid))
-                tree = rss_main
-                for child in main.children(recursive=True):
-                    try:
-                        rss = child.memory_info().rss
-                        entry = self.children.setdefault(child.pid, [child.name(), 0, 0])
-                    except psutil.Error:
-                        continue
-                    entry[1] += 1
-                    entry[2] = max(entry[2], rss, high_water_mark(child.pid))
-                    tree += rss
-                self.peak_tree = max(self.peak_tree, tree)
-            except psutil.Error:
-                return
+            if not self.sample() and len(self.roots) == 1:
+                return  # the measured run has ended
             self.stop_event.wait(self.interval)
 
 
@@ -231,7 +257,7 @@ def measure_run(command: list[str], tracker: str, repeat: int, run_name: str, st
     with open(m.log_file, "wb") as out:
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env)
-        sampler = _Sampler(process.pid)
+        sampler = TreeSampler([process.pid])
         sampler.start()
         try:
             # os.wait4 also returns the child's own resource usage: ru_maxrss is its peak RSS (KiB on Linux)
@@ -251,7 +277,7 @@ def measure_run(command: list[str], tracker: str, repeat: int, run_name: str, st
         process.returncode = m.exit_code = os.waitstatus_to_exitcode(status)
     m.load_after = machine_load()
     m.peak_rss_mb = max(usage.ru_maxrss / 1024, sampler.peak_main / 2**20)
-    m.peak_tree_sampled_mb = sampler.peak_tree / 2**20
+    m.peak_tree_sampled_mb = sampler.peak_tree[0] / 2**20
     m.peak_tree_rss_mb = m.peak_rss_mb + sampler.lasting_peaks_sum() / 2**20
     lasting, brief = sampler.spawned()
     m.spawned = {name: round(rss / 2**20, 1) for name, rss in lasting.items()}

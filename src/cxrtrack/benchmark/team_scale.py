@@ -29,7 +29,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Any
 
 import psutil
 
+from cxrtrack.benchmark.runs import TreeSampler
 from cxrtrack.benchmark.server import MLflowServer, PostgreSQL
 
 log = logging.getLogger(__name__)
@@ -207,47 +207,6 @@ def writer_main(args: argparse.Namespace) -> None:
 
 
 # -- the orchestrator: one level ----------------------------------------------------------------------------------
-
-
-class TreeSampler(threading.Thread):
-    """Every 0.5 s: the RSS summed over each writer's process tree (a W&B service included), and the processes."""
-
-    def __init__(self, pids: list[int], extra: list[int] | None = None):
-        super().__init__(daemon=True)
-        self.pids, self.extra = pids, extra or []
-        self.peak_total_mb = 0.0
-        self.peak_processes = 0
-        self.peak_by_writer = [0.0] * len(pids)
-        self.peak_store_mb = 0.0
-        self.stopped = threading.Event()
-
-    @staticmethod
-    def tree(pid: int) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
-
-    @staticmethod
-    def rss_mb(processes: list[psutil.Process]) -> float:
-        total = 0
-        for p in processes:
-            with contextlib.suppress(psutil.Error):
-                total += p.memory_info().rss
-        return total / 2**20
-
-    def sample(self) -> None:
-        trees = [self.tree(pid) for pid in self.pids]
-        sizes = [self.rss_mb(t) for t in trees]
-        self.peak_by_writer = [max(a, b) for a, b in zip(self.peak_by_writer, sizes, strict=True)]
-        self.peak_total_mb = max(self.peak_total_mb, sum(sizes))
-        self.peak_processes = max(self.peak_processes, sum(len(t) for t in trees))
-        self.peak_store_mb = max(self.peak_store_mb, sum(self.rss_mb(self.tree(pid)) for pid in self.extra))
-
-    def run(self) -> None:
-        while not self.stopped.wait(0.5):
-            self.sample()
 
 
 @dataclass
@@ -497,7 +456,8 @@ def error_kind(error: str) -> str:
     return f"{cls}: {inner.group(1)} {inner.group(2).strip()[:80]}" if inner else f"{cls}: {text[:80]}"
 
 
-def summarize(level: Level, plan: ScalePlan, sampler: TreeSampler, uri: str | None, end_t: float) -> dict[str, Any]:
+def summarize(level: Level, plan: ScalePlan, writers: TreeSampler, store: TreeSampler, uri: str | None,
+              end_t: float) -> dict[str, Any]:
     journals = [read_journal(level.journal(i)) for i in range(level.n)]
     calls = [e for entries in journals for e in entries if e["op"] in OPS]
     errors = [e for e in calls if not e["ok"]]
@@ -519,9 +479,13 @@ def summarize(level: Level, plan: ScalePlan, sampler: TreeSampler, uri: str | No
         "points_ok": len(logs_ok) * len(KEYS), "points_per_s": len(logs_ok) * len(KEYS) / window if window else None,
         "writers_died": writer_fates(level, journals, plan),
         "readback": readback(level.store, uri, sents),
-        "memory": {"peak_total_rss_mb": sampler.peak_total_mb, "peak_processes": sampler.peak_processes,
-                   "per_writer_peak_mb": statistics.median(sampler.peak_by_writer) if level.n else None,
-                   "store_peak_rss_mb": sampler.peak_store_mb or None},
+        # sampled every 0.5 s (sums at one moment); per_writer_peak_own_mb adds each process's own peak (VmHWM): it
+        # includes spikes between samples, but is an upper bound (the peaks need not have been at the same time)
+        "memory": {"peak_total_rss_mb": writers.peak_total / 2**20, "peak_processes": writers.peak_processes,
+                   "per_writer_peak_mb": statistics.median(writers.peak_tree) / 2**20 if level.n else None,
+                   "per_writer_peak_own_mb": statistics.median(writers.peak_tree_own(i, min_samples=1)
+                                                               for i in range(level.n)) / 2**20 if level.n else None,
+                   "store_peak_rss_mb": store.peak_total / 2**20 or None},
     }
 
 
@@ -571,21 +535,23 @@ def run_level(store: str, n: int, plan: ScalePlan, folder: Path, uri: str | None
     store_dir = folder / "store"
     commands = [writer_command(level, i, uri, experiment_id, plan, model, store_dir) for i in range(n)]
     launch(level, commands, writer_env(store_dir))
-    sampler = TreeSampler([p.pid for p in level.procs], store_pids)
-    sampler.start()
+    writer_memory, store_memory = TreeSampler([p.pid for p in level.procs], 0.5), TreeSampler(store_pids, 0.5)
+    for sampler in (writer_memory, store_memory):
+        sampler.start()
     try:
         release_when_ready(level, min(deadline, time.time() + plan.ready_timeout_s))
         wait_level(level, deadline, plan)
     finally:
         end_t = time.time()
-        sampler.stopped.set()
-        sampler.join()
+        for sampler in (writer_memory, store_memory):
+            sampler.stop_event.set()
+            sampler.join()
         for p in level.procs:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    return summarize(level, plan, sampler, uri, end_t)
+    return summarize(level, plan, writer_memory, store_memory, uri, end_t)
 
 
 def new_experiment(uri: str, name: str, folder: Path) -> str:
@@ -714,6 +680,8 @@ def _row(store: str, d: dict[str, Any]) -> list[str]:
             f"{rb['logged']['artifacts']}; lost {rb['lost']}" + (f"; read failed: {rb['read_failed'][0]}"
                                                                   if rb["read_failed"] else ""),
             f"{mem['peak_total_rss_mb']:,.0f} MB in {mem['peak_processes']} processes"
+            + (f"; per writer {mem['per_writer_peak_mb']:,.0f} MB sampled, <= {mem['per_writer_peak_own_mb']:,.0f} MB "
+               f"by each process's own peak" if mem.get("per_writer_peak_own_mb") else "")
             + (f" (store {mem['store_peak_rss_mb']:,.0f} MB)" if mem.get("store_peak_rss_mb") else "")]
 
 
