@@ -55,11 +55,32 @@ def tiny_data_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, its tables made once per test process. A new store costs ~1.5 CPU-seconds of
+    MLflow's schema migrations, paid by every test that trains into a store of its own; the tests want an empty
+    store, not its creation (tests/test_concurrency.py makes a really fresh one: four processes creating it)."""
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+def empty_mlflow_store(template: Path, path: Path) -> str:
+    """A copy of the empty template store at ``path`` (the file MLflow would have made there): its URI."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, path)
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture
-def tiny_cfg(tmp_path, tiny_data_root):
-    """configs/quick.yaml forced to tiny, fast settings and private tracker stores under tmp_path."""
+def tiny_cfg(tmp_path, tiny_data_root, mlflow_store_template):
+    """configs/quick.yaml forced to tiny, fast settings and private tracker stores under tmp_path (the MLflow store
+    an empty copy of ``mlflow_store_template``)."""
     from cxrtrack.config import load_config
 
+    empty_mlflow_store(mlflow_store_template, tmp_path / "mlflow.db")
     return load_config(
         CONFIGS / "quick.yaml",
         values={
