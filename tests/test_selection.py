@@ -73,6 +73,20 @@ def cv_run(tmp_path_factory, tiny_data_root):
     return result, cfg, events
 
 
+@pytest.fixture(scope="module")
+def wandb_read(cv_run):
+    """The W&B runs of the cross-validation (the parent and each fold), each read back once with read_wandb and
+    shared by the tests that only look at them: {run folder: RunRecord}."""
+    cache: dict[str, RunRecord] = {}
+
+    def read(run_dir) -> RunRecord:
+        if str(run_dir) not in cache:
+            cache[str(run_dir)] = read_wandb(run_dir)
+        return cache[str(run_dir)]
+
+    return read
+
+
 def test_the_test_split_is_read_only_after_every_training_ended(cv_run):
     result, _, events = cv_run
     assert events.count("fit end") == 2 and "read test" in events
@@ -106,13 +120,13 @@ def test_folds_are_nested_children_and_the_parent_holds_the_cv_mean_and_std(cv_r
     assert "test/acc" in parent.summary and "checkpoints/best.pt" in parent.artifacts
 
 
-def test_every_switch_reaches_both_trackers_as_a_param(cv_run):
+def test_every_switch_reaches_both_trackers_as_a_param(cv_run, wandb_read):
     result, cfg, _ = cv_run
     mlflow_params = read_mlflow(cfg["tracking"]["mlflow"]["tracking_uri"], result.tracker.trackers[0].run_id).params
     wandb_runs = {json.loads((r.run_dir / "tracked.json").read_text())["extra"]["runs"]["wandb"]["run_dir"]
                   for r in result.folds}
     wandb_runs.add(str(result.tracker.trackers[1].run_dir))  # the W&B parent run too
-    stored = [mlflow_params] + [read_wandb(d).params for d in sorted(wandb_runs)]
+    stored = [mlflow_params] + [wandb_read(d).params for d in sorted(wandb_runs)]
     assert len(stored) == 4
     for params in stored:
         assert params["resolved.precision"] == "bf16" and params["resolved.pipeline"] == "per_image"
@@ -121,16 +135,16 @@ def test_every_switch_reaches_both_trackers_as_a_param(cv_run):
             assert params[key] in (value, str(value)), (key, params[key], value)
 
 
-def test_wandb_fold_runs_and_parent_share_one_group(cv_run):
+def test_wandb_fold_runs_and_parent_share_one_group(cv_run, wandb_read):
     result, _, _ = cv_run
     refs = [json.loads((r.run_dir / "tracked.json").read_text())["extra"]["runs"]["wandb"] for r in result.folds]
     parent_dir = result.tracker.trackers[1].run_dir
-    parent = read_wandb(parent_dir)
+    parent = wandb_read(parent_dir)
     assert parent.extra["group"] == result.run_name and parent.extra["job_type"] == "cv"
     assert parent.summary["cv/val/loss_mean"] == pytest.approx(result.summary["cv/val/loss_mean"])
     assert parent.models == ["customcxrnet"]
     for ref in refs:
-        child = read_wandb(ref["run_dir"])
+        child = wandb_read(ref["run_dir"])
         assert child.extra["group"] == result.run_name and child.extra["job_type"] == "fold" and not child.models
 
 
