@@ -55,6 +55,33 @@ def tiny_data_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory):
+    """``empty_mlflow_store(path)`` puts at ``path`` a new, empty MLflow SQLite store and returns its URI.
+
+    MLflow builds a new SQLite store by running its schema migrations (~0.9 s of CPU each time); here they run
+    once per session (per xdist worker) and each store is a byte copy of that result, made with MLflow's own code
+    and opened by MLflow like any store. For tests about what a run stores, not about how a store is created (the
+    tests that create stores from nothing, and the trackers' migration lock, keep doing so)."""
+    import sqlite3
+
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("mlflow-empty")
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'made.db'}").search_experiments()
+    template = folder / "mlflow.db"
+    with contextlib.closing(sqlite3.connect(folder / "made.db")) as db:
+        db.execute("VACUUM INTO ?", (str(template),))  # one self-contained file, whatever the journal mode
+
+    def put(path: Path) -> str:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+
+    return put
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path, tiny_data_root):
     """configs/quick.yaml forced to tiny, fast settings and private tracker stores under tmp_path."""
