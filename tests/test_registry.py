@@ -66,7 +66,8 @@ def test_register_setting_defaults_and_errors():
 
 
 @pytest.mark.slow
-def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg, tiny_data_root, monkeypatch):
+def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg, tiny_data_root, monkeypatch,
+                                                              empty_mlflow_store):
     import mlflow
 
     from cxrtrack.data.synthetic import generate_synthetic_dataset
@@ -74,6 +75,7 @@ def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg
     from tests.conftest import TINY_COUNTS
 
     uri = tiny_cfg["tracking"]["mlflow"]["tracking_uri"]
+    assert uri == empty_mlflow_store(tmp_path / "mlflow.db")  # a new, empty store (its migrations run once a session)
     client = mlflow.MlflowClient(tracking_uri=uri)
 
     def train(**values):
