@@ -46,10 +46,11 @@ def cfg_for(tmp: Path, data_root: Path, tracker: str, **values):
 
 
 @pytest.fixture(scope="module")
-def cv_run(tmp_path_factory, tiny_data_root):
+def cv_run(tmp_path_factory, tiny_data_root, empty_mlflow_store):
     """A 2-fold cross-validation with every switch on, tracked in MLflow and W&B, with the test split and the
     end of every training instrumented: (result, cfg, events)."""
     tmp = tmp_path_factory.mktemp("cv")
+    empty_mlflow_store(tmp / "mlflow.db")  # cfg_for's store, new and empty (MLflow's migrations run once a session)
     cfg = cfg_for(tmp, tiny_data_root, "both", **SWITCHES)
     events: list[str] = []
     mp = pytest.MonkeyPatch()
@@ -166,7 +167,9 @@ def test_the_ensemble_predicts_the_average_of_the_fold_models_and_evaluate_repro
     assert report.loss == pytest.approx(result.test.loss, rel=1e-5)  # same TTA, criterion and equalisation
 
 
-def test_retrain_runs_the_cv_chosen_epochs_on_all_of_train_and_registers_by_the_policy(tmp_path, tiny_data_root):
+def test_retrain_runs_the_cv_chosen_epochs_on_all_of_train_and_registers_by_the_policy(tmp_path, tiny_data_root,
+                                                                                        empty_mlflow_store):
+    empty_mlflow_store(tmp_path / "mlflow.db")
     cfg = cfg_for(tmp_path, tiny_data_root, "mlflow", **{"training.cv_folds": 2, "training.cv_final": "retrain",
                                                          "training.scheduler": "cosine", "training.epochs": 3,
                                                          "tracking.register": True})
@@ -191,7 +194,8 @@ def test_retrain_runs_the_cv_chosen_epochs_on_all_of_train_and_registers_by_the_
     assert report.metrics["acc"] == pytest.approx(result.test.metrics["acc"])
 
 
-def test_seeds_report_mean_and_std_of_the_children_test_metrics(tmp_path, tiny_data_root):
+def test_seeds_report_mean_and_std_of_the_children_test_metrics(tmp_path, tiny_data_root, empty_mlflow_store):
+    empty_mlflow_store(tmp_path / "mlflow.db")
     cfg = cfg_for(tmp_path, tiny_data_root, "mlflow", **{"training.seeds": 2, "training.epochs": 1})
     result = run_seeds(cfg)
     uri = cfg["tracking"]["mlflow"]["tracking_uri"]
@@ -210,7 +214,7 @@ def test_seeds_report_mean_and_std_of_the_children_test_metrics(tmp_path, tiny_d
     assert total_lost(diff_records(sent, parent, "mlflow")) == 0
 
 
-def test_a_tuning_trial_optimises_the_cv_mean(tmp_path, tiny_data_root):
+def test_a_tuning_trial_optimises_the_cv_mean(tmp_path, tiny_data_root, empty_mlflow_store):
     import optuna
     import yaml
 
@@ -219,7 +223,8 @@ def test_a_tuning_trial_optimises_the_cv_mean(tmp_path, tiny_data_root):
 
     base = BaseConfig(str(CONFIGS / "tune" / "quick.yaml"), values={
         "data.path": str(tiny_data_root), "data.image_size": 64, "training.epochs": 1, "training.cv_folds": 2,
-        "output_dir": str(tmp_path / "outputs"), "tracking.mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "output_dir": str(tmp_path / "outputs"),
+        "tracking.mlflow.tracking_uri": empty_mlflow_store(tmp_path / "mlflow.db"),
         "tracking.mlflow.artifact_location": str(tmp_path / "mlartifacts"), "tracking.mlflow.system_metrics": False,
         "tracking.log_model": False})
     space = tmp_path / "space.yaml"
