@@ -224,14 +224,14 @@ def test_the_console_command_works_from_the_package_alone(tmp_path):
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
 
 
-def test_mlflow_ui_links_the_latest_top_level_run_not_a_nested_trial(tmp_path):
+def test_mlflow_ui_links_the_latest_top_level_run_not_a_nested_trial(tmp_path, empty_mlflow_store):
     """After a tuning study (or a CV) the newest run is a nested trial or fold; `make mlflow-ui` prints the page of the
     newest run that has no parent: the study's or the CV's parent."""
     import mlflow
 
     from cxrtrack.cli.mlflow_ui import latest_run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
     parent = client.create_run(exp, run_name="study")
