@@ -56,31 +56,40 @@ def tiny_data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mlflow_store_template(tmp_path_factory) -> Path:
-    """An empty MLflow SQLite store, its tables made once per test process. A new store costs ~1.5 CPU-seconds of
-    MLflow's schema migrations, paid by every test that trains into a store of its own; the tests want an empty
-    store, not its creation (tests/test_concurrency.py makes a really fresh one: four processes creating it)."""
+def empty_mlflow_store(tmp_path_factory):
+    """``empty_mlflow_store(path)`` puts at ``path`` a new, empty MLflow SQLite store and returns its URI.
+
+    MLflow builds a new SQLite store by running its schema migrations (~0.9 s of CPU each time); here they run
+    once per session (per xdist worker) and each store is a byte copy of that result, made with MLflow's own code
+    and opened by MLflow like any store. For tests about what a run stores, not about how a store is created (the
+    tests that create stores from nothing, and the trackers' migration lock, keep doing so); ``tiny_cfg``'s store is
+    one."""
+    import sqlite3
+
     import mlflow
 
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
+    folder = tmp_path_factory.mktemp("mlflow-empty")
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{folder / 'made.db'}").search_experiments()
+    template = folder / "mlflow.db"
+    with contextlib.closing(sqlite3.connect(folder / "made.db")) as db:
+        db.execute("VACUUM INTO ?", (str(template),))  # one self-contained file, whatever the journal mode
 
+    def put(path: Path) -> str:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
 
-def empty_mlflow_store(template: Path, path: Path) -> str:
-    """A copy of the empty template store at ``path`` (the file MLflow would have made there): its URI."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(template, path)
-    return f"sqlite:///{path}"
+    return put
 
 
 @pytest.fixture
-def tiny_cfg(tmp_path, tiny_data_root, mlflow_store_template):
+def tiny_cfg(tmp_path, tiny_data_root, empty_mlflow_store):
     """configs/quick.yaml forced to tiny, fast settings and private tracker stores under tmp_path (the MLflow store
-    an empty copy of ``mlflow_store_template``)."""
+    already there: a copy of an empty one, see ``empty_mlflow_store``)."""
     from cxrtrack.config import load_config
 
-    empty_mlflow_store(mlflow_store_template, tmp_path / "mlflow.db")
+    empty_mlflow_store(tmp_path / "mlflow.db")
     return load_config(
         CONFIGS / "quick.yaml",
         values={

@@ -18,20 +18,21 @@ from cxrtrack.errors import DataError
 from tests.conftest import CONFIGS, ROOT
 
 
-def run_script(name: str, *args: str, subprocess_: bool = False, timeout=300) -> subprocess.CompletedProcess:
-    """Run scripts/<name> as `python scripts/<name> args...`.
+def run_script(name: str, *args: str, subprocess_: bool = False, timeout=300,
+               cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run scripts/<name> as `python scripts/<name> args...` from the folder ``cwd`` (the checkout by default).
 
     By default in this process (runpy, same code path, no 6 s of interpreter and torch start-up);
     ``subprocess_=True`` runs a real child process.
     """
     script = str(ROOT / "scripts" / name)
     if subprocess_:
-        return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True,
                               timeout=timeout)
     out, err = io.StringIO(), io.StringIO()
-    argv, cwd = sys.argv, os.getcwd()
+    argv, before = sys.argv, os.getcwd()
     sys.argv = [script, *args]
-    os.chdir(ROOT)
+    os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             runpy.run_path(script, run_name="__main__")
@@ -40,7 +41,7 @@ def run_script(name: str, *args: str, subprocess_: bool = False, timeout=300) ->
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     finally:
         sys.argv = argv
-        os.chdir(cwd)
+        os.chdir(before)
     return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
 
 
@@ -223,14 +224,14 @@ def test_the_console_command_works_from_the_package_alone(tmp_path):
     assert proc.returncode == 2 and "unknown command 'trian'" in proc.stderr
 
 
-def test_mlflow_ui_links_the_latest_top_level_run_not_a_nested_trial(tmp_path):
+def test_mlflow_ui_links_the_latest_top_level_run_not_a_nested_trial(tmp_path, empty_mlflow_store):
     """After a tuning study (or a CV) the newest run is a nested trial or fold; `make mlflow-ui` prints the page of the
     newest run that has no parent: the study's or the CV's parent."""
     import mlflow
 
     from cxrtrack.cli.mlflow_ui import latest_run
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "art"))
     parent = client.create_run(exp, run_name="study")

@@ -269,8 +269,7 @@ def test_evaluate_writes_where_the_user_says_or_under_outputs_never_where_a_chec
     torch.save(state, checkpoint)
     work = tmp_path / "project"
     work.mkdir()
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--checkpoint", str(checkpoint)],
-                          cwd=work, capture_output=True, text=True, timeout=300)
+    proc = run_script("evaluate.py", "--checkpoint", str(checkpoint), cwd=work)  # in this process, from work/
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "elsewhere").exists() and not (tmp_path / "escape").exists()
     # the name is cleaned, kept under outputs/ (and suffixed with the evaluated data's fingerprint)

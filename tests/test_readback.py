@@ -15,6 +15,12 @@ from cxrtrack.training.run import run_experiment
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, empty_mlflow_store):
+    """tiny_cfg's MLflow store (tmp_path/mlflow.db), new and empty, without running MLflow's migrations again."""
+    empty_mlflow_store(tmp_path / "mlflow.db")
+
+
 def read_back(tracker):
     if tracker.name == "mlflow":
         return read_mlflow(tracker.tracking_uri, tracker.run_id)

@@ -20,6 +20,7 @@ from cxrtrack.config import load_config, set_dotted
 from cxrtrack.errors import ConfigError
 from cxrtrack.tracking import registry
 from tests.conftest import CONFIGS, ROOT
+from tests.test_cli import run_script
 
 PLAN = {"metric": "test/f1_macro", "mode": "max", "fingerprint": "abc", "metrics": {"test/f1_macro": 0.8}}
 
@@ -65,7 +66,8 @@ def test_register_setting_defaults_and_errors():
 
 
 @pytest.mark.slow
-def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg, tiny_data_root):
+def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg, tiny_data_root, monkeypatch,
+                                                              empty_mlflow_store):
     import mlflow
 
     from cxrtrack.data.synthetic import generate_synthetic_dataset
@@ -73,6 +75,7 @@ def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg
     from tests.conftest import TINY_COUNTS
 
     uri = tiny_cfg["tracking"]["mlflow"]["tracking_uri"]
+    assert uri == empty_mlflow_store(tmp_path / "mlflow.db")  # a new, empty store (its migrations run once a session)
     client = mlflow.MlflowClient(tracking_uri=uri)
 
     def train(**values):
@@ -159,10 +162,12 @@ def test_registry_lifecycle_lineage_and_evaluate_reports_back(tmp_path, tiny_cfg
     files = {f.path for f in client.list_artifacts(champion_run, "evaluations")}
     assert f"evaluations/{champion_result.tags['dataset_fingerprint']}.json" in files
     assert client.get_run(champion_run).info.status == "FINISHED"
-    # evaluated twice: a second folder and a second point, nothing overwritten
-    proc = subprocess.run(evaluate, cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=300)
+    # evaluated twice: a second folder and a second point, nothing overwritten (this time in this process: runpy, the
+    # same code path, without a second interpreter and torch start-up; the child process above did the real command)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    proc = run_script("evaluate.py", *evaluate[2:], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"Logged back to MLflow run {champion_run}" in proc.stdout
     assert [m.step for m in client.get_metric_history(champion_run, f"eval/{fp8}/acc")] == [1, 2]
     assert len(list((tmp_path / "outputs").glob(f"eval-{champion_result.run_name}-{fp8}*"))) == 2
 

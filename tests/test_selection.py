@@ -46,10 +46,11 @@ def cfg_for(tmp: Path, data_root: Path, tracker: str, **values):
 
 
 @pytest.fixture(scope="module")
-def cv_run(tmp_path_factory, tiny_data_root):
+def cv_run(tmp_path_factory, tiny_data_root, empty_mlflow_store):
     """A 2-fold cross-validation with every switch on, tracked in MLflow and W&B, with the test split and the
     end of every training instrumented: (result, cfg, events)."""
     tmp = tmp_path_factory.mktemp("cv")
+    empty_mlflow_store(tmp / "mlflow.db")  # cfg_for's store, new and empty (MLflow's migrations run once a session)
     cfg = cfg_for(tmp, tiny_data_root, "both", **SWITCHES)
     events: list[str] = []
     mp = pytest.MonkeyPatch()
@@ -71,6 +72,20 @@ def cv_run(tmp_path_factory, tiny_data_root):
     finally:
         mp.undo()
     return result, cfg, events
+
+
+@pytest.fixture(scope="module")
+def wandb_read(cv_run):
+    """The W&B runs of the cross-validation (the parent and each fold), each read back once with read_wandb and
+    shared by the tests that only look at them: {run folder: RunRecord}."""
+    cache: dict[str, RunRecord] = {}
+
+    def read(run_dir) -> RunRecord:
+        if str(run_dir) not in cache:
+            cache[str(run_dir)] = read_wandb(run_dir)
+        return cache[str(run_dir)]
+
+    return read
 
 
 def test_the_test_split_is_read_only_after_every_training_ended(cv_run):
@@ -106,13 +121,13 @@ def test_folds_are_nested_children_and_the_parent_holds_the_cv_mean_and_std(cv_r
     assert "test/acc" in parent.summary and "checkpoints/best.pt" in parent.artifacts
 
 
-def test_every_switch_reaches_both_trackers_as_a_param(cv_run):
+def test_every_switch_reaches_both_trackers_as_a_param(cv_run, wandb_read):
     result, cfg, _ = cv_run
     mlflow_params = read_mlflow(cfg["tracking"]["mlflow"]["tracking_uri"], result.tracker.trackers[0].run_id).params
     wandb_runs = {json.loads((r.run_dir / "tracked.json").read_text())["extra"]["runs"]["wandb"]["run_dir"]
                   for r in result.folds}
     wandb_runs.add(str(result.tracker.trackers[1].run_dir))  # the W&B parent run too
-    stored = [mlflow_params] + [read_wandb(d).params for d in sorted(wandb_runs)]
+    stored = [mlflow_params] + [wandb_read(d).params for d in sorted(wandb_runs)]
     assert len(stored) == 4
     for params in stored:
         assert params["resolved.precision"] == "bf16" and params["resolved.pipeline"] == "per_image"
@@ -121,16 +136,16 @@ def test_every_switch_reaches_both_trackers_as_a_param(cv_run):
             assert params[key] in (value, str(value)), (key, params[key], value)
 
 
-def test_wandb_fold_runs_and_parent_share_one_group(cv_run):
+def test_wandb_fold_runs_and_parent_share_one_group(cv_run, wandb_read):
     result, _, _ = cv_run
     refs = [json.loads((r.run_dir / "tracked.json").read_text())["extra"]["runs"]["wandb"] for r in result.folds]
     parent_dir = result.tracker.trackers[1].run_dir
-    parent = read_wandb(parent_dir)
+    parent = wandb_read(parent_dir)
     assert parent.extra["group"] == result.run_name and parent.extra["job_type"] == "cv"
     assert parent.summary["cv/val/loss_mean"] == pytest.approx(result.summary["cv/val/loss_mean"])
     assert parent.models == ["customcxrnet"]
     for ref in refs:
-        child = read_wandb(ref["run_dir"])
+        child = wandb_read(ref["run_dir"])
         assert child.extra["group"] == result.run_name and child.extra["job_type"] == "fold" and not child.models
 
 
@@ -152,7 +167,9 @@ def test_the_ensemble_predicts_the_average_of_the_fold_models_and_evaluate_repro
     assert report.loss == pytest.approx(result.test.loss, rel=1e-5)  # same TTA, criterion and equalisation
 
 
-def test_retrain_runs_the_cv_chosen_epochs_on_all_of_train_and_registers_by_the_policy(tmp_path, tiny_data_root):
+def test_retrain_runs_the_cv_chosen_epochs_on_all_of_train_and_registers_by_the_policy(tmp_path, tiny_data_root,
+                                                                                        empty_mlflow_store):
+    empty_mlflow_store(tmp_path / "mlflow.db")
     cfg = cfg_for(tmp_path, tiny_data_root, "mlflow", **{"training.cv_folds": 2, "training.cv_final": "retrain",
                                                          "training.scheduler": "cosine", "training.epochs": 3,
                                                          "tracking.register": True})
@@ -177,7 +194,8 @@ def test_retrain_runs_the_cv_chosen_epochs_on_all_of_train_and_registers_by_the_
     assert report.metrics["acc"] == pytest.approx(result.test.metrics["acc"])
 
 
-def test_seeds_report_mean_and_std_of_the_children_test_metrics(tmp_path, tiny_data_root):
+def test_seeds_report_mean_and_std_of_the_children_test_metrics(tmp_path, tiny_data_root, empty_mlflow_store):
+    empty_mlflow_store(tmp_path / "mlflow.db")
     cfg = cfg_for(tmp_path, tiny_data_root, "mlflow", **{"training.seeds": 2, "training.epochs": 1})
     result = run_seeds(cfg)
     uri = cfg["tracking"]["mlflow"]["tracking_uri"]
@@ -196,7 +214,7 @@ def test_seeds_report_mean_and_std_of_the_children_test_metrics(tmp_path, tiny_d
     assert total_lost(diff_records(sent, parent, "mlflow")) == 0
 
 
-def test_a_tuning_trial_optimises_the_cv_mean(tmp_path, tiny_data_root):
+def test_a_tuning_trial_optimises_the_cv_mean(tmp_path, tiny_data_root, empty_mlflow_store):
     import optuna
     import yaml
 
@@ -205,7 +223,8 @@ def test_a_tuning_trial_optimises_the_cv_mean(tmp_path, tiny_data_root):
 
     base = BaseConfig(str(CONFIGS / "tune" / "quick.yaml"), values={
         "data.path": str(tiny_data_root), "data.image_size": 64, "training.epochs": 1, "training.cv_folds": 2,
-        "output_dir": str(tmp_path / "outputs"), "tracking.mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "output_dir": str(tmp_path / "outputs"),
+        "tracking.mlflow.tracking_uri": empty_mlflow_store(tmp_path / "mlflow.db"),
         "tracking.mlflow.artifact_location": str(tmp_path / "mlartifacts"), "tracking.mlflow.system_metrics": False,
         "tracking.log_model": False})
     space = tmp_path / "space.yaml"

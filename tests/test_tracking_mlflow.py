@@ -40,7 +40,7 @@ def list_artifacts(client, run_id, path=None) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def mlflow_run(tmp_path_factory, tiny_data_root):
+def mlflow_run(tmp_path_factory, tiny_data_root, empty_mlflow_store):
     """One tracked run shared by the read-back tests below (training takes a few seconds)."""
     import os
 
@@ -53,7 +53,7 @@ def mlflow_run(tmp_path_factory, tiny_data_root):
         cfg = load_config(CONFIGS / "quick.yaml", values={
             "data.path": str(tiny_data_root), "data.image_size": 64, "data.batch_size": 16,
             "training.epochs": 3, "evaluation.n_prediction_images": 6, "output_dir": str(tmp / "outputs"),
-            "tracking.tracker": "mlflow", "tracking.mlflow.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "tracking.tracker": "mlflow", "tracking.mlflow.tracking_uri": empty_mlflow_store(tmp / "mlflow.db"),
             "tracking.mlflow.artifact_location": str(tmp / "mlartifacts"),
             "tracking.mlflow.system_metrics_interval": 1,
             "tracking.tags": {"note": f"key={SECRET}", "team": "radiology"}, "tracking.register": True,
@@ -191,7 +191,7 @@ def test_unknown_run_id_is_a_clear_error(mlflow_run):
         download_checkpoint("0123abc", tracker.tracking_uri)
 
 
-def test_quick_config_model_format_loads_back_and_predicts_like_the_trainer(tiny_cfg):
+def test_quick_config_model_format_loads_back_and_predicts_like_the_trainer(tiny_cfg, tmp_path, empty_mlflow_store):
     """configs/quick.yaml logs the cheaper pickle format (no torch.export): the logged model still loads back from
     MLflow, as the PyTorch flavor and as pyfunc, and predicts exactly what the trainer's best checkpoint does."""
     import mlflow.pyfunc
@@ -207,6 +207,7 @@ def test_quick_config_model_format_loads_back_and_predicts_like_the_trainer(tiny
     assert cfg["tracking"]["mlflow"]["model_format"] == "pickle"
     cfg["tracking"]["tracker"] = "mlflow"
     cfg["training"]["epochs"] = 2
+    assert cfg["tracking"]["mlflow"]["tracking_uri"] == empty_mlflow_store(tmp_path / "mlflow.db")
     result = run_experiment(cfg)
     tracker = result.tracker.trackers[0]
     client = mlflow.MlflowClient(tracking_uri=tracker.tracking_uri)

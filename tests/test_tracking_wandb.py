@@ -25,7 +25,9 @@ def leet(run_dir: Path, *flags: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def wandb_run(tmp_path_factory, tiny_data_root):
+def wandb_read(tmp_path_factory, tiny_data_root):
+    """One tracked run shared by the read-back tests below, and what `wandb leet inspect` reads back from it:
+    (result, tracker, records, summary, the records' text)."""
     from cxrtrack.config import load_config
 
     tmp = tmp_path_factory.mktemp("wandb-run")
@@ -41,9 +43,16 @@ def wandb_run(tmp_path_factory, tiny_data_root):
     finally:
         del os.environ["KAGGLE_KEY"]
     tracker = result.tracker.trackers[0]
-    records = [json.loads(line) for line in leet(tracker.run_dir).splitlines() if line.strip()]
+    text = leet(tracker.run_dir)  # every record of the run, read once: the tests below only look at it
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     summary = json.loads(leet(tracker.run_dir, "--summary"))
-    return result, tracker, records, summary
+    return result, tracker, records, summary, text
+
+
+@pytest.fixture(scope="module")
+def wandb_run(wandb_read):
+    """(result, tracker, the run's records as read back, its summary)."""
+    return wandb_read[:4]
 
 
 def test_offline_automatically_without_an_api_key(wandb_run):
@@ -127,9 +136,8 @@ def test_system_metrics_are_recorded(wandb_run):
     assert any("cpu" in sample for sample in stats)  # CPU % needs two readings: absent from the first sample
 
 
-def test_no_secret_reaches_the_tracker(wandb_run):
-    _, tracker, _, summary = wandb_run
-    everything = leet(tracker.run_dir)  # every record of the run: config, history, summary, artifacts
+def test_no_secret_reaches_the_tracker(wandb_read):
+    _, _, _, summary, everything = wandb_read  # every record of the run: config, history, summary, artifacts
     assert SECRET not in everything
     assert summary["config"]["run_tags"]["note"] == "***REDACTED***"
 

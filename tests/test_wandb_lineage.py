@@ -8,12 +8,12 @@ import copy
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY_COUNTS, wandb_leet
+from tests.conftest import TINY_COUNTS, wandb_leet
+from tests.test_cli import run_script
 
 pytestmark = pytest.mark.slow
 
@@ -90,12 +90,11 @@ def test_leet_hint_works_as_printed(wandb_run):
 
 
 def test_evaluate_reports_back_to_the_same_wandb_run(wandb_run):
+    # scripts/evaluate.py in this process (runpy: the same code path, without a second interpreter and torch start-up);
+    # it appends a new offline folder to the run and reads nothing the other tests of this module read
     tmp, result, tracker, _ = wandb_run
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     before = set((tmp / "wandb").glob("offline-run-*"))
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model",
-                           str(result.run_dir / "checkpoints" / "best.pt")],
-                          cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script("evaluate.py", "--model", str(result.run_dir / "checkpoints" / "best.pt"), cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-2000:]
     new = set((tmp / "wandb").glob("offline-run-*")) - before
     assert len(new) == 1 and next(iter(new)).name.endswith(tracker.run_ref()["run_id"])  # same run id: appended on sync
