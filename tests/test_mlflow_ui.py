@@ -84,6 +84,12 @@ def ui_server(tmp_path):
                 pytest.fail("the MLflow UI did not start:\n" + (tmp_path / "server.log").read_text())
             time.sleep(0.5)
         yield base, ids, tmp_path / "server.log"
+        # after the tests' seconds of use: no MLflow job runners (six Huey consumers of ~240 MB each, for GenAI jobs)
+        import psutil
+
+        runners = [" ".join(c.cmdline()[:4]) for c in psutil.Process(proc.pid).children(recursive=True)
+                   if "huey" in " ".join(c.cmdline())]
+        assert runners == [], f"make mlflow-ui started MLflow's job runners: {runners}"
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):  # the launcher exec'd `mlflow ui`, which runs uvicorn in its group
             try:
