@@ -86,10 +86,10 @@ install: $(PY) ## Create .venv and install the project with its dev tools (offli
 download: ## Download the Kaggle dataset into data/kaggle (needs network; finds existing data offline)
 	$(PY) scripts/download.py
 
-mlflow-quick: ## Quick run (~15-20 s on 2 CPU cores) tracked in MLflow
+mlflow-quick: ## Quick run (~12 s on 2 CPU cores) tracked in MLflow
 	$(PY) scripts/train.py --config configs/quick.yaml --tracker mlflow $(TRAIN_ARGS)
 
-wandb-quick: ## Quick run (~15-20 s on 2 CPU cores) tracked in W&B (offline without an API key)
+wandb-quick: ## Quick run (~12 s on 2 CPU cores) tracked in W&B (offline without an API key)
 	$(PY) scripts/train.py --config configs/quick.yaml --tracker wandb $(TRAIN_ARGS)
 
 both-quick: ## Quick run tracked in MLflow and W&B at once

@@ -13,6 +13,7 @@ MLflow is imported in :meth:`MLflowTracker.setup`, not with this module, so ``--
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -345,14 +346,19 @@ class MLflowTracker(BaseTracker):
             output = model(torch.from_numpy(input_example)).numpy()
         name = self.cfg.get("registered_model_name") or None
         registered = name if plan is not None and plan.get("register") else None
+        import mlflow.pyfunc
         from mlflow.utils import environment, logging_utils
 
         logging_utils.disable_logging()  # its "Registered model ... Created version" prints: our one line says it
         # workaround(mlflow): the requirements below are this interpreter's own versions, so MLflow's check that they
-        # match the environment cannot fail, yet it scans every installed distribution for it (1-2 s per model here)
-        skip_check = mock.patch.object(environment, "warn_dependency_requirement_mismatches", lambda *_, **__: None)
+        # match the environment cannot fail, yet it scans every installed distribution for it (1-2 s per model here).
+        # It runs twice: when the model is saved (mlflow.utils.environment) and when log_model loads it back to
+        # validate the input example (mlflow.pyfunc.load_model: ~0.6 s more in a quick run); both are skipped.
         try:
-            with skip_check:
+            with contextlib.ExitStack() as skip_check:
+                for module in (environment, mlflow.pyfunc):
+                    skip_check.enter_context(mock.patch.object(module, "warn_dependency_requirement_mismatches",
+                                                               lambda *_, **__: None))
                 info = mlflow.pytorch.log_model(
                     model,
                     name="model",
