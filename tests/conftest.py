@@ -55,6 +55,25 @@ def tiny_data_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def _mlflow_db_template(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store at the installed MLflow's schema, created once per test process."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()  # runs MLflow's migrations
+    return db
+
+
+@pytest.fixture
+def migrated_mlflow_db(tmp_path, _mlflow_db_template) -> Path:
+    """tmp_path/mlflow.db (the store tiny_cfg names) as a copy of an empty store already at the current schema: a
+    test that is not about creating a store skips MLflow's migrations (~1-2 CPU s per new store, per process)."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_db_template, db)
+    return db
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path, tiny_data_root):
     """configs/quick.yaml forced to tiny, fast settings and private tracker stores under tmp_path."""
