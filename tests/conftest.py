@@ -84,6 +84,14 @@ def empty_mlflow_store(tmp_path_factory):
 
 
 @pytest.fixture
+def migrated_mlflow_db(tmp_path, empty_mlflow_store) -> Path:
+    """tmp_path/mlflow.db (the store tiny_cfg names) as a new empty store (``empty_mlflow_store``), for a test that
+    trains into it without tiny_cfg (tiny_cfg puts it there itself)."""
+    empty_mlflow_store(tmp_path / "mlflow.db")
+    return tmp_path / "mlflow.db"
+
+
+@pytest.fixture
 def tiny_cfg(tmp_path, tiny_data_root, empty_mlflow_store):
     """configs/quick.yaml forced to tiny, fast settings and private tracker stores under tmp_path (the MLflow store
     already there: a copy of an empty one, see ``empty_mlflow_store``)."""

@@ -8,6 +8,7 @@ generous "seconds, not minutes" bounds explained where they are checked."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -24,11 +25,28 @@ from cxrtrack.training.run import run_experiment
 from tests.conftest import ROOT
 
 
-@pytest.fixture
-def server(tmp_path):
-    srv = MLflowServer(tmp_path / "server").start()
+@pytest.fixture(scope="module")
+def _one_server(tmp_path_factory):
+    srv = MLflowServer(tmp_path_factory.mktemp("server")).start()
     yield srv
     srv.kill()
+
+
+@pytest.fixture
+def server(_one_server):
+    """One real server for the module (each start costs ~3 CPU s): a test gets it answering and may kill, pause or
+    restart it; afterwards it is brought back (resumed, or started again on its port and store). Each test reads
+    back its own run by its id, so the other tests' runs in the store do not matter."""
+    srv = _one_server
+    assert srv.healthy(), "the shared MLflow server does not answer"
+    yield srv
+    if srv.process is not None:
+        with contextlib.suppress(ProcessLookupError):
+            srv.resume()  # a test that failed while it was paused
+        if srv.process.poll() is not None or not srv.healthy():
+            srv.kill()
+    if srv.process is None:
+        srv.start()
 
 
 def use_server(cfg: dict, uri: str, epochs: int) -> dict:
@@ -186,7 +204,7 @@ def test_an_unreachable_server_at_start_is_reported_within_10_s_naming_the_setti
     assert not os.path.exists(tiny_cfg["output_dir"]) or not os.listdir(tiny_cfg["output_dir"])  # nothing trained
 
 
-def test_timings_json_records_the_stall_of_each_call(tiny_cfg):
+def test_timings_json_records_the_stall_of_each_call(tiny_cfg, migrated_mlflow_db):
     """What the figures above are read from, in every run: per-call durations per backend."""
     tiny_cfg["tracking"]["tracker"] = "mlflow"
     tiny_cfg["training"]["epochs"] = 1
@@ -195,7 +213,7 @@ def test_timings_json_records_the_stall_of_each_call(tiny_cfg):
     assert calls["log_metrics"]["calls"] == 1 and calls["log_metrics"]["max_s"] >= 0
 
 
-def test_make_replay_closes_a_run_whose_process_is_gone(tmp_path):
+def test_make_replay_closes_a_run_whose_process_is_gone(tmp_path, migrated_mlflow_db):
     """A run of this project left RUNNING by a process that no longer exists (as SIGKILL leaves it) is marked
     KILLED by make replay, which says so."""
     import mlflow

@@ -1,12 +1,17 @@
 """Resume: a run stopped after epoch k continues from checkpoints/last.pt into the same MLflow run and the same W&B
 run id, with every epoch logged once, and trains exactly as the uninterrupted run would have (RNG states restored).
-Read back from the SQLite store and the offline W&B folders; one real SIGTERM through scripts/train.py."""
+Read back from the SQLite store and the offline W&B folders; one real SIGTERM through scripts/train.py, and its
+resume through the same script run in this process (runpy: the same code path without a second interpreter start)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import logging
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -35,7 +40,7 @@ def wandb_epochs(run_dir) -> list[int]:
             if r["type"] == "history" and "val/loss" in r["history"]["item"]]
 
 
-def test_interrupted_run_resumes_into_the_same_tracked_runs(tmp_path, tiny_cfg):
+def test_interrupted_run_resumes_into_the_same_tracked_runs(tmp_path, tiny_cfg, migrated_mlflow_db):
     import mlflow
 
     from cxrtrack.training import resume as resuming
@@ -105,7 +110,22 @@ def test_resume_errors_are_one_paragraph(tmp_path, tiny_cfg):
             resuming.load(str(tmp_path / f"cv-{sub}"), tmp_path)
 
 
-def test_sigterm_then_resume_by_mlflow_run_id(tmp_path, tiny_cfg):
+def run_train_script_here(*args: str, cwd) -> tuple[int, str]:
+    """``python scripts/train.py args...`` inside this process (runpy): returns its exit status and stderr."""
+    script = str(ROOT / "scripts" / "train.py")
+    err, argv, old_cwd = io.StringIO(), sys.argv, os.getcwd()
+    sys.argv = [script, *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+            runpy.run_path(script, run_name="__main__")
+    finally:
+        sys.argv = argv
+        os.chdir(old_cwd)
+    return exit_.value.code, err.getvalue()
+
+
+def test_sigterm_then_resume_by_mlflow_run_id(tmp_path, tiny_cfg, migrated_mlflow_db, caplog):
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -131,13 +151,15 @@ def test_sigterm_then_resume_by_mlflow_run_id(tmp_path, tiny_cfg):
     done = sorted(m.step for m in client.get_metric_history(killed.info.run_id, "val/loss"))
     assert done[:2] == [1, 2] and done == list(range(1, len(done) + 1))
 
-    resumed = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *common, "--resume",
-                              killed.info.run_id, "--epochs", str(len(done) + 2)], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # a new process in effect: nothing of the killed run is in this one, the resume finds it through the store.
+    # --threads 1: what this test process already uses (conftest), so the script does not change it for later tests
+    with caplog.at_level(logging.INFO):
+        code, stderr = run_train_script_here(*common, "--resume", killed.info.run_id, "--epochs", str(len(done) + 2),
+                                             "--threads", "1", cwd=tmp_path)
+    assert code == 0, (stderr + caplog.text)[-3000:]
     run = client.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(killed.info.run_id, "val/loss"))
     assert steps == list(range(1, len(done) + 3))  # continued at the next epoch, none twice
     assert run.data.tags["resumed.training.epochs"] == str(len(done) + 2)
-    assert f"runs/{killed.info.run_id}" in resumed.stderr  # the run page, at the end
+    assert f"runs/{killed.info.run_id}" in caplog.text  # the run page, at the end

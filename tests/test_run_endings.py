@@ -32,6 +32,9 @@ from cxrtrack.utils import atomic_write
 from tests.conftest import CONFIGS, ROOT, fill_disk, small_filesystem, wandb_leet
 
 pytestmark = pytest.mark.slow
+# Tests that train against tmp_path/mlflow.db (train_command, tiny_cfg) take migrated_mlflow_db: that store starts as an
+# empty one at the current schema (no test here is about creating a store: that is test_concurrency's).
+migrated_store = pytest.mark.usefixtures("migrated_mlflow_db")
 
 
 def train_command(tmp_path: Path, data: Path, tracker: str, epochs: int, *extra: str) -> list[str]:
@@ -81,6 +84,7 @@ def no_partial_files(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@migrated_store
 def test_a_real_signal_ends_the_run_killed_in_both_stores(sig, code, tmp_path, tiny_data_root):
     proc, log_file = start_training(tmp_path, tiny_data_root, "both", epochs=200)
     wait_for(proc, log_file, r"epoch 1/200  train loss")
@@ -103,6 +107,7 @@ def test_a_real_signal_ends_the_run_killed_in_both_stores(sig, code, tmp_path, t
     no_partial_files(tmp_path / "outputs")
 
 
+@migrated_store
 def test_sigkill_leaves_the_run_running_until_the_next_run_marks_it_killed(tmp_path, tiny_data_root, tiny_cfg, caplog):
     proc, log_file = start_training(tmp_path, tiny_data_root, "mlflow", epochs=200)
     wait_for(proc, log_file, r"epoch 1/200  train loss")
@@ -125,6 +130,7 @@ def test_sigkill_leaves_the_run_running_until_the_next_run_marks_it_killed(tmp_p
 # -- a loss that becomes NaN --------------------------------------------------------------------------
 
 
+@migrated_store
 def test_a_real_nan_loss_stops_at_once_and_the_run_fails(tiny_cfg):
     """SGD at lr 9.9 without clipping diverges on the tiny set: the loss really becomes NaN."""
     tiny_cfg["tracking"]["tracker"] = "both"
@@ -153,6 +159,7 @@ def test_a_real_nan_loss_stops_at_once_and_the_run_fails(tiny_cfg):
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
+@migrated_store
 def test_poisoned_weights_stop_at_the_first_batch_and_are_never_saved(tiny_cfg):
     tiny_cfg["tracking"]["tracker"] = "mlflow"
     tiny_cfg["training"]["epochs"] = 4
@@ -207,6 +214,7 @@ def _assert_failed_everywhere(group, run_dir: Path, message: str) -> None:
     no_partial_files(run_dir)
 
 
+@migrated_store
 def test_outputs_on_a_full_file_system_end_failed_everywhere(tiny_cfg, tmp_path):
     from cxrtrack.tracking import build_tracker
 
@@ -220,6 +228,7 @@ def test_outputs_on_a_full_file_system_end_failed_everywhere(tiny_cfg, tmp_path)
         assert err.value.exit_code == 1
 
 
+@migrated_store
 def test_injected_enospc_in_the_outputs_ends_failed_everywhere(tiny_cfg, monkeypatch):
     """The same path without a tmpfs: every atomic write after epoch 1 fails half-way with ENOSPC."""
     from cxrtrack.tracking import build_tracker
@@ -246,6 +255,7 @@ def test_injected_enospc_in_the_outputs_ends_failed_everywhere(tiny_cfg, monkeyp
     assert not (run_dir / "history.json").exists()  # not written, rather than written half
 
 
+@migrated_store
 def test_a_full_disk_at_the_end_of_an_epoch_still_sends_that_epoch_to_the_trackers(tiny_cfg, tmp_path):
     """Issue 14: with outputs/ on a small tmpfs, last.pt failing at the end of an epoch kept that epoch from the
     trackers (MLflow had no point of it while history.json held it), and the message said "Not saved:
@@ -313,6 +323,7 @@ def test_mlflow_store_on_a_full_file_system_is_spooled_then_replayed(tiny_cfg, t
               f"was freed, 0 by the second replay")
 
 
+@migrated_store
 def test_wandb_folder_on_a_full_file_system_is_reported(tiny_cfg, tmp_path, caplog):
     with small_filesystem(tmp_path / "wb", "6m") as wb:
         tiny_cfg["tracking"]["tracker"] = "both"
@@ -399,6 +410,7 @@ def test_one_signal_handler_a_block_inside_another_changes_nothing():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@migrated_store
 def test_a_locked_sqlite_store_costs_one_stall_and_loses_no_epoch(tiny_cfg, tmp_path):
     """Another process holds the SQLite store locked (BEGIN EXCLUSIVE) for longer than MLflow's own 20 s busy
     timeout: that epoch's metrics go to the spool instead of being dropped, later probes see the lock in 0.5 s,

@@ -16,7 +16,9 @@ from cxrtrack.training.run import run_experiment
 from cxrtrack.training.trainer import Trainer
 from tests.conftest import wandb_leet
 
-pytestmark = pytest.mark.slow
+# migrated_mlflow_db: tmp_path/mlflow.db, the store these runs use, starts as an empty store at the current schema
+# (no test here is about creating a store: that is test_concurrency's)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("migrated_mlflow_db")]
 
 
 def wandb_exit(run_dir: Path) -> dict:

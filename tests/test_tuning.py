@@ -20,7 +20,9 @@ from cxrtrack.tuning.space import BaseConfig
 from cxrtrack.tuning.study import tune
 from tests.conftest import CONFIGS
 
-pytestmark = pytest.mark.slow
+# migrated_mlflow_db: tmp_path/mlflow.db, the store these runs use, starts as an empty store at the current schema
+# (no test here is about creating a store: that is test_concurrency's)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("migrated_mlflow_db")]
 
 LRS = [0.001, 0.002, 0.003]
 
@@ -158,7 +160,7 @@ def test_failed_and_pruned_trials_are_recorded_and_the_search_goes_on(tmp_path, 
 
     monkeypatch.setattr(Trainer, "train_one_epoch", crash_for_lr_3)
     monkeypatch.setattr(optuna_search, "make_pruner", lambda spec, epochs: PruneLr2())
-    base = tiny_base(tmp_path, tiny_data_root, epochs=3)
+    base = tiny_base(tmp_path, tiny_data_root, epochs=2)  # pruned after epoch 1 of 2: stopped early
     space = space_file(tmp_path, {"name": "fp", "method": "grid", "metric": "val/loss", "params": {"training.lr": LRS}})
     result = tune(space, base, "both")
     assert result.status == "FINISHED"
@@ -284,14 +286,16 @@ def test_grid_with_two_worker_processes_runs_each_point_once(tmp_path, tiny_data
 
 def test_wandb_local_sweep_one_offline_run_per_trial_with_its_config_grouped(tmp_path, tiny_data_root):
     sweep = space_file(tmp_path, {
-        "name": "wb", "method": "random", "metric": {"name": "val/loss", "goal": "minimize"}, "run_cap": 3,
+        "name": "wb", "method": "random", "metric": {"name": "val/loss", "goal": "minimize"}, "run_cap": 2,
         "parameters": {"training.lr": {"distribution": "log_uniform_values", "min": 0.0005, "max": 0.005},
                        "training.optimizer": {"values": ["adam", "sgd"]},
                        "model": {"parameters": {"dropout_dense": {"min": 0.1, "max": 0.4}}}}}, "sweep.yaml")
     base = tiny_base(tmp_path, tiny_data_root)
     result = tune(sweep, base, "wandb")
-    assert result.status == "FINISHED" and result.parent_run_id is None and result.tally.complete == 3
-    for t in load_study(result).get_trials():
+    assert result.status == "FINISHED" and result.parent_run_id is None and result.tally.complete == 2
+    trials = load_study(result).get_trials()
+    assert len(trials) == 2 and len({t.user_attrs["runs"]["wandb"]["run_dir"] for t in trials}) == 2  # a run each
+    for t in trials:
         stored = read_wandb(t.user_attrs["runs"]["wandb"]["run_dir"])
         assert stored.extra["group"] == "wb" and stored.extra["job_type"] == "trial"
         for key, value in t.user_attrs["values"].items():
@@ -299,6 +303,6 @@ def test_wandb_local_sweep_one_offline_run_per_trial_with_its_config_grouped(tmp
         assert stored.params["evaluation.run_test"] is False
     summary = read_wandb(result.summary_run_dir)
     assert summary.extra["job_type"] == "summary" and summary.extra["group"] == "wb"
-    assert summary.tables["study/trials"] == 3 and "study/optimization_history.png" in summary.images
+    assert summary.tables["study/trials"] == 2 and "study/optimization_history.png" in summary.images
     assert summary.summary["best_value"] == pytest.approx(result.best["value"])
     assert summary.models == ["customcxrnet"] and summary.tags["local_sweep"] == "true"
