@@ -84,6 +84,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is _handler:
         yield
         return
+    outer_state = _received, _pending, _depth
     _received, _pending, _depth = None, None, 0
     previous = {sig: signal.signal(sig, _handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -91,6 +92,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # what was handled in the block ends with it: a later run in this process (the tests run many) must not
+        # report this block's signal as its own
+        _received, _pending, _depth = outer_state
 
 
 def received() -> int | None:
