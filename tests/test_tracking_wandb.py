@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,16 @@ def wandb_read(tmp_path_factory, tiny_data_root):
         "tracking.tags": {"note": f"key={SECRET}"},
     })
     os.environ["KAGGLE_KEY"] = SECRET  # a secret in the environment must never reach the tracker
+    started = time.monotonic()
+
+    def last_long_enough(epoch, row):
+        # W&B's CPU % needs two system-metric samples (1 s apart here): a tiny run on a fast machine can end before
+        # the second, so the last epoch waits until the run has lasted 3 s (test_system_metrics_are_recorded)
+        if epoch == cfg["training"]["epochs"]:
+            time.sleep(max(0.0, 3.0 - (time.monotonic() - started)))
+
     try:
-        result = run_experiment(cfg)
+        result = run_experiment(cfg, callbacks=(last_long_enough,))
     finally:
         del os.environ["KAGGLE_KEY"]
     tracker = result.tracker.trackers[0]
