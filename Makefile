@@ -156,8 +156,8 @@ threads-benchmark: ## Images/s of 1, 2, 3 trainings at once per thread setting (
 		$(foreach word,$(value ARGS),$(call shq,$(word)))
 
 # pytest-xdist runs one test file per worker, one worker per core: the suite waits on servers, signals and
-# subprocesses much of the time, so two workers on two cores take ~10 min where one takes ~15.
-test: ## Run the test suite (no network; ~10 min on 2 cores)
+# subprocesses much of the time, so two workers on two cores finish well before one would.
+test: ## Run the test suite (no network; ~6 min on 2 idle cores)
 	$(PY) -m pytest -n auto --dist loadfile
 
 test-fast: ## Run the tests not marked slow
