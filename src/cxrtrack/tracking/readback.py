@@ -118,8 +118,6 @@ def read_mlflow(tracking_uri: str, run_id: str, epoch_metrics: list[str] | None 
 # -- W&B (offline) ------------------------------------------------------------------------------------
 
 
-# workaround(wandb): offline runs have no read API (wandb.Api needs the server) and no summary/config JSON
-# on disk; the transaction log is read through the `wandb leet inspect --json` command
 def _wandb_core() -> Path | None:
     """W&B's ``wandb-core`` program (in the installed package's ``bin/``), found without importing wandb."""
     spec = importlib.util.find_spec("wandb")
@@ -127,6 +125,8 @@ def _wandb_core() -> Path | None:
     return core if core is not None and core.is_file() else None
 
 
+# workaround(wandb): offline runs have no read API (wandb.Api needs the server) and no summary/config JSON
+# on disk; the transaction log is read through the `wandb leet inspect --json` command
 def wandb_leet(run_dir: str | Path, *flags: str, timeout: float = 120) -> str:
     """``wandb leet inspect --json`` of a local run folder (``wandb/offline-run-*``)."""
     run_dir = Path(run_dir)
