@@ -5,14 +5,11 @@ resume through the same script run in this process (runpy: the same code path wi
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import logging
 import os
 import re
-import runpy
 import signal
 import subprocess
 import sys
@@ -24,6 +21,7 @@ from cxrtrack.config import set_dotted
 from cxrtrack.errors import CXRError
 from cxrtrack.tracking.readback import RunRecord, diff_records, read_mlflow
 from tests.conftest import ROOT, wandb_leet
+from tests.test_cli import run_script
 
 pytestmark = pytest.mark.slow
 
@@ -114,21 +112,6 @@ def test_resume_errors_are_one_paragraph(tmp_path, tiny_cfg):
             resuming.load(str(tmp_path / f"cv-{sub}"), tmp_path)
 
 
-def run_train_script_here(*args: str, cwd) -> tuple[int, str]:
-    """``python scripts/train.py args...`` inside this process (runpy): returns its exit status and stderr."""
-    script = str(ROOT / "scripts" / "train.py")
-    err, argv, old_cwd = io.StringIO(), sys.argv, os.getcwd()
-    sys.argv = [script, *args]
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
-            runpy.run_path(script, run_name="__main__")
-    finally:
-        sys.argv = argv
-        os.chdir(old_cwd)
-    return exit_.value.code, err.getvalue()
-
-
 def test_sigterm_then_resume_by_mlflow_run_id(tmp_path, tiny_cfg, migrated_mlflow_db, caplog):
     import mlflow
 
@@ -158,9 +141,9 @@ def test_sigterm_then_resume_by_mlflow_run_id(tmp_path, tiny_cfg, migrated_mlflo
     # a new process in effect: nothing of the killed run is in this one, the resume finds it through the store.
     # --threads 1: what this test process already uses (conftest), so the script does not change it for later tests
     with caplog.at_level(logging.INFO):
-        code, stderr = run_train_script_here(*common, "--resume", killed.info.run_id, "--epochs", str(len(done) + 2),
-                                             "--threads", "1", cwd=tmp_path)
-    assert code == 0, (stderr + caplog.text)[-3000:]
+        proc = run_script("train.py", *common, "--resume", killed.info.run_id, "--epochs", str(len(done) + 2),
+                          "--threads", "1", cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stderr + caplog.text)[-3000:]
     run = client.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(killed.info.run_id, "val/loss"))
