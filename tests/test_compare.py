@@ -202,15 +202,15 @@ def test_terminal_summary_fits_100_columns(compare):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_server_and_leaves_an_incomplete_report(tmp_path, tiny_data_root):
+    # the server, then a phase that needs no training run (the scaling runs), interrupted while it measures
     command = [sys.executable, str(ROOT / "scripts" / "compare.py"), "--quick", "--trackers", "none", "--data",
-               str(tiny_data_root), "--out", str(tmp_path), "--no-log-report", "--only", "runs,server,latency",
-               *[x for s in TRAIN_SETS for x in ("--set", s)]]
+               str(tiny_data_root), "--out", str(tmp_path), "--no-log-report", "--only", "server,scaling"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
-    for line in proc.stdout:  # wait until the server runs and latency measuring has begun
+    for line in proc.stdout:  # wait until the server runs and scaling measuring has begun
         lines.append(line)
-        if "compare: latency" in line:
+        if "compare: scaling" in line:
             break
     time.sleep(2)
     proc.send_signal(signal.SIGINT)
@@ -218,8 +218,8 @@ def test_ctrl_c_stops_the_server_and_leaves_an_incomplete_report(tmp_path, tiny_
     assert proc.returncode == 130, "".join(lines) + rest
     report = json.loads(next(tmp_path.glob("*/report.json")).read_text())
     assert report["meta"]["complete"] is False and "interrupted" in report["meta"]["incomplete_reason"]
-    assert report["phases"]["latency"]["status"] == "interrupted"
-    assert report["phases"]["runs"]["status"] == "ok"
+    assert report["phases"]["scaling"]["status"] == "interrupted"
+    assert report["phases"]["server"]["status"] == "ok"  # a phase finished before the interrupt keeps its result
     assert not port_open(report["server"]["uri"])
     assert (next(tmp_path.glob("*/report.html"))).read_text().count("INCOMPLETE") >= 1
 
@@ -394,39 +394,27 @@ def test_peak_rss_with_children_is_never_below_the_process_own_peak(tmp_path):
     assert m.peak_tree_sampled_mb > 0 and m.load_before and m.load_after
 
 
-def test_the_ui_evidence_shows_a_measured_run_in_model_training_mode(tmp_path):
+def test_the_ui_evidence_shows_a_measured_run_in_model_training_mode(compare, tmp_path):
     """The 'Local UI' screenshot opens the page of a run the compare measured (with ?workflowType=machine_learning),
     not MLflow's GenAI 'Welcome' page; the DOM Chromium renders at that address names the run."""
     import mlflow
 
-    from cxrtrack.benchmark.compare import Compare, ComparePlan
-    from cxrtrack.benchmark.runs import RunMeasurement
+    from cxrtrack.benchmark.server import MLflowServer
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no Chromium on this machine")
-    plan = ComparePlan.make(ROOT, str(CONFIGS / "quick.yaml"), 1, "mlflow", quick=True, out_root=tmp_path / "out")
-    c = Compare(plan)
-    (c.dir / "logs").mkdir()
-    uri = c.stores.uri
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("cxr-compare")
-    run = client.create_run(experiment, run_name="mlflow-r1-shown")
-    client.log_metric(run.info.run_id, "val/acc", 0.9)
-    client.set_terminated(run.info.run_id)
-    m = RunMeasurement("mlflow", 1, "mlflow-r1", exit_code=0)
-    m.runs = {"mlflow": {"tracking_uri": uri, "experiment_id": experiment, "run_id": run.info.run_id}}
-    c.runs = [m]
-    shot, url = c._screenshot_mlflow_ui()
-    assert url.endswith(f"/#/experiments/{experiment}/runs/{run.info.run_id}?workflowType=machine_learning")
-    assert shot is not None and shot.stat().st_size > 10_000
+    c, report = compare
+    ref = next(m.runs["mlflow"] for m in c.runs if m.ok and (m.runs.get("mlflow") or {}).get("run_id"))
+    address = f"/#/experiments/{ref['experiment_id']}/runs/{ref['run_id']}?workflowType=machine_learning"
+    evidence = next(r for r in report["capabilities"] if r["capability"] == "Local UI")["mlflow"]["evidence"]
+    assert address + ")" in evidence and "mlflow_ui.png" in evidence
+    assert (c.dir / "mlflow_ui.png").stat().st_size > 10_000
     assert not (c.dir / "stores" / "chromium").exists()  # the browser profile is not kept
-    # what that address renders: the run, not the GenAI welcome page (the viewer is stopped by now: start one again)
-    from cxrtrack.benchmark.server import MLflowServer
-
-    with MLflowServer(tmp_path / "viewer", backend_store_uri=uri) as viewer:
-        page = url.replace(url.split("/#/")[0], viewer.uri)
+    # what that address renders: the run, not the GenAI welcome page (the compare's viewer is stopped: start one)
+    run_name = mlflow.MlflowClient(tracking_uri=ref["tracking_uri"]).get_run(ref["run_id"]).info.run_name
+    with MLflowServer(tmp_path / "viewer", backend_store_uri=ref["tracking_uri"]) as viewer:
         dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-                              f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page],
+                              f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", viewer.uri + address],
                              capture_output=True, text=True, timeout=180).stdout
-    assert "mlflow-r1-shown" in dom and "Welcome to MLflow" not in dom
+    assert run_name and run_name in dom and "Welcome to MLflow" not in dom
