@@ -157,7 +157,7 @@ threads-benchmark: ## Images/s of 1, 2, 3 trainings at once per thread setting (
 
 # pytest-xdist runs one test file per worker, one worker per core: the suite waits on servers, signals and
 # subprocesses much of the time, so two workers on two cores finish well before one would.
-test: ## Run the test suite (no network; 7-8 min on 2 idle cores)
+test: ## Run the test suite (no network; 7.5-8 min on 2 idle cores)
 	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 test-fast: ## Run the tests not marked slow
