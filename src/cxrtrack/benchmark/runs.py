@@ -276,9 +276,12 @@ def measure_run(command: list[str], tracker: str, repeat: int, run_name: str, st
         m.wall_s = time.perf_counter() - start
         process.returncode = m.exit_code = os.waitstatus_to_exitcode(status)
     m.load_after = machine_load()
-    m.peak_rss_mb = max(usage.ru_maxrss / 1024, sampler.peak_main / 2**20)
+    # the kernel's own count of the process's peak (wait4's ru_maxrss, KiB) joins the sampler's, which a spike
+    # between two samples can escape; the tree's figure then comes from the sampler's one definition of it
+    sampler.peak_root[0] = max(sampler.peak_root[0], usage.ru_maxrss * 1024)
+    m.peak_rss_mb = sampler.peak_main / 2**20
     m.peak_tree_sampled_mb = sampler.peak_tree[0] / 2**20
-    m.peak_tree_rss_mb = m.peak_rss_mb + sampler.lasting_peaks_sum() / 2**20
+    m.peak_tree_rss_mb = sampler.peak_tree_own(0) / 2**20
     lasting, brief = sampler.spawned()
     m.spawned = {name: round(rss / 2**20, 1) for name, rss in lasting.items()}
     m.brief_children = brief
