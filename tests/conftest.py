@@ -6,9 +6,12 @@ Nothing here touches the network, the user's home folder, or the project's own m
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import runpy
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +31,44 @@ CONFIGS = ROOT / "configs"
 # Tiny, but every class in every split, and the Covid special formats (L, RGBA, 16-bit PNG) present.
 TINY_COUNTS = {"train": {"Covid": 9, "Normal": 8, "Viral Pneumonia": 8},
                "test": {"Covid": 5, "Normal": 4, "Viral Pneumonia": 4}}
+
+
+# -- running the scripts/ entry points, as a user types them -------------------------------------------------
+
+
+def run_script(name: str, *args: str, subprocess_: bool = False, timeout=300,
+               cwd=ROOT) -> subprocess.CompletedProcess:
+    """Run scripts/<name> as `python scripts/<name> args...` from the folder ``cwd`` (the checkout by default).
+
+    By default in this process (runpy, same code path, no 6 s of interpreter and torch start-up);
+    ``subprocess_=True`` runs a real child process.
+    """
+    script = str(ROOT / "scripts" / name)
+    if subprocess_:
+        return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+    out, err = io.StringIO(), io.StringIO()
+    argv, before = sys.argv, os.getcwd()
+    sys.argv = [script, *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+        os.chdir(before)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    text = " ".join(proc.stderr.split())  # the message is wrapped to the terminal width
+    for fragment in fragments:
+        assert fragment in text, (fragment, proc.stderr)
 
 
 def pytest_configure(config):

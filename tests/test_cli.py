@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import re
-import runpy
 import subprocess
 import sys
 import time
@@ -15,42 +12,7 @@ import pytest
 
 from cxrtrack.data import download
 from cxrtrack.errors import DataError
-from tests.conftest import CONFIGS, ROOT
-
-
-def run_script(name: str, *args: str, subprocess_: bool = False, timeout=300,
-               cwd=ROOT) -> subprocess.CompletedProcess:
-    """Run scripts/<name> as `python scripts/<name> args...` from the folder ``cwd`` (the checkout by default).
-
-    By default in this process (runpy, same code path, no 6 s of interpreter and torch start-up);
-    ``subprocess_=True`` runs a real child process.
-    """
-    script = str(ROOT / "scripts" / name)
-    if subprocess_:
-        return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout)
-    out, err = io.StringIO(), io.StringIO()
-    argv, before = sys.argv, os.getcwd()
-    sys.argv = [script, *args]
-    os.chdir(cwd)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(script, run_name="__main__")
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    finally:
-        sys.argv = argv
-        os.chdir(before)
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
-
-
-def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    text = " ".join(proc.stderr.split())  # the message is wrapped to the terminal width
-    for fragment in fragments:
-        assert fragment in text, (fragment, proc.stderr)
+from tests.conftest import CONFIGS, ROOT, assert_clean_error, run_script
 
 
 def test_missing_data_folder(tmp_path):

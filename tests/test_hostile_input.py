@@ -15,8 +15,7 @@ from PIL import Image
 
 from cxrtrack.data.dataset import build_data
 from cxrtrack.data.synthetic import DATASET_DIRNAME, generate_synthetic_dataset
-from tests.conftest import CONFIGS, ROOT, TINY_COUNTS
-from tests.test_cli import assert_clean_error, run_script
+from tests.conftest import CONFIGS, ROOT, TINY_COUNTS, assert_clean_error, run_script
 
 QUICK = str(CONFIGS / "quick.yaml")
 

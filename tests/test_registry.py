@@ -19,8 +19,7 @@ import pytest
 from cxrtrack.config import load_config, set_dotted
 from cxrtrack.errors import ConfigError
 from cxrtrack.tracking import registry
-from tests.conftest import CONFIGS, ROOT
-from tests.test_cli import run_script
+from tests.conftest import CONFIGS, ROOT, run_script
 
 PLAN = {"metric": "test/f1_macro", "mode": "max", "fingerprint": "abc", "metrics": {"test/f1_macro": 0.8}}
 

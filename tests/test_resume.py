@@ -20,8 +20,7 @@ import pytest
 from cxrtrack.config import set_dotted
 from cxrtrack.errors import CXRError
 from cxrtrack.tracking.readback import RunRecord, diff_records, read_mlflow
-from tests.conftest import ROOT, wandb_leet
-from tests.test_cli import run_script
+from tests.conftest import ROOT, run_script, wandb_leet
 
 pytestmark = pytest.mark.slow
 

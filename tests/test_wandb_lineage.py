@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_COUNTS, wandb_leet
-from tests.test_cli import run_script
+from tests.conftest import TINY_COUNTS, run_script, wandb_leet
 
 pytestmark = pytest.mark.slow
 
