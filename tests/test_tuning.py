@@ -306,3 +306,44 @@ def test_wandb_local_sweep_one_offline_run_per_trial_with_its_config_grouped(tmp
     assert summary.tables["study/trials"] == 2 and "study/optimization_history.png" in summary.images
     assert summary.summary["best_value"] == pytest.approx(result.best["value"])
     assert summary.models == ["customcxrnet"] and summary.tags["local_sweep"] == "true"
+
+
+def _frozen(number: int, state: str, grid_id: int | None = None, **user_attrs):
+    from datetime import datetime
+
+    from optuna.trial import FrozenTrial, TrialState
+
+    system = {"grid_id": grid_id, "search_space": {}} if grid_id is not None else {}
+    return FrozenTrial(number=number, state=TrialState[state], value=0.5 if state == "COMPLETE" else None,
+                       datetime_start=datetime.now(), datetime_complete=None, params={}, distributions={},
+                       user_attrs=user_attrs, system_attrs=system, intermediate_values={}, trial_id=number)
+
+
+def test_two_trials_that_race_for_one_grid_point_are_never_both_skipped():
+    # Found by test_tuning_scaleout: two processes, a 4-point grid, trial 3 and trial 4 both handed point 3
+    # (GridSampler writes a trial's point just after creating it, so the other process did not see it yet). Each
+    # saw the other running and skipped itself: point 3 was never trained, and both exited 0 with 3 of 4 points.
+    done = [_frozen(n, "COMPLETE", n, values={}) for n in range(3)]
+    racing = [_frozen(3, "RUNNING", 3), _frozen(4, "RUNNING", 3)]
+    trials = done + racing
+    decisions = [optuna_search.surplus(t.number, t.system_attrs, trials, grid=True, budget=4) for t in racing]
+    assert decisions == [False, True]  # the earlier trial trains the point, the later one is skipped
+    # the later trial already passed its check and trains (the earlier one's point was not written when it looked):
+    # the earlier one then gives way, rather than training the point a second time
+    trials = done + [_frozen(3, "RUNNING", 3), _frozen(4, "RUNNING", 3, values={})]
+    assert optuna_search.surplus(3, trials[3].system_attrs, trials, grid=True, budget=4)
+    # a point held only by a skipped or interrupted trial is trained again
+    trials = done + [_frozen(3, "FAIL", 3, skipped="x"), _frozen(4, "RUNNING", 3)]
+    assert not optuna_search.surplus(4, trials[4].system_attrs, trials, grid=True, budget=4)
+
+
+def test_two_trials_that_race_for_the_last_budget_slot_are_never_both_skipped():
+    # budget 3, two done: trials 2 and 3 start at once, each sees the other running; exactly one trains
+    trials = [_frozen(0, "COMPLETE", values={}), _frozen(1, "COMPLETE", values={}), _frozen(2, "RUNNING"),
+              _frozen(3, "RUNNING")]
+    assert [optuna_search.surplus(n, {}, trials, grid=False, budget=3) for n in (2, 3)] == [False, True]
+    # a queued retry (WAITING, it always runs when taken) holds its slot whatever its number
+    trials = [_frozen(0, "COMPLETE", values={}), _frozen(1, "RUNNING"), _frozen(2, "WAITING")]
+    assert optuna_search.surplus(1, {}, trials, grid=False, budget=2)
+    # a retry taken from the queue is never surplus
+    assert not optuna_search.surplus(2, {"fixed_params": {}}, trials, grid=False, budget=1)

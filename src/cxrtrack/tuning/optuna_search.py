@@ -200,12 +200,10 @@ def trial_kind(t, retried: set[int]) -> str:
     return state
 
 
-def tally(trials, exclude: int | None = None) -> Tally:
+def tally(trials) -> Tally:
     out = Tally()
     out.retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
     for t in trials:
-        if t.number == exclude:
-            continue
         kind = trial_kind(t, out.retried)
         attr = {"COMPLETE": "complete", "PRUNED": "pruned", "FAILED": "failed", "INTERRUPTED": "interrupted",
                 "SKIPPED": "skipped", "RUNNING": "running", "WAITING": "waiting"}[kind]
@@ -228,6 +226,30 @@ def budget_of(spec: StudySpec, trials: int | None) -> int:
     if budget < 1:
         raise ConfigError(f"The trial budget must be at least 1, not {budget}.")
     return budget
+
+
+def surplus(number: int, system_attrs: dict[str, Any], trials, grid: bool, budget: int) -> bool:
+    """True for trial ``number`` when the trials ahead of it already took what it was created for: the budget, or
+    (``grid``) its grid point. Such a trial ends at once, untrained, marked skipped.
+
+    Two workers can ask for a trial at the same moment: both see one trial of the budget left, or GridSampler hands
+    both the same point (it writes a trial's point just after creating the trial, so the other worker may not see
+    it yet). Judged against each other, both would see the other running and both skip, losing the point (seen: two
+    processes trained 3 of a 4-point grid and exited 0). So a trial counts only the trials ahead of it: those created
+    before it (the storage numbers trials in order), those that already passed this check and train (their sampled
+    ``values`` are written), and queued retries, never a later one still deciding; of two that race, one trains.
+    A retry taken from the queue (``fixed_params``) always runs."""
+    if "fixed_params" in system_attrs:
+        return False
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    ahead = [t for t in trials if t.number != number and trial_kind(t, retried) not in ("INTERRUPTED", "SKIPPED")
+             and (t.number < number or t.state.name == "WAITING" or "values" in t.user_attrs)]
+    if not grid:
+        return len(ahead) >= budget
+    points = [t.system_attrs.get("grid_id") for t in ahead]
+    if system_attrs.get("grid_id") in points:
+        return True
+    return len({p for p in points if p is not None}) + points.count(None) >= budget
 
 
 # -- the study ----------------------------------------------------------------------------------------
@@ -405,21 +427,6 @@ class Worker:
             log.warning("Trial %d interrupted: it is marked failed in the study and KILLED in the tracker, and queued "
                         "again for the next run of this study.", frozen.number)
 
-    def _surplus(self, trial, trials, system_attrs: dict[str, Any]) -> bool:
-        """True for a trial created after the budget was taken by other workers (two workers can both see
-        one trial left and both ask for it). Such a trial ends at once, untrained, marked skipped."""
-        if "fixed_params" in system_attrs:  # taken from the queue: a retry, always run
-            return False
-        t = tally(trials, exclude=trial.number)
-        if self.launch.spec.method == "grid":
-            # GridSampler gives a trial an unvisited point, or repeats one when every point is taken
-            grid_id = system_attrs.get("grid_id")
-            for other in trials:
-                if other.number != trial.number and other.system_attrs.get("grid_id") == grid_id \
-                        and trial_kind(other, t.retried) not in ("INTERRUPTED", "SKIPPED"):
-                    return True
-        return t.claimed >= self.launch.budget
-
     def objective(self, trial) -> float:
         optuna = _optuna()
         from cxrtrack.training.run import run_experiment
@@ -429,7 +436,7 @@ class Worker:
         launch, spec = self.launch, self.launch.spec
         trials = trial.study.get_trials(deepcopy=False)
         system_attrs = next(t.system_attrs for t in trials if t.number == trial.number)
-        if self._surplus(trial, trials, system_attrs):
+        if surplus(trial.number, system_attrs, trials, grid=spec.method == "grid", budget=launch.budget):
             trial.set_user_attr("skipped", "the budget was already taken by other workers; not trained")
             trial.study.stop()
             raise _Skip(f"trial {trial.number} not needed: the budget of {launch.budget} trials is taken")
