@@ -308,12 +308,14 @@ def test_wandb_local_sweep_one_offline_run_per_trial_with_its_config_grouped(tmp
     assert summary.models == ["customcxrnet"] and summary.tags["local_sweep"] == "true"
 
 
-def _frozen(number: int, state: str, grid_id: int | None = None, **user_attrs):
+def _frozen(number: int, state: str, grid_id: int | None = None, retry_of: int | None = None, **user_attrs):
     from datetime import datetime
 
     from optuna.trial import FrozenTrial, TrialState
 
     system = {"grid_id": grid_id, "search_space": {}} if grid_id is not None else {}
+    if retry_of is not None:  # as Optuna's RetryHeartbeatStaleTrialCallback makes it: user_attrs copied too
+        system.update(failed_trial=retry_of, retry_history=[retry_of])
     return FrozenTrial(number=number, state=TrialState[state], value=0.5 if state == "COMPLETE" else None,
                        datetime_start=datetime.now(), datetime_complete=None, params={}, distributions={},
                        user_attrs=user_attrs, system_attrs=system, intermediate_values={}, trial_id=number)
@@ -326,24 +328,38 @@ def test_two_trials_that_race_for_one_grid_point_are_never_both_skipped():
     done = [_frozen(n, "COMPLETE", n, values={}) for n in range(3)]
     racing = [_frozen(3, "RUNNING", 3), _frozen(4, "RUNNING", 3)]
     trials = done + racing
-    decisions = [optuna_search.surplus(t.number, t.system_attrs, trials, grid=True, budget=4) for t in racing]
-    assert decisions == [False, True]  # the earlier trial trains the point, the later one is skipped
+    assert [optuna_search.surplus(t, trials, budget=4, grid_size=4) for t in racing] == [False, True]
     # the later trial already passed its check and trains (the earlier one's point was not written when it looked):
     # the earlier one then gives way, rather than training the point a second time
     trials = done + [_frozen(3, "RUNNING", 3), _frozen(4, "RUNNING", 3, values={})]
-    assert optuna_search.surplus(3, trials[3].system_attrs, trials, grid=True, budget=4)
-    # a point held only by a skipped or interrupted trial is trained again
+    assert optuna_search.surplus(trials[3], trials, budget=4, grid_size=4)
+    # a point held only by a skipped trial is trained
     trials = done + [_frozen(3, "FAIL", 3, skipped="x"), _frozen(4, "RUNNING", 3)]
-    assert not optuna_search.surplus(4, trials[4].system_attrs, trials, grid=True, budget=4)
+    assert not optuna_search.surplus(trials[4], trials, budget=4, grid_size=4)
+    # a free point of a full grid is never surplus, even while an earlier trial's point is not written yet
+    trials = done + [_frozen(3, "RUNNING"), _frozen(4, "RUNNING", 3)]
+    assert not optuna_search.surplus(trials[4], trials, budget=4, grid_size=4)
+
+
+def test_a_retry_and_a_trial_racing_for_its_point_are_never_both_skipped():
+    # trial 3 (point 3) died; trial 4, created in the race for the last point, was handed point 3 too; the retry of
+    # trial 3 (5, with trial 3's sampled values copied by Optuna) was taken from the queue meanwhile. The retry runs;
+    # trial 4 gives way to it.
+    done = [_frozen(n, "COMPLETE", n, values={}) for n in range(3)]
+    trials = done + [_frozen(3, "FAIL", 3, values={}), _frozen(4, "RUNNING", 3),
+                     _frozen(5, "RUNNING", 3, retry_of=3, values={})]
+    assert [optuna_search.surplus(t, trials, budget=4, grid_size=4) for t in trials[4:]] == [True, False]
+    # the same without a grid: budget 2, trial 0 died, its retry 3 and trial 2 race for the last slot
+    trials = [_frozen(0, "FAIL", values={}), _frozen(1, "COMPLETE", values={}), _frozen(2, "RUNNING"),
+              _frozen(3, "RUNNING", retry_of=0, values={})]
+    assert [optuna_search.surplus(t, trials, budget=2) for t in trials[2:]] == [True, False]
 
 
 def test_two_trials_that_race_for_the_last_budget_slot_are_never_both_skipped():
     # budget 3, two done: trials 2 and 3 start at once, each sees the other running; exactly one trains
     trials = [_frozen(0, "COMPLETE", values={}), _frozen(1, "COMPLETE", values={}), _frozen(2, "RUNNING"),
               _frozen(3, "RUNNING")]
-    assert [optuna_search.surplus(n, {}, trials, grid=False, budget=3) for n in (2, 3)] == [False, True]
-    # a queued retry (WAITING, it always runs when taken) holds its slot whatever its number
-    trials = [_frozen(0, "COMPLETE", values={}), _frozen(1, "RUNNING"), _frozen(2, "WAITING")]
-    assert optuna_search.surplus(1, {}, trials, grid=False, budget=2)
-    # a retry taken from the queue is never surplus
-    assert not optuna_search.surplus(2, {"fixed_params": {}}, trials, grid=False, budget=1)
+    assert [optuna_search.surplus(t, trials, budget=3) for t in trials[2:]] == [False, True]
+    # a queued retry (WAITING: it runs when a worker takes it) holds its slot whatever its number
+    trials = [_frozen(0, "COMPLETE", values={}), _frozen(1, "RUNNING"), _frozen(2, "WAITING", retry_of=0, values={})]
+    assert optuna_search.surplus(trials[1], trials, budget=2)

@@ -228,28 +228,32 @@ def budget_of(spec: StudySpec, trials: int | None) -> int:
     return budget
 
 
-def surplus(number: int, system_attrs: dict[str, Any], trials, grid: bool, budget: int) -> bool:
-    """True for trial ``number`` when the trials ahead of it already took what it was created for: the budget, or
-    (``grid``) its grid point. Such a trial ends at once, untrained, marked skipped.
+def surplus(me, trials, budget: int, grid_size: int | None = None) -> bool:
+    """True for the trial ``me`` (a FrozenTrial, at the start of its objective) when the trials ahead of it already
+    took what it was created for: the budget or, in a grid search of ``grid_size`` points, its grid point. Such a
+    trial ends at once, untrained, marked skipped.
 
     Two workers can ask for a trial at the same moment: both see one trial of the budget left, or GridSampler hands
     both the same point (it writes a trial's point just after creating the trial, so the other worker may not see
-    it yet). Judged against each other, both would see the other running and both skip, losing the point (seen: two
-    processes trained 3 of a 4-point grid and exited 0). So a trial counts only the trials ahead of it: those created
-    before it (the storage numbers trials in order), those that already passed this check and train (their sampled
-    ``values`` are written), and queued retries, never a later one still deciding; of two that race, one trains.
-    A retry taken from the queue (``fixed_params``) always runs."""
-    if "fixed_params" in system_attrs:
+    it yet). Judged against each other, both skipped and the point was lost (seen: two processes trained 3 of a
+    4-point grid and exited 0). So a trial counts only the trials ahead of it: those created before it (the storage
+    numbers trials in order), those that already passed this check (their sampled ``values`` are written) and queued
+    retries, never a later trial still deciding: two trials never skip over each other. A retry of a trial that had
+    passed this check (Optuna's heartbeat retry copies its ``values``), or a trial queued with fixed parameters,
+    always runs. The race left trains a point twice, never loses one: a later trial that looked before an earlier
+    one's point was written, and passed this check before the earlier one looked (milliseconds)."""
+    if "fixed_params" in me.system_attrs or ("retry_history" in me.system_attrs and "values" in me.user_attrs):
         return False
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    ahead = [t for t in trials if t.number != number and trial_kind(t, retried) not in ("INTERRUPTED", "SKIPPED")
-             and (t.number < number or t.state.name == "WAITING" or "values" in t.user_attrs)]
-    if not grid:
+    ahead = [t for t in trials if t.number != me.number and trial_kind(t, retried) not in ("INTERRUPTED", "SKIPPED")
+             and (t.number < me.number or t.state.name == "WAITING" or "values" in t.user_attrs)]
+    if grid_size is None:
         return len(ahead) >= budget
     points = [t.system_attrs.get("grid_id") for t in ahead]
-    if system_attrs.get("grid_id") in points:
+    if me.system_attrs.get("grid_id") in points:
         return True
-    return len({p for p in points if p is not None}) + points.count(None) >= budget
+    # a free point is surplus only when the budget is smaller than the grid and already taken
+    return budget < grid_size and len({p for p in points if p is not None}) + points.count(None) >= budget
 
 
 # -- the study ----------------------------------------------------------------------------------------
@@ -435,11 +439,14 @@ class Worker:
         self.current = trial
         launch, spec = self.launch, self.launch.spec
         trials = trial.study.get_trials(deepcopy=False)
-        system_attrs = next(t.system_attrs for t in trials if t.number == trial.number)
-        if surplus(trial.number, system_attrs, trials, grid=spec.method == "grid", budget=launch.budget):
-            trial.set_user_attr("skipped", "the budget was already taken by other workers; not trained")
+        me = next(t for t in trials if t.number == trial.number)
+        system_attrs = me.system_attrs
+        if surplus(me, trials, launch.budget, spec.grid_size() if spec.method == "grid" else None):
+            trial.set_user_attr("skipped", "the budget or this grid point was already taken by other trials; "
+                                           "not trained")
             trial.study.stop()
-            raise _Skip(f"trial {trial.number} not needed: the budget of {launch.budget} trials is taken")
+            raise _Skip(f"trial {trial.number} not needed: the budget of {launch.budget} trials or its grid point "
+                        f"is taken")
         sampled = {p.key: p.suggest(trial) for p in spec.params}
         trial.set_user_attr("values", sampled)
         trial.set_user_attr("worker", self.index)
