@@ -224,6 +224,9 @@ def test_resume_after_ctrl_c_repeats_no_finished_trial(tmp_path, tiny_data_root,
         assert after[number].state.name == "COMPLETE" and after[number].params["training.lr"] == lr
     retry = next(t for t in complete if t.params["training.lr"] == LRS[1])
     assert retry.user_attrs["retry_of"] == killed.number
+    # the interrupted attempt's own record is not carried into the retry (Optuna copies a retried trial's user
+    # attributes): a retry that then failed with an error would count as interrupted and be queued once more
+    assert not retry.user_attrs.get("interrupted") and retry.user_attrs.get("epochs") == 2
     assert client.get_run(second.parent_run_id).info.status == "FINISHED"
     children = client.search_runs([client.get_run(second.parent_run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{second.parent_run_id}'")

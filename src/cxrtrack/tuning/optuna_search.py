@@ -367,6 +367,12 @@ class _TrialTrackers(TrackerGroup):
         self._on_start({t.name: t.run_ref() for t in self.trackers})
 
 
+# What one attempt at a trial records; a retry starts without the retried attempt's (``interrupted`` would make a
+# retry that fails count as interrupted, and be queued once more).
+ATTEMPT_ATTRS = ("interrupted", "error", "runs", "run_dir", "fit_s", "run_s", "epochs", "checkpoint", "best_epoch",
+                 "pruned_at_epoch")
+
+
 class _Skip(Exception):  # noqa: N818
     """A trial created after the budget was taken by other workers: ended at once, never trained."""
 
@@ -453,6 +459,9 @@ class Worker:
         retry_of = system_attrs.get("retry_history")
         if retry_of:
             trial.set_user_attr("retry_of", retry_of[0])
+            for key in ATTEMPT_ATTRS:  # Optuna copied the retried attempt's: they are not this attempt's
+                if me.user_attrs.get(key) is not None:
+                    trial.set_user_attr(key, None)
         base_cfg = launch.base.load()
         name = f"trial-{trial.number:03d}"
         try:
