@@ -366,3 +366,17 @@ def test_two_trials_that_race_for_the_last_budget_slot_are_never_both_skipped():
     # a queued retry (WAITING: it runs when a worker takes it) holds its slot whatever its number
     trials = [_frozen(0, "COMPLETE", values={}), _frozen(1, "RUNNING"), _frozen(2, "WAITING", retry_of=0, values={})]
     assert optuna_search.surplus(trials[1], trials, budget=2)
+
+
+def test_a_study_that_finished_short_of_its_budget_says_so():
+    from cxrtrack.tuning.optuna_search import Tally
+    from cxrtrack.tuning.study import shortfall
+
+    # what the race between two workers left before it was fixed: 3 of 4 grid points, two trials skipped
+    message = shortfall(Tally(complete=3, skipped=2), 4, None)
+    assert message and "3 of its budget of 4 trials done" in message and "1 trial(s)" in message
+    assert shortfall(Tally(complete=4, skipped=1), 4, None) is None
+    assert shortfall(Tally(complete=2, pruned=1, failed=1), 4, None) is None  # pruned and failed trials took slots
+    assert shortfall(Tally(complete=2, running=1), 4, None) is None  # another machine is still at work
+    assert shortfall(Tally(complete=2, waiting=1), 4, None) is None  # a retry is queued
+    assert shortfall(Tally(complete=1), 4, target_reached=0) is None  # stopped on reaching the target

@@ -136,6 +136,18 @@ def tune(space: str | Path, base: BaseConfig, tracker: str = "mlflow", *, study:
     return result
 
 
+def shortfall(t: Tally, budget: int, target_reached: Any) -> str | None:
+    """The warning for a study that finished short of its budget: fewer trials done than the budget, none queued or
+    running anywhere, no target reached. Skipped trials take no slot and interrupted ones are queued again, so
+    this is a trial lost (as a race between workers once lost one), never a normal ending; None otherwise."""
+    if target_reached is not None or t.waiting or t.running or t.done >= budget:
+        return None
+    return (f"The study finished with {t.done} of its budget of {budget} trials done, none queued or running and no "
+            f"target reached ({_describe(t)}): {budget - t.done} trial(s) of the budget were never trained. "
+            f"The trials table (trials.csv) shows which; running the same command again runs the missing ones "
+            f"unless they were grid points, which this study counts as visited.")
+
+
 def _describe(t: Tally) -> str:
     if not (t.done or t.running or t.waiting or t.interrupted):
         return "no trials yet"
@@ -198,6 +210,9 @@ def _finish(study, launch: Launch, parent: TrackerGroup | None, names: list[str]
     rows = report.trial_rows(trials, spec)
     files = {"study/trials.csv": report.write_csv(rows, out_dir / "trials.csv")}
     best = report.best_trial(trials, spec.direction)
+    short = shortfall(t, launch.budget, study.user_attrs.get("target_reached")) if status == FINISHED else None
+    if short:
+        log.warning("%s", short)
     result = TuneResult(launch.study, launch.storage, status, spec.metric, t, launch.budget, out_dir, rows=rows,
                         stats=report.overhead_stats(trials, since=started))
     if best is not None:
