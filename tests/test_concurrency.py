@@ -55,8 +55,10 @@ def test_four_processes_on_a_fresh_sqlite_store(tmp_path, tiny_data_root):
     assert_all_finished(tmp_path, procs, uri)
 
 
-def test_four_processes_against_one_server(tmp_path, tiny_data_root):
-    server = MLflowServer(tmp_path / "server").start()
+def test_four_processes_against_one_server(tmp_path, tiny_data_root, empty_mlflow_store):
+    # the server's own store starts migrated (empty_mlflow_store): the race on a new store is the test above's
+    server = MLflowServer(tmp_path / "server", backend_store_uri=empty_mlflow_store(tmp_path / "server" / "server.db"))
+    server.start()
     try:
         procs = start_four(tmp_path, tiny_data_root, server.uri, [])
         assert_all_finished(tmp_path, procs, server.uri)

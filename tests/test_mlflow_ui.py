@@ -62,8 +62,8 @@ def _entry_point_dir(tmp_path: Path) -> list[str]:
 
 
 @pytest.fixture
-def ui_server(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def ui_server(tmp_path, empty_mlflow_store):
+    uri = empty_mlflow_store(tmp_path / "mlflow.db")
     ids = _store(uri)
     port = _free_port()
     path = [*_entry_point_dir(tmp_path), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]

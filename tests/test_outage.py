@@ -26,8 +26,9 @@ from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def _one_server(tmp_path_factory):
-    srv = MLflowServer(tmp_path_factory.mktemp("server")).start()
+def _one_server(tmp_path_factory, empty_mlflow_store):
+    folder = tmp_path_factory.mktemp("server")
+    srv = MLflowServer(folder, backend_store_uri=empty_mlflow_store(folder / "server.db")).start()
     yield srv
     srv.kill()
 

@@ -93,7 +93,7 @@ def crafted_path(kind: str, root: Path, outside: Path) -> str:
 
 
 @pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink"])
-def test_a_spool_naming_a_file_outside_its_folder_sends_nothing_and_stays(tmp_path, kind):
+def test_a_spool_naming_a_file_outside_its_folder_sends_nothing_and_stays(tmp_path, kind, migrated_mlflow_db):
     outside = tmp_path / "home" / "secret.txt"
     outside.parent.mkdir()
     outside.write_text(SECRET)
@@ -119,7 +119,7 @@ def test_a_spool_naming_a_file_outside_its_folder_sends_nothing_and_stays(tmp_pa
 
 
 @pytest.mark.slow
-def test_make_replay_of_the_issues_crafted_spool_uploads_nothing(tmp_path):
+def test_make_replay_of_the_issues_crafted_spool_uploads_nothing(tmp_path, migrated_mlflow_db):
     """The issue's reproduction: outputs/x/spool/mlflow with {"method": "log_artifact", "args": {"path":
     "/any/file/outside", "artifact_path": "loot"}}, replayed with `make replay` into the configured store."""
     outside = tmp_path / "secret.txt"
@@ -139,13 +139,15 @@ def test_make_replay_of_the_issues_crafted_spool_uploads_nothing(tmp_path):
 # -- where it is sent: only the store the user configured ---------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_spool_recording_another_store_is_refused_and_kept_until_the_user_confirms_it(tmp_path):
+def test_a_spool_recording_another_store_is_refused_and_kept_until_the_user_confirms_it(tmp_path,
+                                                                                        empty_mlflow_store):
     """The spool names a real server; the user's configured store is another one (MLFLOW_TRACKING_URI). `make
     replay` prints where it sends, refuses that spool with one paragraph naming the fix, exits non-zero and sends
     nothing; with TO_RECORDED_URI=1 the same spool reaches the server it records, and then it is complete."""
     import mlflow
 
-    with MLflowServer(tmp_path / "server") as server:
+    with MLflowServer(tmp_path / "server",
+                      backend_store_uri=empty_mlflow_store(tmp_path / "server" / "server.db")) as server:
         experiment_id, run_id = new_run(server.uri, None)
         root = tmp_path / "outputs" / "x" / "spool" / "mlflow"
         spool = write_spool(root, server.uri, run_id, experiment_id)

@@ -37,8 +37,9 @@ def hits_in_files(root: Path) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = MLflowServer(tmp_path_factory.mktemp("secrets") / "server").start()
+def server(tmp_path_factory, empty_mlflow_store):
+    folder = tmp_path_factory.mktemp("secrets") / "server"
+    srv = MLflowServer(folder, backend_store_uri=empty_mlflow_store(folder / "server.db")).start()
     yield srv
     srv.kill()
 

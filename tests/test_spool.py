@@ -378,7 +378,7 @@ def test_a_version_1_journal_is_sent_as_the_same_calls(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_version_1_journal_replays_into_a_real_mlflow_store(tmp_path):
+def test_a_version_1_journal_replays_into_a_real_mlflow_store(tmp_path, migrated_mlflow_db):
     """`make replay` on a spool that version 1 left behind: everything reaches a real SQLite store, read back."""
     import mlflow
 

@@ -33,8 +33,9 @@ def postgres():
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
-    with MLflowServer(tmp_path / "mlflow-server") as server:
+def mlflow_server(tmp_path, empty_mlflow_store):
+    folder = tmp_path / "mlflow-server"
+    with MLflowServer(folder, backend_store_uri=empty_mlflow_store(folder / "server.db")) as server:
         yield server.uri
 
 
