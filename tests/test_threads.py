@@ -60,8 +60,13 @@ def test_a_busy_process_is_another_running_task_and_this_process_own_threads_are
 
     child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        time.sleep(0.3)
-        assert threads.other_running_tasks() >= 1  # running or runnable: state R either way
+        # running or runnable: state R either way. Polled, not sampled once after a fixed pause: a fresh-clone
+        # `make test` once read 0 here 0.3 s after the start (the child still starting beside the other worker's
+        # training, or this worker's own threads changing state between the two /proc reads)
+        deadline = time.monotonic() + 15
+        while threads.other_running_tasks() < 1:
+            assert time.monotonic() < deadline, "a spinning child process was never counted as another running task"
+            time.sleep(0.1)
     finally:
         child.kill()
         child.wait()
