@@ -10,7 +10,6 @@ import sys
 import mlflow
 import pytest
 
-from cxrtrack.benchmark.server import MLflowServer
 from tests.conftest import CONFIGS, ROOT
 
 pytestmark = pytest.mark.slow
@@ -55,9 +54,9 @@ def test_four_processes_on_a_fresh_sqlite_store(tmp_path, tiny_data_root):
     assert_all_finished(tmp_path, procs, uri)
 
 
-def test_four_processes_against_one_server(tmp_path, tiny_data_root, empty_mlflow_store):
-    # the server's own store starts migrated (empty_mlflow_store): the race on a new store is the test above's
-    server = MLflowServer(tmp_path / "server", backend_store_uri=empty_mlflow_store(tmp_path / "server" / "server.db"))
+def test_four_processes_against_one_server(tmp_path, tiny_data_root, migrated_server):
+    # the server's own store starts migrated (migrated_server): the race on a new store is the test above's
+    server = migrated_server(tmp_path / "server")
     server.start()
     try:
         procs = start_four(tmp_path, tiny_data_root, server.uri, [])

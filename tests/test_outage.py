@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from cxrtrack.benchmark.server import MLflowServer, free_port
+from cxrtrack.benchmark.server import free_port
 from cxrtrack.errors import TrackerError
 from cxrtrack.tracking import FINISHED, build_tracker
 from cxrtrack.tracking.readback import diff_records, read_mlflow, total_lost
@@ -26,9 +26,9 @@ from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def _one_server(tmp_path_factory, empty_mlflow_store):
+def _one_server(tmp_path_factory, migrated_server):
     folder = tmp_path_factory.mktemp("server")
-    srv = MLflowServer(folder, backend_store_uri=empty_mlflow_store(folder / "server.db")).start()
+    srv = migrated_server(folder).start()
     yield srv
     srv.kill()
 

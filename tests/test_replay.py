@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cxrtrack.benchmark.server import MLflowServer, free_port
+from cxrtrack.benchmark.server import free_port
 from cxrtrack.tracking.spool import Spool
 from tests.conftest import ROOT
 
@@ -139,15 +139,13 @@ def test_make_replay_of_the_issues_crafted_spool_uploads_nothing(tmp_path, migra
 # -- where it is sent: only the store the user configured ---------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_spool_recording_another_store_is_refused_and_kept_until_the_user_confirms_it(tmp_path,
-                                                                                        empty_mlflow_store):
+def test_a_spool_recording_another_store_is_refused_and_kept_until_the_user_confirms_it(tmp_path, migrated_server):
     """The spool names a real server; the user's configured store is another one (MLFLOW_TRACKING_URI). `make
     replay` prints where it sends, refuses that spool with one paragraph naming the fix, exits non-zero and sends
     nothing; with TO_RECORDED_URI=1 the same spool reaches the server it records, and then it is complete."""
     import mlflow
 
-    with MLflowServer(tmp_path / "server",
-                      backend_store_uri=empty_mlflow_store(tmp_path / "server" / "server.db")) as server:
+    with migrated_server(tmp_path / "server") as server:
         experiment_id, run_id = new_run(server.uri, None)
         root = tmp_path / "outputs" / "x" / "spool" / "mlflow"
         spool = write_spool(root, server.uri, run_id, experiment_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from cxrtrack.benchmark.server import MLflowServer, free_port
+from cxrtrack.benchmark.server import free_port
 from tests.conftest import CONFIGS, ROOT, wandb_leet
 
 pytestmark = pytest.mark.slow
@@ -37,9 +37,9 @@ def hits_in_files(root: Path) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, empty_mlflow_store):
+def server(tmp_path_factory, migrated_server):
     folder = tmp_path_factory.mktemp("secrets") / "server"
-    srv = MLflowServer(folder, backend_store_uri=empty_mlflow_store(folder / "server.db")).start()
+    srv = migrated_server(folder).start()
     yield srv
     srv.kill()
 

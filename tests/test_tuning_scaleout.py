@@ -14,7 +14,7 @@ import optuna
 import pytest
 import yaml
 
-from cxrtrack.benchmark.server import MLflowServer, PostgreSQL
+from cxrtrack.benchmark.server import PostgreSQL
 from tests.conftest import CONFIGS, ROOT
 
 pytestmark = pytest.mark.slow
@@ -33,9 +33,9 @@ def postgres():
 
 
 @pytest.fixture
-def mlflow_server(tmp_path, empty_mlflow_store):
+def mlflow_server(tmp_path, migrated_server):
     folder = tmp_path / "mlflow-server"
-    with MLflowServer(folder, backend_store_uri=empty_mlflow_store(folder / "server.db")) as server:
+    with migrated_server(folder) as server:
         yield server.uri
 
 
