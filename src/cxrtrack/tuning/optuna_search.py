@@ -446,7 +446,6 @@ class Worker:
         launch, spec = self.launch, self.launch.spec
         trials = trial.study.get_trials(deepcopy=False)
         me = next(t for t in trials if t.number == trial.number)
-        system_attrs = me.system_attrs
         if surplus(me, trials, launch.budget, spec.grid_size() if spec.method == "grid" else None):
             trial.set_user_attr("skipped", "the budget or this grid point was already taken by other trials; "
                                            "not trained")
@@ -456,7 +455,7 @@ class Worker:
         sampled = {p.key: p.suggest(trial) for p in spec.params}
         trial.set_user_attr("values", sampled)
         trial.set_user_attr("worker", self.index)
-        retry_of = system_attrs.get("retry_history")
+        retry_of = me.system_attrs.get("retry_history")
         if retry_of:
             trial.set_user_attr("retry_of", retry_of[0])
             for key in ATTEMPT_ATTRS:  # Optuna copied the retried attempt's: they are not this attempt's
