@@ -155,13 +155,15 @@ threads-benchmark: ## Images/s of 1, 2, 3 trainings at once per thread setting (
 	$(PY) scripts/benchmark_threads.py $(DATA_ARG) $(call opt,CONCURRENCY,--concurrency) $(call opt,REPEATS,--repeats) \
 		$(foreach word,$(value ARGS),$(call shq,$(word)))
 
-# pytest-xdist runs one test file per worker, one worker per core: the suite waits on servers, signals and
-# subprocesses much of the time, so two workers on two cores finish well before one would.
+# pytest-xdist runs one test file per worker, one worker more than cores: the suite waits on servers, signals and
+# subprocesses much of the time (one worker per core left ~11 % of 2 idle cores unused), and each test process
+# uses one torch thread (tests/conftest.py). TEST_WORKERS=N to choose.
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 test: ## Run the test suite (no network; 7.5-8 min on 2 idle cores)
-	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: ## Run the tests not marked slow
-	$(PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 lint: ## Check the code with ruff and type-check src/ with mypy (its settings: [tool.mypy] in pyproject.toml)
 	$(VENV)/bin/ruff check src scripts tests
