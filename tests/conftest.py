@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-# One torch thread per process, set before anything imports torch: the suite runs a worker per core (xdist) plus the
-# training processes it starts, so more threads only wait on each other (OpenMP threads spin while they wait).
+# One torch thread per process, set before anything imports torch: the suite runs a worker per core and one more
+# (xdist) plus the training processes it starts, so more threads only wait on each other (OpenMP threads spin while
+# they wait).
 # Measured with test_trainer.py and test_selection.py side by side: 25 % and 10 % less CPU, 9-12 % less wall.
 # Tests of the threads setting itself set or clear this variable as they need.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -87,7 +88,7 @@ def pytest_configure(config):
 
 
 # The files that take longest, longest first (seconds of one idle `make test`, from its --durations and a JUnit
-# report). `make test` hands whole files to the two xdist workers in collection order (`--dist loadfile
+# report). `make test` hands whole files to the xdist workers in collection order (`--dist loadfile
 # --no-loadscope-reorder`); xdist's own order, by number of tests, started these few-test files last, so one
 # worker ran them alone at the end while the other had finished. Started first, the many short files fill the end
 # (longest-first list scheduling). Files not named keep pytest's order after these; a stale entry only costs time.
