@@ -156,9 +156,9 @@ threads-benchmark: ## Images/s of 1, 2, 3 trainings at once per thread setting (
 		$(foreach word,$(value ARGS),$(call shq,$(word)))
 
 # pytest-xdist runs one test file per worker, one worker more than cores: the suite waits on servers, signals and
-# subprocesses much of the time, and each test process uses one torch thread (tests/conftest.py). On 2 cores beside
-# two busy processes 3 workers took 8 min 36 s where 2 took 11 min 44 s-14 min 18 s; on idle cores they cost a little
-# more CPU (switching) than they win back. TEST_WORKERS=N to choose.
+# subprocesses much of the time, and each test process uses one torch thread (tests/conftest.py). Fresh clones on 2
+# cores: 3 workers took 5 min 32 s idle and 8 min 36 s beside two busy processes, where 2 took 7 min 12 s and
+# 11 min 44 s. TEST_WORKERS=N to choose.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
 test: ## Run the test suite (no network; 7.5-8 min on 2 idle cores)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
