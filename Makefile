@@ -160,7 +160,7 @@ threads-benchmark: ## Images/s of 1, 2, 3 trainings at once per thread setting (
 # cores: 3 workers took 5 min 32 s idle and 8 min 36 s beside two busy processes, where 2 took 7 min 12 s and
 # 11 min 44 s. TEST_WORKERS=N to choose.
 TEST_WORKERS ?= $(shell echo $$(( $$(nproc 2>/dev/null || echo 1) + 1 )))
-test: ## Run the test suite (no network; 7.5-8 min on 2 idle cores)
+test: ## Run the test suite (no network; 5-5.5 min on 2 idle cores)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: ## Run the tests not marked slow
