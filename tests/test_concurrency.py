@@ -56,8 +56,7 @@ def test_four_processes_on_a_fresh_sqlite_store(tmp_path, tiny_data_root):
 
 def test_four_processes_against_one_server(tmp_path, tiny_data_root, migrated_server):
     # the server's own store starts migrated (migrated_server): the race on a new store is the test above's
-    server = migrated_server(tmp_path / "server")
-    server.start()
+    server = migrated_server(tmp_path / "server").start()
     try:
         procs = start_four(tmp_path, tiny_data_root, server.uri, [])
         assert_all_finished(tmp_path, procs, server.uri)

@@ -27,8 +27,7 @@ from tests.conftest import ROOT
 
 @pytest.fixture(scope="module")
 def _one_server(tmp_path_factory, migrated_server):
-    folder = tmp_path_factory.mktemp("server")
-    srv = migrated_server(folder).start()
+    srv = migrated_server(tmp_path_factory.mktemp("server")).start()
     yield srv
     srv.kill()
 

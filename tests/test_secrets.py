@@ -38,8 +38,7 @@ def hits_in_files(root: Path) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, migrated_server):
-    folder = tmp_path_factory.mktemp("secrets") / "server"
-    srv = migrated_server(folder).start()
+    srv = migrated_server(tmp_path_factory.mktemp("secrets") / "server").start()
     yield srv
     srv.kill()
 

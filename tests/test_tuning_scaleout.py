@@ -34,8 +34,7 @@ def postgres():
 
 @pytest.fixture
 def mlflow_server(tmp_path, migrated_server):
-    folder = tmp_path / "mlflow-server"
-    with migrated_server(folder) as server:
+    with migrated_server(tmp_path / "mlflow-server") as server:
         yield server.uri
 
 
